@@ -1,0 +1,1 @@
+"""Triton kernels for NSA: training (fwd + bwd), prefill and decode (SPEC section 2)."""

@@ -1,0 +1,1 @@
+"""Timings into tables, PNG curves and one HTML page per run."""

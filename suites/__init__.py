@@ -1,0 +1,1 @@
+"""Named problem sets shared by tests, tuner and benchmarks."""
