@@ -75,3 +75,23 @@ def select_blocks(q, k_cmp, config: NSAConfig, *, scale=None, cu_seqlens=None, c
                 k_cmp[b, seq.cmp_start:seq.cmp_end], config, scale)))
     empty = torch.empty(0, k_cmp.shape[2], config.slc_topn, dtype=torch.int32, device=q.device)
     return assemble(pieces, q.shape[0], empty)
+
+
+def block_importance(q, k_cmp, config: NSAConfig, *, scale=None, cu_seqlens=None, chunk_size=None):
+    """imp [B, T, Hkv, Ns] float (SPEC 1.3), Ns = ceil(T / l'); zero on blocks not causal for the query.
+
+    Materialises T x Ns per kv head: meant for checking selections, not for long sequences.
+    """
+    scale = resolve_scale(scale, q.shape[-1])
+    sequences = split_sequences(config, q.shape[0], q.shape[1], cu_seqlens)
+    num_slc = config.num_slc_blocks(q.shape[1])
+    chunk = rows_per_chunk(4 * q.shape[2] * max(1, k_cmp.shape[1]) + 3 * k_cmp.shape[2] * num_slc, chunk_size)
+    pieces = []
+    with torch.no_grad():
+        for seq, t0, t1 in row_chunks(sequences, chunk):
+            b, pos = seq.batch, positions(t0, t1, q.device)
+            probs = compressed_probs_rows(q[b, seq.start + t0:seq.start + t1], pos, k_cmp[b, seq.cmp_start:seq.cmp_end],
+                                          config, scale)
+            imp = block_importance_rows(probs, pos, k_cmp.shape[2], config)
+            pieces.append((seq, torch.nn.functional.pad(imp, (0, num_slc - imp.shape[-1]))))
+    return assemble(pieces, q.shape[0], q.new_empty(0, k_cmp.shape[2], num_slc))

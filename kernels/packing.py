@@ -1,0 +1,55 @@
+"""Every kernel works on packed sequences: a dense batch [B, T, ...] is viewed as B sequences of T tokens.
+
+One code path serves dense and variable-length inputs: tensors are flattened to [total tokens, H, D] and
+sequence i owns tokens [cu_seqlens[i], cu_seqlens[i+1]) and compressed entries [cu_cmp[i], cu_cmp[i+1]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from nsa.config import NSAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSequences:
+    """Offsets of N packed sequences (FlashAttention's cu_seqlens convention), on the tensors' device.
+
+    Attributes:
+        cu_seqlens: int32 [N+1] token offsets.
+        cu_cmp: int32 [N+1] offsets of each sequence's compressed entries (Tc of its length).
+        max_seqlen: longest sequence, for grid sizes.
+        max_cmp: most compressed entries of one sequence.
+        seqlens: host copy of the lengths (no device sync needed after construction).
+    """
+
+    cu_seqlens: torch.Tensor
+    cu_cmp: torch.Tensor
+    max_seqlen: int
+    max_cmp: int
+    seqlens: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqlens)
+
+    @staticmethod
+    def build(config: NSAConfig, batch: int, seqlen: int, device, cu_seqlens: torch.Tensor | None = None):
+        """From a dense [B, T] batch (cu_seqlens None) or from FlashAttention-style cu_seqlens (B = 1)."""
+        if cu_seqlens is None:
+            lengths = [seqlen] * batch
+        else:
+            bounds = cu_seqlens.tolist()
+            lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        num_cmp = [config.num_cmp_blocks(n) for n in lengths]
+
+        def offsets(sizes):
+            out = [0]
+            for s in sizes:
+                out.append(out[-1] + s)
+            return torch.tensor(out, dtype=torch.int32, device=device)
+
+        return PackedSequences(offsets(lengths), offsets(num_cmp), max(lengths, default=0), max(num_cmp, default=0),
+                               tuple(lengths))
