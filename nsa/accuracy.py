@@ -64,3 +64,27 @@ def selection_mismatches(block_indices: torch.Tensor, importance: torch.Tensor, 
                         return problems
             t_global += length
     return problems
+
+
+# Relative error a result may always have, by the dtype it was computed in (fp32 covers tf32-free sums).
+ERROR_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def allowed_error(ref: torch.Tensor, same_dtype_ref: torch.Tensor | None, dtype: torch.dtype,
+                  factor: float = 2.0) -> float:
+    """The error a kernel computing in `dtype` may have against `ref` (float64 or fp32 reference):
+    `factor` times the error of the same computation done by PyTorch in that dtype, and never less than
+    ERROR_FLOOR[dtype] (a fp32 PyTorch result can be exact to the last bit by luck)."""
+    floor = ERROR_FLOOR[dtype]
+    if same_dtype_ref is None:
+        return floor
+    return max(floor, factor * relative_error(same_dtype_ref, ref))
+
+
+def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, allowed: float) -> float:
+    """Raise AssertionError naming `name` unless relative_error(x, ref) <= allowed; returns the error."""
+    err = relative_error(x, ref)
+    if not err <= allowed:
+        raise AssertionError(f"{name}: relative error {err:.3e} > allowed {allowed:.3e} "
+                             f"(shape {tuple(x.shape)}, max abs diff {(x.double() - ref.double()).abs().max().item():.3e})")
+    return err
