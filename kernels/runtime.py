@@ -24,3 +24,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact fp32 products for fp32 inputs (the selection's ranking depends on it)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Tests set this to True: launchers then allocate outputs filled with NaN, so an unwritten element fails.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, *, dtype, device) -> torch.Tensor:
+    """An output buffer: uninitialised, or NaN-filled when POISON_OUTPUTS is set."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
