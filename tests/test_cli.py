@@ -1,0 +1,41 @@
+"""The `nsa` command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nsa.cli import build_parser, main
+
+
+def _subcommands():
+    parser = build_parser()
+    return list(next(a for a in parser._actions if a.dest == "command").choices)
+
+
+def test_info_prints_versions(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("torch", "triton", "gpu", "flash attention implementations", "torch SDPA flash"):
+        assert word in out
+
+
+def test_info_json_from_the_installed_entry_point():
+    out = subprocess.run([sys.executable, "-m", "nsa", "info", "--json"], capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["torch"] and "flash_attention" in info and isinstance(info["gpus"], list)
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in _subcommands()], ids=" ".join)
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    assert "usage: nsa" in capsys.readouterr().out
+
+
+def test_unknown_command_fails(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["frobnicate"])
+    assert exit_.value.code == 2
