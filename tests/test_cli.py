@@ -21,8 +21,10 @@ def test_info_prints_versions(capsys):
         assert word in out
 
 
-def test_info_json_from_the_installed_entry_point():
-    out = subprocess.run([sys.executable, "-m", "nsa", "info", "--json"], capture_output=True, text=True, check=True)
+def test_info_json_from_the_installed_entry_point(tmp_path):
+    # Run outside the checkout: its nsa/ folder alone is not the installed package.
+    out = subprocess.run([sys.executable, "-m", "nsa", "info", "--json"], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     info = json.loads(out.stdout)
     assert info["torch"] and "flash_attention" in info and isinstance(info["gpus"], list)
 

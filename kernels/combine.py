@@ -1,0 +1,211 @@
+"""Gated combination of the three branches (SPEC 1.7) in Triton: forward and backward.
+
+o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates [R] and branch outputs [R, Dv] with R = tokens x heads
+rows (a [B, T, Hq, Dv] tensor viewed as B*T*Hq rows). fp32 arithmetic, results in the inputs' dtype.
+Backward in one pass: do_x = g_x * do and dg_x = sum_d do * o_x for the three branches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.inputs import FLOAT_DTYPES
+from nsa.kernels.runtime import compute_dtype, interpreting, new_output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def combine_fwd_kernel(O_CMP, O_SLC, O_WIN, G_CMP, G_SLC, G_WIN, O, num_rows,
+                       HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (row tiles, column tiles); all tensors contiguous, rows of HEAD_DIM_V elements."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_valid = offs_r < num_rows
+    mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM_V)
+    offs = offs_r.to(tl.int64)[:, None] * HEAD_DIM_V + offs_d[None, :]
+    g_cmp = tl.load(G_CMP + offs_r, mask=row_valid, other=0.0).to(tl.float32)
+    g_slc = tl.load(G_SLC + offs_r, mask=row_valid, other=0.0).to(tl.float32)
+    g_win = tl.load(G_WIN + offs_r, mask=row_valid, other=0.0).to(tl.float32)
+    o = g_cmp[:, None] * tl.load(O_CMP + offs, mask=mask, other=0.0).to(tl.float32)
+    o += g_slc[:, None] * tl.load(O_SLC + offs, mask=mask, other=0.0).to(tl.float32)
+    o += g_win[:, None] * tl.load(O_WIN + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(O + offs, o.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_bwd_branch(do, o_ptrs, g, do_ptrs, mask):
+    """Store g * do for one branch; return rowsum(do * o_x) of this column tile (fp32)."""
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(do_ptrs, (g[:, None] * do).to(do_ptrs.dtype.element_ty), mask=mask)
+    return tl.sum(do * o, 1)
+
+
+@triton.jit
+def combine_bwd_kernel(DO, O_CMP, O_SLC, O_WIN, G_CMP, G_SLC, G_WIN, DO_CMP, DO_SLC, DO_WIN,
+                       DG_CMP, DG_SLC, DG_WIN, num_rows,
+                       HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (row tiles,); each program loops over the columns so the gate gradients need no atomics."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_valid = offs_r < num_rows
+    g_cmp = tl.load(G_CMP + offs_r, mask=row_valid, other=0.0).to(tl.float32)
+    g_slc = tl.load(G_SLC + offs_r, mask=row_valid, other=0.0).to(tl.float32)
+    g_win = tl.load(G_WIN + offs_r, mask=row_valid, other=0.0).to(tl.float32)
+    dg_cmp = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dg_slc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dg_win = tl.zeros([BLOCK_R], dtype=tl.float32)
+    row_offs = offs_r.to(tl.int64)[:, None] * HEAD_DIM_V
+    for d0 in range(0, HEAD_DIM_V, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM_V)
+        offs = row_offs + offs_d[None, :]
+        do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+        dg_cmp += _combine_bwd_branch(do, O_CMP + offs, g_cmp, DO_CMP + offs, mask)
+        dg_slc += _combine_bwd_branch(do, O_SLC + offs, g_slc, DO_SLC + offs, mask)
+        dg_win += _combine_bwd_branch(do, O_WIN + offs, g_win, DO_WIN + offs, mask)
+    tl.store(DG_CMP + offs_r, dg_cmp.to(DG_CMP.dtype.element_ty), mask=row_valid)
+    tl.store(DG_SLC + offs_r, dg_slc.to(DG_SLC.dtype.element_ty), mask=row_valid)
+    tl.store(DG_WIN + offs_r, dg_win.to(DG_WIN.dtype.element_ty), mask=row_valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CombineParams:
+    """Launch parameters of the combine kernels: a program covers block_r rows (token x head) and block_d
+    columns (the forward grids over column tiles, the backward loops over them); powers of two."""
+
+    block_r: int = 32
+    block_d: int = 128
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+                raise ValueError(f"CombineParams.{field.name} must be a power of two, got {value!r}")
+
+
+def default_params(head_dim_v: int) -> CombineParams:
+    """About 4096 elements per program: a whole row (up to 256) of block_r rows."""
+    block_d = min(256, triton.next_power_of_2(head_dim_v))
+    return CombineParams(block_r=max(1, 4096 // block_d), block_d=block_d, num_warps=4)
+
+
+def combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombineParams) -> torch.Tensor:
+    """o [R, Dv] from branch outputs [R, Dv] and gates [R], all contiguous and of one dtype."""
+    num_rows, head_dim_v = o_cmp.shape
+    o = new_output((num_rows, head_dim_v), dtype=o_cmp.dtype, device=o_cmp.device)
+    if num_rows == 0 or head_dim_v == 0:
+        return o
+    grid = (triton.cdiv(num_rows, params.block_r), triton.cdiv(head_dim_v, params.block_d))
+    combine_fwd_kernel[grid](o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, num_rows, HEAD_DIM_V=head_dim_v,
+                             BLOCK_R=params.block_r, BLOCK_D=params.block_d, num_warps=params.num_warps)
+    return o
+
+
+def combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombineParams):
+    """Gradients (do_cmp, do_slc, do_win [R, Dv], dg_cmp, dg_slc, dg_win [R]) of `combine_fwd`."""
+    num_rows, head_dim_v = o_cmp.shape
+    douts = [new_output((num_rows, head_dim_v), dtype=o_cmp.dtype, device=o_cmp.device) for _ in range(3)]
+    dgates = [new_output((num_rows,), dtype=g_cmp.dtype, device=g_cmp.device) for _ in range(3)]
+    if num_rows == 0:
+        return (*douts, *dgates)
+    if head_dim_v == 0:
+        return (*douts, *(g.zero_() for g in dgates))
+    combine_bwd_kernel[(triton.cdiv(num_rows, params.block_r),)](
+        do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, *douts, *dgates, num_rows, HEAD_DIM_V=head_dim_v,
+        BLOCK_R=params.block_r, BLOCK_D=params.block_d, num_warps=params.num_warps)
+    return (*douts, *dgates)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+class CombineFunction(torch.autograd.Function):
+    """Gated sum on row-flattened tensors (outputs [R, Dv], gates [R]), contiguous, in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombineParams):
+        ctx.save_for_backward(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+        ctx.params = params
+        return combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params)
+
+    @staticmethod
+    def backward(ctx, do):
+        grads = combine_bwd(do.contiguous(), *ctx.saved_tensors, ctx.params)
+        return (*grads, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_inputs(outputs: dict, gates: dict):
+    o_cmp = outputs["o_cmp"]
+    for name, x in {**outputs, **gates}.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.dtype != o_cmp.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but o_cmp has {o_cmp.dtype}: inputs must share one dtype")
+        if x.device != o_cmp.device:
+            raise ValueError(f"{name} is on {x.device} but o_cmp is on {o_cmp.device}: inputs must be on one device")
+    if o_cmp.device.type != "cuda" and not interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {o_cmp.device}")
+    compute_dtype(o_cmp.dtype)  # TypeError for dtypes the kernels do not take
+    if o_cmp.dim() != 4:
+        raise ValueError(f"o_cmp must have 4 dimensions [B, T, Hq, Dv], got shape {tuple(o_cmp.shape)}")
+    for name, x in outputs.items():
+        if x.shape != o_cmp.shape:
+            raise ValueError(f"{name} must have shape {tuple(o_cmp.shape)} (B, T, Hq, Dv), got {tuple(x.shape)}")
+    for name, x in gates.items():
+        if x.shape != o_cmp.shape[:3]:
+            raise ValueError(f"{name} must have shape {tuple(o_cmp.shape[:3])} (B, T, Hq), got {tuple(x.shape)}")
+
+
+def combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, *, params=None):
+    """Gated sum of the branch outputs (SPEC 1.7): o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win.
+
+    Args:
+        o_cmp, o_slc, o_win: [B, T, Hq, Dv] outputs of the compressed, selected and window branches.
+        g_cmp, g_slc, g_win: [B, T, Hq] gates (already through a sigmoid).
+            All six share one dtype (float16, bfloat16 or float32) and device (CUDA, or CPU under
+            TRITON_INTERPRET=1).
+        params: CombineParams; `default_params(Dv)` when None.
+    Returns:
+        o [B, T, Hq, Dv] in the inputs' dtype (computed in fp32); differentiable with respect to all six inputs.
+
+    Example:
+        >>> o_cmp, o_slc, o_win = torch.randn(3, 2, 1024, 16, 64, device="cuda", dtype=torch.bfloat16)
+        >>> g_cmp, g_slc, g_win = torch.rand(3, 2, 1024, 16, device="cuda", dtype=torch.bfloat16)
+        >>> o = combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)  # [2, 1024, 16, 64]
+    """
+    outputs = dict(o_cmp=o_cmp, o_slc=o_slc, o_win=o_win)
+    gates = dict(g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
+    _check_inputs(outputs, gates)
+    shape = o_cmp.shape
+    if params is None:
+        params = default_params(shape[-1])
+    elif not isinstance(params, CombineParams):
+        raise TypeError(f"params must be a CombineParams, got {type(params).__name__}")
+    cdt = compute_dtype(o_cmp.dtype)
+    rows = shape[0] * shape[1] * shape[2]
+    flat_outputs = [x.reshape(rows, shape[3]).to(cdt).contiguous() for x in outputs.values()]
+    flat_gates = [g.reshape(rows).to(cdt).contiguous() for g in gates.values()]
+    o = CombineFunction.apply(*flat_outputs, *flat_gates, params)
+    return o.reshape(shape).to(o_cmp.dtype)
+
+
+__all__ = ["combine_branches", "combine_fwd", "combine_bwd", "CombineParams", "default_params",
+           "combine_fwd_kernel", "combine_bwd_kernel"]

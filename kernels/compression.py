@@ -1,0 +1,607 @@
+"""Compressed-attention branch (SPEC 1.2) in Triton: forward and backward.
+
+Query t attends to compression block i only when the whole block is in its past, i*d + l - 1 <= t.
+
+Tiling: a query tile is BLOCK_P consecutive positions x HEADS query heads of one GQA group (rows ordered
+position-major, row r = (position r // HEADS, head r % HEADS)), so one tile of compressed keys of a kv head
+serves every head of its group; the group's G heads take cdiv(G, HEADS) tiles. The causal frontier is per
+position, so with few positions per tile nearly every key tile is unmasked (loop splitting: full key tiles
+go through the inner function with MASK=False, the diagonal ones with MASK=True).
+
+Backward (flash-style recomputation from the saved log-sum-exp):
+  * `compressed_attention_bwd_preprocess_kernel`: delta = rowsum(do * o);
+  * `compressed_attention_bwd_dkdv_kernel`: a program owns BWD_BLOCK_N compressed keys of one kv head and
+    loops over its group's heads and the query tiles that can see them: dk_cmp, dv_cmp without atomics;
+  * `compressed_attention_bwd_dq_kernel`: the query tiles of the forward, dq.
+
+The log-sum-exp `lse` [Hq, total tokens] float32 is in natural-log units: p_cmp = exp(scale * q.k_cmp - lse).
+A row that sees no compressed block gets o = 0 and lse = +inf, so exp(s - lse) = 0 for every score s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.config import NSAConfig
+from nsa.inputs import FLOAT_DTYPES, check_cu_seqlens, resolve_scale
+from nsa.kernels import runtime
+from nsa.kernels.packing import PackedSequences
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _num_visible(pos, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
+    """Compression blocks wholly in the past of position `pos`: i*d + l - 1 <= pos (0 when pos < l - 1)."""
+    # Guarded: Triton's integer division truncates toward zero, so a negative numerator must not reach it.
+    return tl.where(pos >= CMP_BLOCK - 1, (pos - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q_tile, pos, k, v, cmp_start, num_cmp, n0, stride_kt, stride_vt, offs_dk, offs_dv,
+               dk_ok, dv_ok, scale_log2, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over compressed keys [n0, n0 + BLOCK_N) (k, v point at the kv head)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < num_cmp
+    k_t = tl.load(k + (cmp_start + offs_n)[None, :] * stride_kt + offs_dk[:, None],
+                  mask=n_ok[None, :] & dk_ok[:, None], other=0.0)  # [BLOCK_DK, BLOCK_N]
+    s = tl.dot(q_tile, k_t, input_precision=PRECISION) * scale_log2  # log2 units
+    if MASK:
+        visible = offs_n[None, :] * CMP_STRIDE + (CMP_BLOCK - 1) <= pos[:, None]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # m_i starts finite, so no -inf - -inf
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_tile = tl.load(v + (cmp_start + offs_n)[:, None] * stride_vt + offs_dv[None, :],
+                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def compressed_attention_fwd_kernel(
+        q, k, v, o, lse, cu_seqlens, cu_cmp,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+        scale_log2,
+        G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """o, lse for a tile of BLOCK_P positions x HEADS query heads of one sequence and one GQA group."""
+    BLOCK_M: tl.constexpr = BLOCK_P * HEADS
+    # Late tiles of a sequence see the most keys: start them first.
+    pid_p = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_s = tl.program_id(1)
+    hk = tl.program_id(2) // NUM_HEAD_CHUNKS
+    hc = tl.program_id(2) % NUM_HEAD_CHUNKS
+    seq_start = tl.load(cu_seqlens + pid_s)
+    seqlen = tl.load(cu_seqlens + pid_s + 1) - seq_start
+    cmp_start = tl.load(cu_cmp + pid_s)
+    num_cmp = tl.load(cu_cmp + pid_s + 1) - cmp_start
+    p0 = pid_p * BLOCK_P
+    if p0 >= seqlen:
+        return
+
+    offs_r = tl.arange(0, BLOCK_M)
+    pos = p0 + offs_r // HEADS
+    g = hc * HEADS + offs_r % HEADS
+    head = hk * G + g
+    row_ok = (pos < seqlen) & (g < G)
+    tok = (seq_start + pos).to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < DK
+    dv_ok = offs_dv < DV
+    q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                     mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+    k += hk * stride_kh
+    v += hk * stride_vh
+
+    p_last = tl.minimum(p0 + BLOCK_P, seqlen) - 1
+    n_vis = _num_visible(p_last, CMP_BLOCK, CMP_STRIDE)  # keys any row of the tile sees
+    n_full = _num_visible(p0, CMP_BLOCK, CMP_STRIDE)  # keys every row of the tile sees
+    n_full = (n_full // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, pos, k, v, cmp_start, num_cmp, n0, stride_kt, stride_vt,
+                                   offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK, CMP_STRIDE, BLOCK_N,
+                                   False, PRECISION)
+    for n0 in range(n_full, n_vis, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q_tile, pos, k, v, cmp_start, num_cmp, n0, stride_kt, stride_vt,
+                                   offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK, CMP_STRIDE, BLOCK_N,
+                                   True, PRECISION)
+
+    sees_any = l_i > 0.0
+    out = acc / tl.where(sees_any, l_i, 1.0)[:, None]
+    tl.store(o + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+             out.to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    row_lse = tl.where(sees_any, (m_i + tl.log2(tl.where(sees_any, l_i, 1.0))) * LN2, float("inf"))
+    tl.store(lse + head * stride_lh + tok, row_lse, mask=row_ok)
+
+
+@triton.jit
+def compressed_attention_bwd_preprocess_kernel(o, do, delta, num_tokens, stride_ot, stride_oh, stride_dot,
+                                               stride_doh, stride_dh, DV: tl.constexpr, BLOCK_T: tl.constexpr,
+                                               BLOCK_DV: tl.constexpr):
+    """delta[h, t] = sum_e do[t, h, e] * o[t, h, e] in float32."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_t < num_tokens)[:, None] & (offs_dv < DV)[None, :]
+    tok = offs_t.to(tl.int64)
+    o_tile = tl.load(o + tok[:, None] * stride_ot + head * stride_oh + offs_dv[None, :], mask=mask, other=0.0)
+    do_tile = tl.load(do + tok[:, None] * stride_dot + head * stride_doh + offs_dv[None, :], mask=mask, other=0.0)
+    row = tl.sum(o_tile.to(tl.float32) * do_tile.to(tl.float32), 1)
+    tl.store(delta + head * stride_dh + tok, row, mask=offs_t < num_tokens)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k_tile, v_tile, offs_n, q, do, lse, delta, tok0, p0, seqlen, head_base, hc,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok, dv_ok,
+                    scale_log2, G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                    BLOCK_P: tl.constexpr, HEADS: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dk, dv [BLOCK_N, D] of one key tile over one query tile (positions p0 .. p0 + BLOCK_P)."""
+    BLOCK_M: tl.constexpr = BLOCK_P * HEADS
+    offs_r = tl.arange(0, BLOCK_M)
+    pos = p0 + offs_r // HEADS
+    g = hc * HEADS + offs_r % HEADS
+    head = head_base + g
+    row_ok = (pos < seqlen) & (g < G)
+    tok = (tok0 + pos).to(tl.int64)
+    q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                     mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+    do_tile = tl.load(do + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+                      mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    # Rows outside the problem get lse = +inf, hence p = 0 and no contribution.
+    lse2 = tl.load(lse + head * stride_lh + tok, mask=row_ok, other=float("inf")) * LOG2E
+    row_delta = tl.load(delta + head * stride_lh + tok, mask=row_ok, other=0.0)
+    s_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASK:
+        visible = offs_n[:, None] * CMP_STRIDE + (CMP_BLOCK - 1) <= pos[None, :]
+        p_t = tl.where(visible, p_t, 0.0)
+    dv += tl.dot(p_t.to(do_tile.dtype), do_tile, input_precision=PRECISION)
+    dp_t = tl.dot(v_tile, tl.trans(do_tile), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - row_delta[None, :])
+    dk += tl.dot(ds_t.to(q_tile.dtype), q_tile, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def compressed_attention_bwd_dkdv_kernel(
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_cmp,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        scale, scale_log2,
+        G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dk_cmp, dv_cmp for BLOCK_N compressed keys of one kv head: loops over the G heads and the query tiles."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    hk = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens + pid_s)
+    seqlen = tl.load(cu_seqlens + pid_s + 1) - seq_start
+    cmp_start = tl.load(cu_cmp + pid_s)
+    num_cmp = tl.load(cu_cmp + pid_s + 1) - cmp_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= num_cmp:
+        return
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < num_cmp
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < DK
+    dv_ok = offs_dv < DV
+    cmp_rows = (cmp_start + offs_n).to(tl.int64)
+    k_tile = tl.load(k + cmp_rows[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :],
+                     mask=n_ok[:, None] & dk_ok[None, :], other=0.0)
+    v_tile = tl.load(v + cmp_rows[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+                     mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    acc_dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+    acc_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # Query tiles start at the first position that sees key n0; positions >= t_full see the whole key tile.
+    t_first = n0 * CMP_STRIDE + CMP_BLOCK - 1
+    t_full = (tl.minimum(n0 + BLOCK_N, num_cmp) - 1) * CMP_STRIDE + CMP_BLOCK - 1
+    num_tiles = tl.cdiv(seqlen - t_first, BLOCK_P)
+    diag_end = tl.minimum(tl.cdiv(t_full - t_first, BLOCK_P), num_tiles)  # tiles that need the causal mask
+    full_end = tl.maximum(diag_end, (seqlen - t_first) // BLOCK_P)  # then tiles wholly inside the sequence
+    head_base = hk * G
+    for hc in range(NUM_HEAD_CHUNKS):
+        for i in range(0, diag_end):
+            acc_dk, acc_dv = _bwd_dkdv_inner(
+                acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
+                head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
+                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, True, PRECISION)
+        for i in range(diag_end, full_end):
+            acc_dk, acc_dv = _bwd_dkdv_inner(
+                acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
+                head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
+                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, False, PRECISION)
+        for i in range(full_end, num_tiles):  # the sequence's last, partial tile
+            acc_dk, acc_dv = _bwd_dkdv_inner(
+                acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
+                head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
+                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, True, PRECISION)
+
+    tl.store(dk + cmp_rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
+             (acc_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None] & dk_ok[None, :])
+    tl.store(dv + cmp_rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
+             acc_dv.to(dv.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, stride_kt, stride_vt,
+                  offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dq (without the scale) over compressed keys [n0, n0 + BLOCK_N)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < num_cmp
+    k_tile = tl.load(k + (cmp_start + offs_n)[:, None] * stride_kt + offs_dk[None, :],
+                     mask=n_ok[:, None] & dk_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DK]
+    v_t = tl.load(v + (cmp_start + offs_n)[None, :] * stride_vt + offs_dv[:, None],
+                  mask=n_ok[None, :] & dv_ok[:, None], other=0.0)  # [BLOCK_DV, BLOCK_N]
+    s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * scale_log2
+    p = tl.exp2(s - lse2[:, None])
+    if MASK:
+        visible = offs_n[None, :] * CMP_STRIDE + (CMP_BLOCK - 1) <= pos[:, None]
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do_tile, v_t, input_precision=PRECISION)
+    ds = p * (dp - row_delta[:, None])
+    acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def compressed_attention_bwd_dq_kernel(
+        q, k, v, do, lse, delta, dq, cu_seqlens, cu_cmp,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
+        stride_dqt, stride_dqh,
+        scale, scale_log2,
+        G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dq for a tile of BLOCK_P positions x HEADS query heads (the forward's tiling)."""
+    BLOCK_M: tl.constexpr = BLOCK_P * HEADS
+    pid_p = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_s = tl.program_id(1)
+    hk = tl.program_id(2) // NUM_HEAD_CHUNKS
+    hc = tl.program_id(2) % NUM_HEAD_CHUNKS
+    seq_start = tl.load(cu_seqlens + pid_s)
+    seqlen = tl.load(cu_seqlens + pid_s + 1) - seq_start
+    cmp_start = tl.load(cu_cmp + pid_s)
+    num_cmp = tl.load(cu_cmp + pid_s + 1) - cmp_start
+    p0 = pid_p * BLOCK_P
+    if p0 >= seqlen:
+        return
+
+    offs_r = tl.arange(0, BLOCK_M)
+    pos = p0 + offs_r // HEADS
+    g = hc * HEADS + offs_r % HEADS
+    head = hk * G + g
+    row_ok = (pos < seqlen) & (g < G)
+    tok = (seq_start + pos).to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < DK
+    dv_ok = offs_dv < DV
+    q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                     mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+    do_tile = tl.load(do + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+                      mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse2 = tl.load(lse + head * stride_lh + tok, mask=row_ok, other=float("inf")) * LOG2E
+    row_delta = tl.load(delta + head * stride_lh + tok, mask=row_ok, other=0.0)
+    k += hk * stride_kh
+    v += hk * stride_vh
+
+    p_last = tl.minimum(p0 + BLOCK_P, seqlen) - 1
+    n_vis = _num_visible(p_last, CMP_BLOCK, CMP_STRIDE)
+    n_full = (_num_visible(p0, CMP_BLOCK, CMP_STRIDE) // BLOCK_N) * BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
+    for n0 in range(0, n_full, BLOCK_N):
+        acc = _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, stride_kt,
+                            stride_vt, offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK, CMP_STRIDE, BLOCK_N,
+                            False, PRECISION)
+    for n0 in range(n_full, n_vis, BLOCK_N):
+        acc = _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, stride_kt,
+                            stride_vt, offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK, CMP_STRIDE, BLOCK_N,
+                            True, PRECISION)
+    tl.store(dq + tok[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
+             (acc * scale).to(dq.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers (packed tensors)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int) -> bool:
+    return x >= 1 and (x & (x - 1)) == 0
+
+
+def head_dim_block(dim: int) -> int:
+    """BLOCK_D for a head dim: next power of two, at least 16 (tl.dot needs K >= 16 on GPU)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionParams:
+    """Launch parameters of the compressed-attention kernels.
+
+    A query tile is BLOCK_P positions x HEADS query heads of one GQA group (BLOCK_P * HEADS rows, >= 16).
+
+    Attributes:
+        BLOCK_P: query positions per forward (and dq) tile, a power of two.
+        HEADS: query heads of one group per forward tile, a power of two <= next_pow2(G); the G heads of a
+            group take cdiv(G, HEADS) tiles.
+        BLOCK_N: compressed keys per inner step of the forward (>= 16, a power of two).
+        num_warps, num_stages: of the forward kernel.
+        BWD_BLOCK_P, BWD_HEADS: the query tile of the backward (dq programs and the dkdv inner loop).
+        BWD_BLOCK_N: compressed keys owned by one dkdv program, and per inner step of dq.
+        bwd_num_warps, bwd_num_stages: of the dkdv and dq kernels.
+    """
+
+    BLOCK_P: int = 16
+    HEADS: int = 4
+    BLOCK_N: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    BWD_BLOCK_P: int = 16
+    BWD_HEADS: int = 4
+    BWD_BLOCK_N: int = 32
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 1
+
+    def check(self, group: int) -> None:
+        """ValueError unless the params are legal for GQA group size `group`."""
+        gpad = triton.next_power_of_2(group)
+        for prefix in ("", "BWD_"):
+            p, h, n = (getattr(self, prefix + name) for name in ("BLOCK_P", "HEADS", "BLOCK_N"))
+            if not (_pow2(p) and _pow2(h) and _pow2(n)):
+                raise ValueError(f"CompressionParams: {prefix}BLOCK_P, {prefix}HEADS, {prefix}BLOCK_N must be powers "
+                                 f"of two, got {p}, {h}, {n}")
+            if h > gpad:
+                raise ValueError(f"CompressionParams: {prefix}HEADS={h} exceeds the group size G={group} "
+                                 f"(rounded up to {gpad})")
+            if p * h < 16 or n < 16:
+                raise ValueError(f"CompressionParams: tl.dot needs tiles >= 16: {prefix}BLOCK_P * {prefix}HEADS = "
+                                 f"{p * h}, {prefix}BLOCK_N = {n}")
+        for name in ("num_warps", "bwd_num_warps"):
+            if not _pow2(getattr(self, name)):
+                raise ValueError(f"CompressionParams: {name} must be a power of two, got {getattr(self, name)}")
+        for name in ("num_stages", "bwd_num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CompressionParams: {name} must be >= 1, got {getattr(self, name)}")
+
+
+def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int, config: NSAConfig,
+                   device=None) -> CompressionParams:
+    """A sane default for the shape: about 64 query rows per tile (all heads of a group when G <= 16)."""
+    group = num_heads // num_kv_heads
+    heads = min(triton.next_power_of_2(group), 16)
+    rows = 128 if runtime.interpreting() else 64  # the interpreter pays per program, not per element
+    block_p = max(1, rows // heads)
+    big = max(head_dim, head_dim_v) > 128
+    return CompressionParams(BLOCK_P=block_p, HEADS=heads, BLOCK_N=32 if big else 64, num_warps=4,
+                             num_stages=2, BWD_BLOCK_P=block_p, BWD_HEADS=heads, BWD_BLOCK_N=32 if big else 64,
+                             bwd_num_warps=4 if big else 8, bwd_num_stages=1)
+
+
+def compressed_attention_fwd(q, k_cmp, v_cmp, seqs: PackedSequences, config: NSAConfig, scale: float,
+                             params: CompressionParams):
+    """Compressed attention on packed sequences.
+
+    Args:
+        q: [Ttot, Hq, Dk]; k_cmp: [Ctot, Hkv, Dk]; v_cmp: [Ctot, Hkv, Dv] (contiguous in the last dim).
+        seqs: the sequences' token and compressed-entry offsets.
+    Returns:
+        o [Ttot, Hq, Dv] in q's dtype, lse [Hq, Ttot] float32 (natural log; +inf on rows that see no block).
+    """
+    total, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k_cmp.shape[1], v_cmp.shape[2]
+    group = num_heads // num_kv_heads
+    params.check(group)
+    o = runtime.new_output((total, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = runtime.new_output((num_heads, total), dtype=torch.float32, device=q.device)
+    if total == 0:
+        return o, lse
+    if k_cmp.shape[0] == 0:  # every sequence is shorter than l: nothing to see
+        o.zero_()
+        lse.fill_(float("inf"))
+        return o, lse
+    heads_chunks = triton.cdiv(group, params.HEADS)
+    grid = (triton.cdiv(seqs.max_seqlen, params.BLOCK_P), seqs.num_seqs, num_kv_heads * heads_chunks)
+    compressed_attention_fwd_kernel[grid](
+        q, k_cmp, v_cmp, o, lse, seqs.cu_seqlens, seqs.cu_cmp,
+        q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+        o.stride(0), o.stride(1), lse.stride(0),
+        scale * LOG2E,
+        G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
+        BLOCK_P=params.BLOCK_P, HEADS=params.HEADS, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_N=params.BLOCK_N,
+        BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+        PRECISION=runtime.dot_precision(q.dtype), num_warps=params.num_warps, num_stages=params.num_stages)
+    return o, lse
+
+
+def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences, config: NSAConfig, scale: float,
+                             params: CompressionParams):
+    """Gradients of `compressed_attention_fwd` by recomputation from its lse.
+
+    Args:
+        do: [Ttot, Hq, Dv] gradient of o; q, k_cmp, v_cmp, o, lse: as for and from the forward.
+    Returns:
+        dq [Ttot, Hq, Dk], dk_cmp [Ctot, Hkv, Dk], dv_cmp [Ctot, Hkv, Dv], in the inputs' dtype.
+    """
+    total, num_heads, head_dim = q.shape
+    num_cmp, num_kv_heads, head_dim_v = v_cmp.shape
+    group = num_heads // num_kv_heads
+    params.check(group)
+    dq = runtime.new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = runtime.new_output(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
+    dv = runtime.new_output(v_cmp.shape, dtype=v_cmp.dtype, device=q.device)
+    if total == 0:
+        return dq, dk, dv
+    if num_cmp == 0:
+        return dq.zero_(), dk, dv
+    do, lse = do.contiguous(), lse.contiguous()
+    delta = torch.empty((num_heads, total), dtype=torch.float32, device=q.device)
+    block_t = 64
+    compressed_attention_bwd_preprocess_kernel[(triton.cdiv(total, block_t), num_heads)](
+        o, do, delta, total, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+        DV=head_dim_v, BLOCK_T=block_t, BLOCK_DV=head_dim_block(head_dim_v))
+
+    common = dict(G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
+                  BLOCK_P=params.BWD_BLOCK_P, HEADS=params.BWD_HEADS,
+                  NUM_HEAD_CHUNKS=triton.cdiv(group, params.BWD_HEADS), BLOCK_N=params.BWD_BLOCK_N,
+                  BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+                  PRECISION=runtime.dot_precision(q.dtype), num_warps=params.bwd_num_warps,
+                  num_stages=params.bwd_num_stages)
+    strides = (q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+               do.stride(0), do.stride(1), lse.stride(0))
+    grid = (triton.cdiv(seqs.max_cmp, params.BWD_BLOCK_N), seqs.num_seqs, num_kv_heads)
+    compressed_attention_bwd_dkdv_kernel[grid](
+        q, k_cmp, v_cmp, do, lse, delta, dk, dv, seqs.cu_seqlens, seqs.cu_cmp, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * LOG2E, **common)
+    grid = (triton.cdiv(seqs.max_seqlen, params.BWD_BLOCK_P), seqs.num_seqs,
+            num_kv_heads * common["NUM_HEAD_CHUNKS"])
+    compressed_attention_bwd_dq_kernel[grid](
+        q, k_cmp, v_cmp, do, lse, delta, dq, seqs.cu_seqlens, seqs.cu_cmp, *strides,
+        dq.stride(0), dq.stride(1), scale, scale * LOG2E, **common)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CompressedAttentionFunction(torch.autograd.Function):
+    """o, lse = compressed attention of packed q, k_cmp, v_cmp; lse carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, seqs, config, scale, params):
+        o, lse = compressed_attention_fwd(q, k_cmp, v_cmp, seqs, config, scale, params)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
+        ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
+        dq, dk, dv = compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, ctx.seqs, ctx.config, ctx.scale,
+                                              ctx.params)
+        return dq, dk, dv, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _require(name, x, ndim):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_compression_inputs(q, k_cmp, config: NSAConfig, cu_seqlens, v_cmp=None):
+    """Validate q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (and v_cmp [B, Tc, Hkv, Dv]) before any launch.
+
+    Returns:
+        PackedSequences of the batch. Raises TypeError / ValueError naming the problem.
+    """
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+    named = dict(q=q, k_cmp=k_cmp) if v_cmp is None else dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp)
+    for name, x in named.items():
+        _require(name, x, 4)
+    for name, x in named.items():
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32), got {x.dtype}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: all inputs must share one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: all inputs must be on one device")
+    if q.device.type != "cuda" and not runtime.interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {q.device}")
+    runtime.compute_dtype(q.dtype)  # TypeError for float64 on GPU
+    batch, seqlen, num_heads, head_dim = q.shape
+    num_kv_heads = k_cmp.shape[2]
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
+    if head_dim < 1 or head_dim > 256:
+        raise ValueError(f"head dim Dk must be in [1, 256], got {head_dim}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch, seqlen, q.device)
+    seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
+    num_cmp = int(seqs.cu_cmp[-1]) if cu_seqlens is not None else config.num_cmp_blocks(seqlen)
+    want = (batch, num_cmp, num_kv_heads, head_dim)
+    if tuple(k_cmp.shape) != want:
+        raise ValueError(f"k_cmp must have shape {want} (B, Tc, Hkv, Dk with Tc={num_cmp} compression blocks for "
+                         f"l={config.cmp_block}, d={config.cmp_stride}), got {tuple(k_cmp.shape)}")
+    if v_cmp is not None:
+        head_dim_v = v_cmp.shape[3]
+        if tuple(v_cmp.shape[:3]) != want[:3] or not 1 <= head_dim_v <= 256:
+            raise ValueError(f"v_cmp must have shape (B, Tc, Hkv, Dv) = {want[:3] + ('Dv <= 256',)}, "
+                             f"got {tuple(v_cmp.shape)}")
+    return seqs
+
+
+def pack(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] -> contiguous [B*T, H, D] in the kernels' dtype (autograd-friendly)."""
+    return x.to(dtype).reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3]).contiguous()
+
+
+def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, *, scale=None, cu_seqlens=None, params=None,
+                         return_lse=False):
+    """Compressed-attention output o_cmp (SPEC 1.2), Triton forward and backward.
+
+    Query t attends, with softmax weights, to the compression blocks i with i*d + l - 1 <= t; a query that sees
+    none gets o_cmp = 0.
+
+    Args:
+        q: [B, T, Hq, Dk] queries (float16, bfloat16 or float32; CUDA, or CPU under TRITON_INTERPRET=1).
+        k_cmp: [B, Tc, Hkv, Dk] compressed keys, Tc = config.num_cmp_blocks(T) (packed per sequence with cu_seqlens).
+        v_cmp: [B, Tc, Hkv, Dv] compressed values.
+        config: the NSAConfig (l = cmp_block, d = cmp_stride).
+        scale: softmax scale, Dk ** -0.5 by default.
+        cu_seqlens: int32 [N+1] offsets of packed sequences (B = 1), or None for a dense batch.
+        params: CompressionParams (tiles, warps), `default_params(...)` when None.
+        return_lse: also return the log-sum-exp.
+    Returns:
+        o_cmp [B, T, Hq, Dv] in q's dtype; with return_lse, (o_cmp, lse) where lse is [B, Hq, T] float32,
+        natural log of the softmax denominator of scale * q.k_cmp (+inf where no block is visible), no gradient.
+
+    Example:
+        >>> o = compressed_attention(q, k_cmp, v_cmp, NSAConfig())  # q: [2, 4096, 64, 128] bf16 on CUDA
+    """
+    seqs = check_compression_inputs(q, k_cmp, config, cu_seqlens, v_cmp)
+    scale = resolve_scale(scale, q.shape[-1])
+    batch, seqlen, num_heads, head_dim = q.shape
+    if params is None:
+        params = default_params(num_heads, k_cmp.shape[2], head_dim, v_cmp.shape[3], config, q.device)
+    dtype = runtime.compute_dtype(q.dtype)
+    o, lse = CompressedAttentionFunction.apply(pack(q, dtype), pack(k_cmp, dtype), pack(v_cmp, dtype), seqs,
+                                               config, scale, params)
+    o = o.reshape(batch, seqlen, num_heads, v_cmp.shape[3]).to(q.dtype)
+    if not return_lse:
+        return o
+    return o, lse.reshape(num_heads, batch, seqlen).transpose(0, 1).contiguous()

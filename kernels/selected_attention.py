@@ -1,0 +1,798 @@
+"""Selected-block attention (SPEC 1.5) in Triton: forward, backward, autograd and the public function.
+
+Query position t (of its own sequence) and query head h attend, with a softmax, to the tokens s <= t of the
+selection blocks j (tokens [j*l', (j+1)*l')) listed in block_indices[t, h // G] (ascending, -1 padded). All G
+heads of a GQA group share the selection, so every K/V tile loaded feeds all G heads.
+
+Forward and dq: block schedules. A program owns `block_t` consecutive query positions of one sequence x the G
+heads of one kv head: its rows are r = p * G + g (position p, head g), padded to a power of two >= 16, so a small
+group is never padded with idle heads up to the MMA size. Consecutive positions select mostly the same blocks,
+so the program walks the UNION of its positions' selections, each block loaded once, rows masked to the
+positions that selected it. The union is built before the launch with a few torch ops on the device (no host
+sync): for every (tile of positions, kv head) the ascending list of distinct blocks, a bitmask per block of the
+positions that chose it (bit p), and the list length (`build_block_schedule`). The kernel's loop is then a plain
+`for` over (union entry, BLOCK_N slice of the block): scalar loads of the block id and its bitmask, no
+reductions over index tiles in the loop (a merge-walk of the sorted lists inside the kernel would need a
+cross-thread min-reduction per step). With block_t = 1 the schedule is block_indices itself.
+
+dk/dv: inverse index, no atomics. `build_inverse_index` sorts the (position, kv head, block) entries by
+(sequence block, kv head) into CSR lists of query positions (ascending). A dkdv program owns one BLOCK_N slice of
+one block of one kv head, keeps its K/V slice and its dK/dV accumulators in registers, and walks the list in
+steps of `dkdv_block_t` positions x G heads (rows), recomputing p from the saved log-sum-exp. Lists are cut into
+work items of at most `dkdv_chunk` positions so that very popular blocks (block 0 is selected by every query)
+do not serialise the whole backward on one program: a block with one item writes dK/dV directly, a block with
+several writes fp32 partial sums that a small kernel adds up in a fixed order (deterministic). Sizing the
+items costs one host sync (a single `.tolist()` of two numbers) per backward.
+
+The softmax runs in base 2 (exp2 with scale * log2(e)) in fp32; `lse` is returned in natural-log units,
+[Hq, total tokens]. delta = rowsum(dO * O) is computed by the dq kernel (it loads dO anyway) and consumed by the
+dkdv kernel, which therefore runs after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.config import NSAConfig
+from nsa.inputs import FLOAT_DTYPES, check_cu_seqlens, resolve_scale
+from nsa.kernels.packing import PackedSequences
+from nsa.kernels.runtime import compute_dtype, dot_precision, interpreting, new_output
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Smallest tl.dot dimension the GPU compiles; tiles are padded up to it (the interpreter runs the same shapes).
+MIN_DOT = 16
+# Positions packed per fwd/dq program are flagged in an int32 bitmask.
+MAX_BLOCK_T = 32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(ptrs, row_mask, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile: rows masked by `row_mask`, zeros past HEAD_DIM."""
+    if BLOCK_D == HEAD_DIM:
+        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptrs, value, row_mask, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, value, mask=row_mask[:, None])
+    else:
+        tl.store(ptrs, value, mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _tile_rows(TILE_TOK0, TILE_SEQ, CU_SEQLENS, tile, hk, G: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """Rows of a fwd/dq program: r = p * G + g for position p < BLOCK_T of the tile and head g < G of group hk.
+
+    Returns (seq_start, pos_r, tok_r, head_r, bit_r, row_valid, pos_last): sequence-local positions, packed token
+    indices (int64), query heads, the bit index of each row's position, validity, and the last valid position.
+    """
+    tok0 = tl.load(TILE_TOK0 + tile)
+    seq = tl.load(TILE_SEQ + tile)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seq_end = tl.load(CU_SEQLENS + seq + 1)
+    rows = tl.arange(0, BLOCK_R)
+    p = rows // G
+    tok_r = tok0 + p
+    row_valid = (rows < BLOCK_T * G) & (tok_r < seq_end)
+    pos_r = tok_r - seq_start
+    head_r = hk * G + rows % G
+    bit_r = tl.minimum(p, BLOCK_T - 1)  # padded rows would shift past the mask width
+    pos_last = tl.minimum(tok0 + BLOCK_T, seq_end) - 1 - seq_start
+    return seq_start, pos_r, tok_r.to(tl.int64), head_r, bit_r, row_valid, pos_last
+
+
+@triton.jit
+def _schedule_step(SCHED_BLOCKS, SCHED_MASKS, sched_off, mask_off, stride_mi, it, bit_r, row_valid, pos_r,
+                   pos_last, SLC_BLOCK, SUBS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys of schedule step `it` (union entry it // SUBS, slice it % SUBS) and the [rows, BLOCK_N] mask of
+    the scores to keep: rows whose position selected the block, keys inside the block, causal s <= t."""
+    entry = it // SUBS
+    sub = it % SUBS
+    block = tl.load(SCHED_BLOCKS + sched_off + entry)
+    bits = tl.load(SCHED_MASKS + mask_off + entry * stride_mi)
+    selected = ((bits >> bit_r) & 1) != 0
+    offs_in = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_pos = block * SLC_BLOCK + offs_in
+    key_valid = (offs_in < SLC_BLOCK) & (key_pos <= pos_last)
+    mask = (selected & row_valid)[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
+    return key_pos, key_valid, mask
+
+
+@triton.jit
+def selected_attention_fwd_kernel(
+        Q, K, V, O, LSE, TILE_TOK0, TILE_SEQ, CU_SEQLENS, SCHED_BLOCKS, SCHED_MASKS, SCHED_COUNTS,
+        qk_scale, SLC_BLOCK,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lseh,
+        stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
+        G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+        SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """o, lse for BLOCK_T positions x G heads; grid (tiles, Hkv). Head dims are contiguous (stride 1)."""
+    tl.static_assert(BLOCK_T * G <= BLOCK_R)
+    tile = tl.program_id(0)
+    hk = tl.program_id(1)
+    seq_start, pos_r, tok_r, head_r, bit_r, row_valid, pos_last = _tile_rows(
+        TILE_TOK0, TILE_SEQ, CU_SEQLENS, tile, hk, G, BLOCK_T, BLOCK_R)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :], row_valid,
+                   offs_dk, HEAD_DIM_K, BLOCK_DK)
+    k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
+    v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
+
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles leave the state unchanged
+    sched_off = tile.to(tl.int64) * stride_st + hk * stride_sh
+    mask_off = tile.to(tl.int64) * stride_mt + hk * stride_mh
+    count = tl.load(SCHED_COUNTS + tile * stride_ct + hk * stride_ch)
+    for it in range(0, count * SUBS):
+        key_pos, key_valid, mask = _schedule_step(SCHED_BLOCKS, SCHED_MASKS, sched_off, mask_off, stride_mi, it,
+                                                  bit_r, row_valid, pos_r, pos_last, SLC_BLOCK, SUBS, BLOCK_N)
+        key_off = key_pos.to(tl.int64)
+        k = _load_tile(k_base + key_off[:, None] * stride_kt + offs_dk[None, :], key_valid, offs_dk, HEAD_DIM_K,
+                       BLOCK_DK)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.where(mask, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + key_off[:, None] * stride_vt + offs_dv[None, :], key_valid, offs_dv, HEAD_DIM_V,
+                       BLOCK_DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0  # always true for a valid selection; an empty row gets o = 0, lse = -inf
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    _store_tile(O + tok_r[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_dv[None, :],
+                o.to(O.dtype.element_ty), row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(LSE + head_r * stride_lseh + tok_r, lse, mask=row_valid)
+
+
+@triton.jit
+def selected_attention_bwd_dq_kernel(
+        Q, K, V, O, DO, LSE, DELTA, DQ, TILE_TOK0, TILE_SEQ, CU_SEQLENS, SCHED_BLOCKS, SCHED_MASKS, SCHED_COUNTS,
+        scale, qk_scale, SLC_BLOCK,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot,
+        stride_doh, stride_dqt, stride_dqh, stride_lseh,
+        stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
+        G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+        SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq and delta = rowsum(dO * O) for BLOCK_T positions x G heads, walking the same schedule as the forward.
+
+    delta [Hq, total tokens] fp32 is written here for the dkdv kernel, launched after this one.
+    """
+    tl.static_assert(BLOCK_T * G <= BLOCK_R)
+    tile = tl.program_id(0)
+    hk = tl.program_id(1)
+    seq_start, pos_r, tok_r, head_r, bit_r, row_valid, pos_last = _tile_rows(
+        TILE_TOK0, TILE_SEQ, CU_SEQLENS, tile, hk, G, BLOCK_T, BLOCK_R)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :], row_valid,
+                   offs_dk, HEAD_DIM_K, BLOCK_DK)
+    do = _load_tile(DO + tok_r[:, None] * stride_dot + head_r[:, None] * stride_doh + offs_dv[None, :], row_valid,
+                    offs_dv, HEAD_DIM_V, BLOCK_DV)
+    o = _load_tile(O + tok_r[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_dv[None, :], row_valid,
+                   offs_dv, HEAD_DIM_V, BLOCK_DV)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + head_r * stride_lseh + tok_r, delta, mask=row_valid)
+    lse2 = tl.load(LSE + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0) * LOG2E
+    k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
+    v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
+
+    dq = tl.zeros([BLOCK_R, BLOCK_DK], dtype=tl.float32)
+    sched_off = tile.to(tl.int64) * stride_st + hk * stride_sh
+    mask_off = tile.to(tl.int64) * stride_mt + hk * stride_mh
+    count = tl.load(SCHED_COUNTS + tile * stride_ct + hk * stride_ch)
+    for it in range(0, count * SUBS):
+        key_pos, key_valid, mask = _schedule_step(SCHED_BLOCKS, SCHED_MASKS, sched_off, mask_off, stride_mi, it,
+                                                  bit_r, row_valid, pos_r, pos_last, SLC_BLOCK, SUBS, BLOCK_N)
+        key_off = key_pos.to(tl.int64)
+        k = _load_tile(k_base + key_off[:, None] * stride_kt + offs_dk[None, :], key_valid, offs_dk, HEAD_DIM_K,
+                       BLOCK_DK)
+        v = _load_tile(v_base + key_off[:, None] * stride_vt + offs_dv[None, :], key_valid, offs_dv, HEAD_DIM_V,
+                       BLOCK_DV)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.where(mask, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    _store_tile(DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :],
+                (dq * scale).to(DQ.dtype.element_ty), row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
+
+
+@triton.jit
+def _block_slice(BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, key, num_kv_heads, sl, SLC_BLOCK, BLOCK_N: tl.constexpr):
+    """The keys a dkdv/reduce program owns: slice `sl` of block `key // Hkv` (packed over sequences), kv head
+    `key % Hkv`. Returns (hk, seq_start, key_pos, key_valid) with sequence-local key positions."""
+    gblock = key // num_kv_heads
+    hk = key % num_kv_heads
+    seq = tl.load(BLOCK_SEQ + gblock)
+    block = gblock - tl.load(CU_BLOCKS + seq)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_pos = block * SLC_BLOCK + offs_in
+    key_valid = (offs_in < SLC_BLOCK) & (key_pos < seqlen)
+    return hk, seq_start, key_pos, key_valid
+
+
+@triton.jit
+def selected_attention_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, DK_PART, DV_PART, ITEM_KEY, ITEM_BEGIN, ITEM_END, ITEM_SLOT, POSITIONS,
+        BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, scale, qk_scale, SLC_BLOCK, num_kv_heads,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lseh, stride_pks, stride_pkt, stride_pvs, stride_pvt,
+        G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """dk, dv of one BLOCK_N slice of one (block, kv head) from one work item: positions POSITIONS[begin:end]
+    (packed token indices, ascending) that selected the block; grid (work items, slices per block).
+
+    Rows r = i * G + g: list entry i of the current step, head g. An item with slot < 0 is its block's only one
+    and writes dk/dv; otherwise it writes fp32 partial sums to slot `slot` of DK_PART/DV_PART.
+    """
+    tl.static_assert(BLOCK_T * G <= BLOCK_R)
+    item = tl.program_id(0)
+    sl = tl.program_id(1)
+    key = tl.load(ITEM_KEY + item)
+    begin = tl.load(ITEM_BEGIN + item)
+    end = tl.load(ITEM_END + item)
+    slot = tl.load(ITEM_SLOT + item)
+    hk, seq_start, key_pos, key_valid = _block_slice(BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, key, num_kv_heads, sl,
+                                                     SLC_BLOCK, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_tok = seq_start.to(tl.int64) + key_pos
+    k = _load_tile(K + key_tok[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :], key_valid, offs_dk,
+                   HEAD_DIM_K, BLOCK_DK)
+    v = _load_tile(V + key_tok[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :], key_valid, offs_dv,
+                   HEAD_DIM_V, BLOCK_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_R)
+    entry_r = rows // G
+    head_r = hk * G + rows % G
+    for start in range(begin, end, BLOCK_T):
+        row_valid = (rows < BLOCK_T * G) & (start + entry_r < end)
+        tok_r = tl.load(POSITIONS + start + entry_r, mask=row_valid, other=0)
+        pos_r = tok_r - seq_start
+        tok_r = tok_r.to(tl.int64)
+        q = _load_tile(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :], row_valid,
+                       offs_dk, HEAD_DIM_K, BLOCK_DK)
+        do = _load_tile(DO + tok_r[:, None] * stride_dot + head_r[:, None] * stride_doh + offs_dv[None, :],
+                        row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
+        lse2 = tl.load(LSE + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0) * LOG2E
+        delta = tl.load(DELTA + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0)
+        # Transposed scores [keys, rows]: dv and dk then need no transpose of p or ds.
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        mask_t = key_valid[:, None] & row_valid[None, :] & (key_pos[:, None] <= pos_r[None, :])
+        p_t = tl.where(mask_t, tl.math.exp2(qk_t - lse2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk *= scale
+
+    if slot < 0:
+        _store_tile(DK + key_tok[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
+                    dk.to(DK.dtype.element_ty), key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
+        _store_tile(DV + key_tok[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
+                    dv.to(DV.dtype.element_ty), key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
+    else:
+        offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_block = offs_in < SLC_BLOCK
+        slot64 = slot.to(tl.int64)
+        _store_tile(DK_PART + slot64 * stride_pks + offs_in[:, None] * stride_pkt + offs_dk[None, :], dk,
+                    in_block, offs_dk, HEAD_DIM_K, BLOCK_DK)
+        _store_tile(DV_PART + slot64 * stride_pvs + offs_in[:, None] * stride_pvt + offs_dv[None, :], dv,
+                    in_block, offs_dv, HEAD_DIM_V, BLOCK_DV)
+
+
+@triton.jit
+def selected_attention_bwd_dkdv_reduce_kernel(
+        DK, DV, DK_PART, DV_PART, KEY_SLOT0, KEY_SLOTS, BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, SLC_BLOCK, num_kv_heads,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_pks, stride_pkt, stride_pvs, stride_pvt,
+        HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr):
+    """dk, dv of a (block, kv head) split over several work items: the sum of its partial slots, in slot order.
+    Grid (blocks x Hkv, slices per block); blocks with a single item return at once."""
+    key = tl.program_id(0)
+    sl = tl.program_id(1)
+    num_slots = tl.load(KEY_SLOTS + key)
+    if num_slots > 0:
+        slot0 = tl.load(KEY_SLOT0 + key).to(tl.int64)
+        hk, seq_start, key_pos, key_valid = _block_slice(BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, key, num_kv_heads, sl,
+                                                         SLC_BLOCK, BLOCK_N)
+        offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_dk = tl.arange(0, BLOCK_DK)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        for i in range(0, num_slots):
+            dk += _load_tile(DK_PART + (slot0 + i) * stride_pks + offs_in[:, None] * stride_pkt + offs_dk[None, :],
+                             key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
+            dv += _load_tile(DV_PART + (slot0 + i) * stride_pvs + offs_in[:, None] * stride_pvt + offs_dv[None, :],
+                             key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
+        key_tok = seq_start.to(tl.int64) + key_pos
+        _store_tile(DK + key_tok[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
+                    dk.to(DK.dtype.element_ty), key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
+        _store_tile(DV + key_tok[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
+                    dv.to(DV.dtype.element_ty), key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------------------------
+
+def _is_pow2(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1 and x & (x - 1) == 0
+
+
+def _floor_pow2(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectedAttentionParams:
+    """Launch parameters of the selected-attention kernels (one source for forward, backward and the tuner).
+
+    fwd and dq programs own `*_block_t` consecutive query positions x the G heads of one kv head: rows
+    block_t * G, padded to a power of two >= 16. They walk the union of those positions' selected blocks in
+    key tiles of `*_block_n` tokens (a block of l' tokens takes ceil(l' / block_n) tiles). A larger block_t
+    shares each K/V load between more positions but processes more (partly masked) blocks when neighbouring
+    positions select different blocks; block_t * G >= 16 costs nothing extra (those rows are padding otherwise).
+
+    The dkdv program owns `dkdv_block_n` keys of one block of one kv head and steps over `dkdv_block_t`
+    positions x G heads of the block's list at a time; a list longer than `dkdv_chunk` positions is split over
+    several programs (partial sums reduced afterwards).
+
+    Attributes:
+        fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages: forward kernel.
+        dq_block_t, dq_block_n, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
+        dkdv_block_t, dkdv_block_n, dkdv_chunk, dkdv_num_warps, dkdv_num_stages: dk/dv kernel.
+    All tiles are powers of two; block_t <= 32 (fwd/dq: position bitmask), block_n >= 16 (GPU tl.dot).
+    """
+
+    fwd_block_t: int = 1
+    fwd_block_n: int = 64
+    fwd_num_warps: int = 4
+    fwd_num_stages: int = 2
+    dq_block_t: int = 1
+    dq_block_n: int = 64
+    dq_num_warps: int = 4
+    dq_num_stages: int = 2
+    dkdv_block_t: int = 4
+    dkdv_block_n: int = 64
+    dkdv_chunk: int = 2048
+    dkdv_num_warps: int = 4
+    dkdv_num_stages: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("num_stages") or field.name == "dkdv_chunk":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"SelectedAttentionParams.{field.name} must be an int >= 1, got {value!r}")
+            elif not _is_pow2(value):
+                raise ValueError(f"SelectedAttentionParams.{field.name} must be a power of two, got {value!r}")
+        for kernel in ("fwd", "dq"):
+            if getattr(self, f"{kernel}_block_t") > MAX_BLOCK_T:
+                raise ValueError(f"SelectedAttentionParams.{kernel}_block_t must be <= {MAX_BLOCK_T} (positions are "
+                                 f"flagged in an int32 bitmask), got {getattr(self, f'{kernel}_block_t')}")
+        for kernel in ("fwd", "dq", "dkdv"):
+            if getattr(self, f"{kernel}_block_n") < MIN_DOT:
+                raise ValueError(f"SelectedAttentionParams.{kernel}_block_n must be >= {MIN_DOT} (tl.dot on GPU), "
+                                 f"got {getattr(self, f'{kernel}_block_n')}")
+
+
+def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
+                   device=None) -> SelectedAttentionParams:
+    """A sane untuned default: fwd/dq rows = max(16, G) (block_t = 16 // G positions, the rows a small group
+    would otherwise pad), dkdv steps of ~64 rows, key tiles of min(64, l') tokens, a list chunk of 2 * n * l'
+    positions (about twice a block's average list length)."""
+    group = num_heads // max(1, num_kv_heads)
+    block_n = max(MIN_DOT, min(64, triton.next_power_of_2(config.slc_block)))
+    block_t = min(MAX_BLOCK_T, _floor_pow2(max(1, MIN_DOT // group)))
+    dkdv_block_t = _floor_pow2(max(1, 64 // group))
+    big = max(head_dim, head_dim_v) > 64
+    dkdv_chunk = max(dkdv_block_t, 2 * config.slc_topn * config.slc_block)
+    dkdv_chunk = triton.cdiv(dkdv_chunk, dkdv_block_t) * dkdv_block_t
+    return SelectedAttentionParams(
+        fwd_block_t=block_t, fwd_block_n=block_n, fwd_num_warps=4, fwd_num_stages=2,
+        dq_block_t=block_t, dq_block_n=block_n, dq_num_warps=4, dq_num_stages=2,
+        dkdv_block_t=dkdv_block_t, dkdv_block_n=block_n, dkdv_chunk=dkdv_chunk,
+        dkdv_num_warps=8 if big else 4, dkdv_num_stages=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Index preprocessing (torch ops on the device)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _offsets(sizes, device) -> torch.Tensor:
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def _owner(cu: torch.Tensor, count: int) -> torch.Tensor:
+    """int32 [count]: for each i < count, the segment s with cu[s] <= i < cu[s+1] (empty segments skipped)."""
+    return torch.searchsorted(cu[1:], torch.arange(count, dtype=torch.int32, device=cu.device), right=True,
+                              out_int32=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSchedule:
+    """What a fwd/dq program walks. Tiles are `block_t` consecutive positions of one sequence, over all sequences.
+
+    Attributes:
+        tile_tok0: int32 [tiles] packed index of each tile's first token.
+        tile_seq: int32 [tiles] its sequence.
+        blocks: int32 [tiles, Hkv, L] the union of the tile's selected blocks, ascending, first `counts` valid.
+        masks: int32 [tiles, Hkv, L] bit p set when position p of the tile selected that block.
+        counts: int32 [tiles, Hkv] union sizes.
+    """
+
+    block_t: int
+    tile_tok0: torch.Tensor
+    tile_seq: torch.Tensor
+    blocks: torch.Tensor
+    masks: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_tok0.shape[0]
+
+
+def build_block_schedule(block_indices: torch.Tensor, seqs: PackedSequences, block_t: int) -> BlockSchedule:
+    """The union of the selections of each tile of `block_t` positions, per kv head (torch ops, no host sync).
+
+    Args:
+        block_indices: int32 [total tokens, Hkv, n], ascending and -1 padded per row.
+        seqs: the packed sequences; block_t: positions per tile (power of two <= 32).
+    """
+    total, num_kv_heads, n = block_indices.shape
+    device = block_indices.device
+    tiles_per_seq = [triton.cdiv(length, block_t) for length in seqs.seqlens]
+    cu_tiles = _offsets(tiles_per_seq, device)
+    num_tiles = sum(tiles_per_seq)
+    tile_seq = _owner(cu_tiles, num_tiles)
+    tile_tok0 = seqs.cu_seqlens[tile_seq.long()] + (torch.arange(num_tiles, dtype=torch.int32, device=device)
+                                                    - cu_tiles[tile_seq.long()]) * block_t
+    if block_t == 1:
+        counts = (block_indices >= 0).sum(-1, dtype=torch.int32)
+        masks = torch.ones(1, 1, 1, dtype=torch.int32, device=device).expand(total, num_kv_heads, n)
+        return BlockSchedule(1, tile_tok0, tile_seq, block_indices, masks, counts)
+
+    tok = tile_tok0[:, None] + torch.arange(block_t, dtype=torch.int32, device=device)  # [tiles, block_t]
+    valid = tok < seqs.cu_seqlens[1:][tile_seq.long()][:, None]
+    vals = block_indices[tok.clamp(max=max(total - 1, 0)).long()]  # [tiles, block_t, Hkv, n]
+    vals = vals.masked_fill(~valid[:, :, None, None], -1)
+    vals = vals.permute(0, 2, 1, 3).reshape(num_tiles, num_kv_heads, block_t * n)
+    none = 1 << 30
+    ordered, order = torch.sort(torch.where(vals >= 0, vals, none), dim=-1)
+    bits = torch.bitwise_left_shift(torch.ones_like(order), order // n)  # int64: position p -> 1 << p
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    last = torch.ones_like(ordered, dtype=torch.bool)
+    last[..., :-1] = ordered[..., :-1] != ordered[..., 1:]
+    # A row lists a block at most once, so the bits of equal entries are distinct and their sum is their OR.
+    running = bits.cumsum(-1)
+    group_bits = running - torch.where(first, running - bits, 0).cummax(-1).values
+    keep = last & (ordered != none)
+    blocks, where = torch.sort(torch.where(keep, ordered, none), dim=-1)
+    masks = group_bits.gather(-1, where)
+    masks = torch.where(masks >= 1 << 31, masks - (1 << 32), masks).to(torch.int32)  # bit 31 as the sign bit
+    blocks = torch.where(blocks == none, -1, blocks).to(torch.int32)
+    return BlockSchedule(block_t, tile_tok0, tile_seq, blocks, masks, keep.sum(-1, dtype=torch.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseIndex:
+    """For each (block of a sequence, kv head) = key = global block * Hkv + hk, the query positions that selected it.
+
+    Attributes:
+        positions: int32 [entries] packed token indices, grouped by key, ascending within a key.
+        offsets: int64 [keys + 1] CSR offsets into `positions`.
+        block_seq: int32 [blocks] sequence of each global block; cu_blocks: int32 [N+1] block offsets.
+        item_key, item_begin, item_end, item_slot: int32 [items] work items (ranges of a key's list of at most
+            `chunk` positions; every key has at least one); slot -1 for a key's only item, else its partial slot.
+        key_slot0, key_slots: int32 [keys] first partial slot and number of slots (0 for single-item keys).
+        num_slots: partial slots in all.
+    """
+
+    positions: torch.Tensor
+    offsets: torch.Tensor
+    block_seq: torch.Tensor
+    cu_blocks: torch.Tensor
+    item_key: torch.Tensor
+    item_begin: torch.Tensor
+    item_end: torch.Tensor
+    item_slot: torch.Tensor
+    key_slot0: torch.Tensor
+    key_slots: torch.Tensor
+    num_slots: int
+
+    @property
+    def num_items(self) -> int:
+        return self.item_key.shape[0]
+
+
+def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig,
+                        chunk: int) -> InverseIndex:
+    """CSR lists of the query positions that selected each (sequence block, kv head), and their work items.
+
+    One stable sort of the (position, kv head, slot) entries by key keeps positions ascending within a key.
+    Device ops throughout; one host sync (`.tolist()` of the item and slot totals) sizes the work items.
+    """
+    total, num_kv_heads, n = block_indices.shape
+    device = block_indices.device
+    blocks_per_seq = [triton.cdiv(length, config.slc_block) for length in seqs.seqlens]
+    cu_blocks = _offsets(blocks_per_seq, device)
+    num_blocks = sum(blocks_per_seq)
+    num_keys = num_blocks * num_kv_heads
+    block_seq = _owner(cu_blocks, num_blocks)
+    tok_seq = _owner(seqs.cu_seqlens, total)
+    first_block = cu_blocks[tok_seq.long()]  # [total]
+    keys = (first_block[:, None, None] + block_indices) * num_kv_heads \
+        + torch.arange(num_kv_heads, dtype=torch.int32, device=device)[None, :, None]
+    keys = torch.where(block_indices >= 0, keys, num_keys).flatten()
+    sorted_keys, order = torch.sort(keys, stable=True)
+    positions = (order // (num_kv_heads * n)).to(torch.int32)
+    offsets = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, dtype=torch.int32, device=device))
+    counts = offsets[1:] - offsets[:-1]
+    items_per_key = torch.clamp((counts + chunk - 1) // chunk, min=1)
+    slots_per_key = torch.where(items_per_key > 1, items_per_key, 0)
+    item_end_cum = items_per_key.cumsum(0)
+    slot_end_cum = slots_per_key.cumsum(0)
+    if num_keys:
+        num_items, num_slots = torch.stack([item_end_cum[-1], slot_end_cum[-1]]).tolist()  # the host sync
+    else:
+        num_items, num_slots = 0, 0
+    key_ids = torch.arange(num_keys, device=device)
+    item_key = torch.repeat_interleave(key_ids, items_per_key, output_size=num_items)
+    part = torch.arange(num_items, device=device) - (item_end_cum - items_per_key)[item_key]
+    item_begin = offsets[item_key] + part * chunk
+    item_end = torch.minimum(item_begin + chunk, offsets[item_key + 1])
+    key_slot0 = slot_end_cum - slots_per_key
+    item_slot = torch.where(slots_per_key[item_key] > 0, key_slot0[item_key] + part, -1)
+    i32 = torch.int32
+    return InverseIndex(positions, offsets, block_seq, cu_blocks, item_key.to(i32), item_begin.to(i32),
+                        item_end.to(i32), item_slot.to(i32), key_slot0.to(i32), slots_per_key.to(i32), num_slots)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers (packed tensors)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _dims(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    block_dk = max(MIN_DOT, triton.next_power_of_2(q.shape[2]))
+    block_dv = max(MIN_DOT, triton.next_power_of_2(v.shape[2]))
+    return group, block_dk, block_dv
+
+
+def _rows(block_t: int, group: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(block_t * group))
+
+
+def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config: NSAConfig, scale: float,
+                           params: SelectedAttentionParams, schedule: BlockSchedule | None = None):
+    """Forward on packed tensors.
+
+    Args:
+        q: [total, Hq, Dk]; k, v: [total, Hkv, Dk], [total, Hkv, Dv] (contiguous, one dtype).
+        block_indices: int32 [total, Hkv, n] ascending, -1 padded, sequence-local block numbers.
+        seqs, config, scale, params: packing offsets, NSA config, softmax scale, launch parameters.
+        schedule: a prebuilt `build_block_schedule(block_indices, seqs, params.fwd_block_t)`, else built here.
+    Returns:
+        o [total, Hq, Dv] in q's dtype, lse [Hq, total] float32 (natural log).
+    """
+    total, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
+    group, block_dk, block_dv = _dims(q, k, v)
+    o = new_output((total, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = new_output((num_heads, total), dtype=torch.float32, device=q.device)
+    if schedule is None:
+        schedule = build_block_schedule(block_indices, seqs, params.fwd_block_t)
+    if schedule.num_tiles == 0 or num_kv_heads == 0:
+        return o, lse
+    block_n = params.fwd_block_n
+    s = schedule
+    grid = (s.num_tiles, num_kv_heads)
+    selected_attention_fwd_kernel[grid](
+        q, k, v, o, lse, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks, s.counts,
+        scale * LOG2E, config.slc_block,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        lse.stride(0), s.blocks.stride(0), s.blocks.stride(1), s.masks.stride(0), s.masks.stride(1),
+        s.masks.stride(2), s.counts.stride(0), s.counts.stride(1),
+        G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t, BLOCK_R=_rows(s.block_t, group),
+        BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=triton.cdiv(config.slc_block, block_n),
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
+    return o, lse
+
+
+def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig,
+                           scale: float, params: SelectedAttentionParams):
+    """Backward on packed tensors: (dq, dk, dv) in the dtypes of q, k, v.
+
+    Args as for `selected_attention_fwd`, plus do [total, Hq, Dv] and the forward's o and lse. Runs the dq
+    kernel (which also writes delta = rowsum(do * o)), then the dkdv kernel over the inverse index, then the
+    reduction of split lists.
+    """
+    total, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
+    group, block_dk, block_dv = _dims(q, k, v)
+    device = q.device
+    dq = new_output(q.shape, dtype=q.dtype, device=device)
+    dk = new_output(k.shape, dtype=k.dtype, device=device)
+    dv = new_output(v.shape, dtype=v.dtype, device=device)
+    if total == 0 or num_kv_heads == 0:
+        return dq, dk, dv
+    delta = new_output((num_heads, total), dtype=torch.float32, device=device)
+    precision = dot_precision(q.dtype)
+    ls = config.slc_block
+
+    s = build_block_schedule(block_indices, seqs, params.dq_block_t)
+    if s.num_tiles:
+        selected_attention_bwd_dq_kernel[(s.num_tiles, num_kv_heads)](
+            q, k, v, o, do, lse, delta, dq, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks, s.counts,
+            scale, scale * LOG2E, ls,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+            s.blocks.stride(0), s.blocks.stride(1), s.masks.stride(0), s.masks.stride(1), s.masks.stride(2),
+            s.counts.stride(0), s.counts.stride(1),
+            G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
+            BLOCK_R=_rows(s.block_t, group), BLOCK_N=params.dq_block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+            SUBS=triton.cdiv(ls, params.dq_block_n), DOT_PRECISION=precision,
+            num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
+
+    inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk)
+    block_n = params.dkdv_block_n
+    slices = triton.cdiv(ls, block_n)
+    dk_part = new_output((max(1, inv.num_slots), ls, head_dim), dtype=torch.float32, device=device)
+    dv_part = new_output((max(1, inv.num_slots), ls, head_dim_v), dtype=torch.float32, device=device)
+    if inv.num_items:
+        selected_attention_bwd_dkdv_kernel[(inv.num_items, slices)](
+            q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, inv.item_key, inv.item_begin, inv.item_end,
+            inv.item_slot, inv.positions, inv.block_seq, inv.cu_blocks, seqs.cu_seqlens, scale, scale * LOG2E, ls,
+            num_kv_heads,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), dk_part.stride(0),
+            dk_part.stride(1), dv_part.stride(0), dv_part.stride(1),
+            G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=params.dkdv_block_t,
+            BLOCK_R=_rows(params.dkdv_block_t, group), BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+            DOT_PRECISION=precision, num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages)
+    if inv.num_slots:
+        selected_attention_bwd_dkdv_reduce_kernel[(inv.key_slots.shape[0], slices)](
+            dk, dv, dk_part, dv_part, inv.key_slot0, inv.key_slots, inv.block_seq, inv.cu_blocks, seqs.cu_seqlens,
+            ls, num_kv_heads, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dk_part.stride(0),
+            dk_part.stride(1), dv_part.stride(0), dv_part.stride(1),
+            HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+            num_warps=4)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+class SelectedAttentionFunction(torch.autograd.Function):
+    """Packed tensors in, o out; gradients to q, k, v (none to the discrete block indices)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, seqs, config, scale, params):
+        o, lse = selected_attention_fwd(q, k, v, block_indices, seqs, config, scale, params)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices)
+        ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, block_indices = ctx.saved_tensors
+        dq, dk, dv = selected_attention_bwd(do.contiguous(), q, k, v, o, lse, block_indices, ctx.seqs, ctx.config,
+                                            ctx.scale, ctx.params)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_inputs(q, k, v, block_indices, config, cu_seqlens):
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+    for name, x in dict(q=q, k=k, v=v, block_indices=block_indices).items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: all inputs must be on one device")
+    for name, x in dict(q=q, k=k, v=v).items():
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: q, k, v must share one dtype")
+    if block_indices.dtype != torch.int32:
+        raise TypeError(f"block_indices must be int32, got {block_indices.dtype}")
+    batch, seqlen, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
+    if head_dim < 1 or head_dim_v < 1 or max(head_dim, head_dim_v) > 256:
+        raise ValueError(f"head dims must be in [1, 256], got Dk={head_dim}, Dv={head_dim_v}")
+    expected = dict(k=(batch, seqlen, num_kv_heads, head_dim), v=(batch, seqlen, num_kv_heads, head_dim_v))
+    for name, x in dict(k=k, v=v).items():
+        if tuple(x.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} (B, T, Hkv, D), got {tuple(x.shape)}")
+    if tuple(block_indices.shape[:3]) != (batch, seqlen, num_kv_heads) or block_indices.shape[3] < 1:
+        raise ValueError(f"block_indices must have shape ({batch}, {seqlen}, {num_kv_heads}, n) with n >= 1 "
+                         f"(B, T, Hkv, n), got {tuple(block_indices.shape)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch, seqlen, q.device)
+
+
+def selected_attention(q, k, v, block_indices, config: NSAConfig, *, scale=None, cu_seqlens=None, params=None):
+    """Selected-block attention o_slc (SPEC 1.5), Triton forward and backward.
+
+    Query position t (within its sequence) and head h attend to the tokens s <= t of the selection blocks j
+    (tokens [j*l', (j+1)*l')) listed in block_indices[..., t, h // G, :].
+
+    Args:
+        q: [B, T, Hq, Dk] queries; float16, bfloat16 or float32 (CUDA), any float dtype in the interpreter.
+        k: [B, T, Hkv, Dk] keys; v: [B, T, Hkv, Dv] values; same dtype and device as q. Hq = G * Hkv.
+        block_indices: int32 [B, T, Hkv, n] selected blocks per query and kv head, ascending, padded with -1
+            (e.g. from `select_blocks`); every row must give its query at least one key. No gradient.
+        config: the NSAConfig (its slc_block l' is used).
+        scale: softmax scale, default Dk ** -0.5.
+        cu_seqlens: int32 [N+1] offsets of packed variable-length sequences (B = 1), FlashAttention style.
+        params: `SelectedAttentionParams` launch parameters, default `default_params(...)`.
+    Returns:
+        o_slc [B, T, Hq, Dv] in q's dtype; differentiable with respect to q, k, v.
+
+    Example:
+        >>> o = selected_attention(q, k, v, select_blocks(q, k_cmp, cfg), cfg)
+    """
+    _check_inputs(q, k, v, block_indices, config, cu_seqlens)
+    scale = resolve_scale(scale, q.shape[-1])
+    batch, seqlen, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
+    if params is None:
+        params = default_params(config, num_heads, num_kv_heads, head_dim, head_dim_v, q.device)
+    elif not isinstance(params, SelectedAttentionParams):
+        raise TypeError(f"params must be a SelectedAttentionParams, got {type(params).__name__}")
+    if not interpreting() and q.device.type != "cuda":
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+    dtype = compute_dtype(q.dtype)
+    seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
+    total = batch * seqlen
+
+    def packed(x):
+        return x.to(dtype).reshape(total, x.shape[2], x.shape[3]).contiguous()
+
+    o, _ = SelectedAttentionFunction.apply(packed(q), packed(k), packed(v),
+                                           block_indices.reshape(total, num_kv_heads, -1).contiguous(), seqs,
+                                           config, scale, params)
+    return o.reshape(batch, seqlen, num_heads, head_dim_v).to(q.dtype)

@@ -1,0 +1,633 @@
+"""Sliding-window attention (SPEC 1.6) in Triton: forward and backward.
+
+Query t of a sequence attends to the tokens s of the same sequence with max(0, t - w + 1) <= s <= t (w tokens,
+t included); query head h reads kv head h // G. Tensors are packed ([total tokens, H, D], see `packing.py`).
+
+Tiling. A program's rows are BLOCK_M query positions x BLOCK_H query heads of one GQA group (row r is
+position r // BLOCK_H, head r % BLOCK_H), so each K/V tile loaded feeds BLOCK_H heads, and for a large group the
+band of keys a tile needs (w + BLOCK_M - 1) stays close to w. Loops only visit the key (or query) tiles that
+intersect the band: tiles wholly inside it run unmasked, the boundary tiles (the window's lower edge, the
+diagonal and sequence ends) run the same inner function with MASK=True.
+
+Backward: a preprocess computes delta = rowsum(o * do); the dkdv kernel owns one key tile of one kv head and
+loops over the group's query heads and the query tiles of its band (no atomics); the dq kernel mirrors the
+forward. The softmax runs in base 2 (exp2 with scale * log2(e)); `lse` is returned in natural-log units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.config import NSAConfig
+from nsa.inputs import FLOAT_DTYPES, check_cu_seqlens, resolve_scale
+from nsa.kernels.packing import PackedSequences
+from nsa.kernels.runtime import compute_dtype, dot_precision, interpreting, new_output
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_mask(row_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[rows, BLOCK_D] load/store mask: valid rows, and columns < HEAD_DIM when BLOCK_D pads the head dim."""
+    if BLOCK_D == HEAD_DIM:
+        return row_valid[:, None]
+    else:
+        return row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+
+
+@triton.jit
+def _key_band(m0, seqlen, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles for query positions [m0, m0 + BLOCK_M): masked [start, full_lo), full [full_lo, full_hi),
+    masked [full_hi, end). A full tile has every key inside the window of every query position."""
+    first = tl.maximum(m0 - window + 1, 0)
+    end = tl.minimum(m0 + BLOCK_M, seqlen)
+    start = (first // BLOCK_N) * BLOCK_N
+    # First tile whose keys are all >= (last position) - w + 1; first tile not wholly at or below m0.
+    gap = tl.maximum(m0 + BLOCK_M - window - start, 0)
+    full_lo = start + tl.cdiv(gap, BLOCK_N) * BLOCK_N
+    full_hi = start + ((m0 + 1 - start) // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(full_lo, full_hi)
+    return start, full_lo, full_hi, end
+
+
+@triton.jit
+def _query_band(n0, seqlen, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles (from n0, step BLOCK_M) that see keys [n0, n0 + BLOCK_N): masked [n0, full_lo), full
+    [full_lo, full_hi), masked [full_hi, end). A full tile's positions all see every key of the tile."""
+    end = tl.minimum(n0 + BLOCK_N - 1 + window, seqlen)
+    full_lo = n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    full_hi = n0 + ((tl.minimum(n0 + window, seqlen) - n0) // BLOCK_M) * BLOCK_M
+    full_lo = tl.minimum(full_lo, full_hi)
+    return full_lo, full_hi, end
+
+
+@triton.jit
+def _load_rows(ptrs, row_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; rows masked by `row_valid` only when CHECK_ROWS, zeros past HEAD_DIM."""
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=_row_mask(row_valid, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    elif BLOCK_D == HEAD_DIM:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _window_fwd_inner(acc, l_i, m_i, q, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window, qk_scale,
+                      lo, hi, offs_n, offs_dk, offs_dv,
+                      HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, MASK: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """Online softmax over key tiles [lo, hi) (step BLOCK_N); k_ptr/v_ptr point at key 0 of the kv head."""
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        key_valid = keys < seqlen
+        keys64 = keys.to(tl.int64)
+        k = _load_rows(k_ptr + keys64[:, None] * stride_kt + offs_dk[None, :], key_valid, offs_dk, HEAD_DIM_K,
+                       BLOCK_DK, MASK)
+        v = _load_rows(v_ptr + keys64[:, None] * stride_vt + offs_dv[None, :], key_valid, offs_dv, HEAD_DIM_V,
+                       BLOCK_DV, MASK)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASK:
+            inside = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
+            qk = tl.where(inside, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def window_attention_fwd_kernel(
+        Q, K, V, O, LSE, CU_SEQLENS, qk_scale, window, num_kv_heads, group,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lseh,
+        HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_HEADS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid (query tiles of the longest sequence, sequences x kv heads x head blocks of the group)."""
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    head_blocks = tl.cdiv(group, BLOCK_H)
+    hb = pid % head_blocks
+    hk = (pid // head_blocks) % num_kv_heads
+    seq = pid // (head_blocks * num_kv_heads)
+    seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
+    seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen:
+        return
+
+    offs_r = tl.arange(0, BLOCK_M * BLOCK_H)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pos = m0 + offs_r // BLOCK_H
+    head_in_group = hb * BLOCK_H + offs_r % BLOCK_H
+    head = hk * group + head_in_group
+    row_valid = pos < seqlen
+    if not EVEN_HEADS:
+        row_valid = row_valid & (head_in_group < group)
+
+    q_ptrs = Q + (seq_start + pos)[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :]
+    q = tl.load(q_ptrs, mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
+    k_ptr = K + seq_start * stride_kt + hk * stride_kh
+    v_ptr = V + seq_start * stride_vt + hk * stride_vh
+
+    acc = tl.zeros([BLOCK_M * BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * BLOCK_H], dtype=tl.float32)
+    # A finite floor: a row whose keys in a boundary tile are all masked keeps alpha = 1 and p = 0.
+    m_i = tl.full([BLOCK_M * BLOCK_H], -1.0e30, dtype=tl.float32)
+
+    start, full_lo, full_hi, end = _key_band(m0, seqlen, window, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _window_fwd_inner(acc, l_i, m_i, q, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window,
+                                      qk_scale, start, full_lo, offs_n, offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V,
+                                      BLOCK_N, BLOCK_DK, BLOCK_DV, True, DOT_PRECISION)
+    acc, l_i, m_i = _window_fwd_inner(acc, l_i, m_i, q, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window,
+                                      qk_scale, full_lo, full_hi, offs_n, offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V,
+                                      BLOCK_N, BLOCK_DK, BLOCK_DV, False, DOT_PRECISION)
+    acc, l_i, m_i = _window_fwd_inner(acc, l_i, m_i, q, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window,
+                                      qk_scale, full_hi, end, offs_n, offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V,
+                                      BLOCK_N, BLOCK_DK, BLOCK_DV, True, DOT_PRECISION)
+
+    # Every valid row sees at least its own key, so l_i > 0 there; padding rows are guarded and not stored.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    o_ptrs = O + (seq_start + pos)[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=_row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV))
+    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
+    tl.store(LSE + head * stride_lseh + seq_start + pos, lse, mask=row_valid)
+
+
+@triton.jit
+def window_attention_bwd_preprocess_kernel(O, DO, DELTA, num_rows, num_heads, stride_ot, stride_oh, stride_dot,
+                                           stride_doh, stride_deltah, HEAD_DIM_V: tl.constexpr,
+                                           BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] in fp32; rows r = t * Hq + h, grid (rows / BLOCK_R,)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_DV)
+    t = (offs_r // num_heads).to(tl.int64)
+    h = offs_r % num_heads
+    mask = _row_mask(offs_r < num_rows, offs_d, HEAD_DIM_V, BLOCK_DV)
+    o = tl.load(O + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + h * stride_deltah + t, delta, mask=offs_r < num_rows)
+
+
+@triton.jit
+def _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh,
+                           stride_dot, stride_doh, stride_lseh, head_in_group, group, seqlen, window, qk_scale,
+                           lo, hi, offs_r, offs_dk, offs_dv,
+                           HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           EVEN_HEADS: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dk, dv [BLOCK_N, D] over query tiles [lo, hi) (step BLOCK_M) of the heads `head_in_group`.
+    q_ptr/do_ptr point at (token 0, head 0 of the group); lse_ptr/delta_ptr at (head 0 of the group, token 0)."""
+    CHECK_ROWS: tl.constexpr = MASK or not EVEN_HEADS
+    for start_m in range(lo, hi, BLOCK_M):
+        pos = start_m + offs_r // BLOCK_H
+        row_valid = pos < seqlen
+        if not EVEN_HEADS:
+            row_valid = row_valid & (head_in_group < group)
+        pos64 = pos.to(tl.int64)
+        q = _load_rows(q_ptr + pos64[:, None] * stride_qt + head_in_group[:, None] * stride_qh + offs_dk[None, :],
+                       row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK, CHECK_ROWS)
+        do = _load_rows(do_ptr + pos64[:, None] * stride_dot + head_in_group[:, None] * stride_doh + offs_dv[None, :],
+                        row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_ROWS)
+        lse_ptrs = lse_ptr + head_in_group * stride_lseh + pos
+        delta_ptrs = delta_ptr + head_in_group * stride_lseh + pos
+        if CHECK_ROWS:
+            # lse = +inf on invalid rows makes their probabilities exactly 0.
+            lse2 = tl.load(lse_ptrs, mask=row_valid, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_ptrs, mask=row_valid, other=0.0)
+        else:
+            lse2 = tl.load(lse_ptrs) * 1.4426950408889634
+            delta = tl.load(delta_ptrs)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, rows]
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if MASK:
+            inside = (keys[:, None] <= pos[None, :]) & (keys[:, None] > pos[None, :] - window) & row_valid[None, :]
+            p_t = tl.where(inside, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def window_attention_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS, scale, qk_scale, window, num_kv_heads, group,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lseh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_HEADS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid (key tiles of the longest sequence, sequences x kv heads). LSE and DELTA share strides [Hq, Ttot]."""
+    pid_n = tl.program_id(0)
+    pid = tl.program_id(1)
+    hk = pid % num_kv_heads
+    seq = pid // num_kv_heads
+    seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
+    seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seqlen:
+        return
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_M * BLOCK_H)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    keys = n0 + offs_n
+    key_valid = keys < seqlen
+    k = tl.load(K + (seq_start + keys)[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :],
+                mask=_row_mask(key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
+    v = tl.load(V + (seq_start + keys)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+                mask=_row_mask(key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    q_ptr = Q + seq_start * stride_qt + hk * group * stride_qh
+    do_ptr = DO + seq_start * stride_dot + hk * group * stride_doh
+    lse_ptr = LSE + hk * group * stride_lseh + seq_start
+    delta_ptr = DELTA + hk * group * stride_lseh + seq_start
+    full_lo, full_hi, end = _query_band(n0, seqlen, window, BLOCK_M, BLOCK_N)
+    for h0 in range(0, group, BLOCK_H):
+        head_in_group = h0 + offs_r % BLOCK_H
+        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt,
+                                        stride_qh, stride_dot, stride_doh, stride_lseh, head_in_group, group,
+                                        seqlen, window, qk_scale, n0, full_lo, offs_r, offs_dk, offs_dv,
+                                        HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK, BLOCK_DV, EVEN_HEADS,
+                                        True, DOT_PRECISION)
+        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt,
+                                        stride_qh, stride_dot, stride_doh, stride_lseh, head_in_group, group,
+                                        seqlen, window, qk_scale, full_lo, full_hi, offs_r, offs_dk, offs_dv,
+                                        HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK, BLOCK_DV, EVEN_HEADS,
+                                        False, DOT_PRECISION)
+        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt,
+                                        stride_qh, stride_dot, stride_doh, stride_lseh, head_in_group, group,
+                                        seqlen, window, qk_scale, full_hi, end, offs_r, offs_dk, offs_dv,
+                                        HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK, BLOCK_DV, EVEN_HEADS,
+                                        True, DOT_PRECISION)
+
+    dk = dk * scale
+    tl.store(DK + (seq_start + keys)[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
+             dk.to(DK.dtype.element_ty), mask=_row_mask(key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK))
+    tl.store(DV + (seq_start + keys)[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=_row_mask(key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV))
+
+
+@triton.jit
+def _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window,
+                         qk_scale, lo, hi, offs_n, offs_dk, offs_dv,
+                         HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, MASK: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Accumulate dq / scale [rows, BLOCK_DK] over key tiles [lo, hi) (step BLOCK_N)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        key_valid = keys < seqlen
+        keys64 = keys.to(tl.int64)
+        k = _load_rows(k_ptr + keys64[:, None] * stride_kt + offs_dk[None, :], key_valid, offs_dk, HEAD_DIM_K,
+                       BLOCK_DK, MASK)
+        v = _load_rows(v_ptr + keys64[:, None] * stride_vt + offs_dv[None, :], key_valid, offs_dv, HEAD_DIM_V,
+                       BLOCK_DV, MASK)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASK:
+            inside = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
+            p = tl.where(inside, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def window_attention_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, scale, qk_scale, window, num_kv_heads, group,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lseh,
+        stride_dqt, stride_dqh,
+        HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_HEADS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Grid as the forward's. LSE and DELTA share strides [Hq, Ttot]."""
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    head_blocks = tl.cdiv(group, BLOCK_H)
+    hb = pid % head_blocks
+    hk = (pid // head_blocks) % num_kv_heads
+    seq = pid // (head_blocks * num_kv_heads)
+    seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
+    seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen:
+        return
+
+    offs_r = tl.arange(0, BLOCK_M * BLOCK_H)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pos = m0 + offs_r // BLOCK_H
+    head_in_group = hb * BLOCK_H + offs_r % BLOCK_H
+    head = hk * group + head_in_group
+    row_valid = pos < seqlen
+    if not EVEN_HEADS:
+        row_valid = row_valid & (head_in_group < group)
+
+    q = tl.load(Q + (seq_start + pos)[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
+    do = tl.load(DO + (seq_start + pos)[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+                 mask=_row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+    lse2 = tl.load(LSE + head * stride_lseh + seq_start + pos, mask=row_valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + head * stride_lseh + seq_start + pos, mask=row_valid, other=0.0)
+    k_ptr = K + seq_start * stride_kt + hk * stride_kh
+    v_ptr = V + seq_start * stride_vt + hk * stride_vh
+    dq = tl.zeros([BLOCK_M * BLOCK_H, BLOCK_DK], dtype=tl.float32)
+
+    start, full_lo, full_hi, end = _key_band(m0, seqlen, window, BLOCK_M, BLOCK_N)
+    dq = _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window,
+                              qk_scale, start, full_lo, offs_n, offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V, BLOCK_N,
+                              BLOCK_DK, BLOCK_DV, True, DOT_PRECISION)
+    dq = _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window,
+                              qk_scale, full_lo, full_hi, offs_n, offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V, BLOCK_N,
+                              BLOCK_DK, BLOCK_DV, False, DOT_PRECISION)
+    dq = _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window,
+                              qk_scale, full_hi, end, offs_n, offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V, BLOCK_N,
+                              BLOCK_DK, BLOCK_DV, True, DOT_PRECISION)
+    dq = dq * scale
+    tl.store(DQ + (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
+             dq.to(DQ.dtype.element_ty), mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _is_pow2(x: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowAttentionParams:
+    """Launch parameters of the window kernels (one source for forward, backward and the tuner).
+
+    Each kernel's rows are `*_block_m` query positions x `*_block_h` query heads of one GQA group (the heads
+    share every K/V tile the program loads); `*_block_n` keys per inner step. All tiles are powers of two; the
+    dot dimensions rows = block_m * block_h and block_n must be >= 16 (a GPU `tl.dot` requirement).
+
+    Attributes:
+        fwd_block_m, fwd_block_n, fwd_block_h, fwd_num_warps, fwd_num_stages: forward kernel.
+        dkdv_block_m, dkdv_block_n, dkdv_block_h, dkdv_num_warps, dkdv_num_stages: dk/dv kernel; its program
+            owns dkdv_block_n keys and steps over dkdv_block_m positions x dkdv_block_h heads at a time.
+        dq_block_m, dq_block_n, dq_block_h, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
+    """
+
+    fwd_block_m: int = 64
+    fwd_block_n: int = 64
+    fwd_block_h: int = 1
+    fwd_num_warps: int = 4
+    fwd_num_stages: int = 2
+    dkdv_block_m: int = 32
+    dkdv_block_n: int = 64
+    dkdv_block_h: int = 1
+    dkdv_num_warps: int = 4
+    dkdv_num_stages: int = 2
+    dq_block_m: int = 64
+    dq_block_n: int = 32
+    dq_block_h: int = 1
+    dq_num_warps: int = 4
+    dq_num_stages: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("num_stages"):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"WindowAttentionParams.{field.name} must be an int >= 1, got {value!r}")
+            elif not _is_pow2(value):
+                raise ValueError(f"WindowAttentionParams.{field.name} must be a power of two, got {value!r}")
+        for kernel in ("fwd", "dkdv", "dq"):
+            rows = getattr(self, f"{kernel}_block_m") * getattr(self, f"{kernel}_block_h")
+            if rows < 16 or getattr(self, f"{kernel}_block_n") < 16:
+                raise ValueError(f"WindowAttentionParams: {kernel} tiles must give rows = block_m * block_h >= 16 "
+                                 f"and block_n >= 16 (tl.dot on GPU), got rows {rows}, "
+                                 f"block_n {getattr(self, f'{kernel}_block_n')}")
+
+
+def _heads_per_program(group: int, rows: int) -> int:
+    """Heads packed per program: the largest power of two dividing G and at most rows // 16 (>= 16 positions)."""
+    block_h = 1
+    while group % (2 * block_h) == 0 and 2 * block_h <= rows // 16:
+        block_h *= 2
+    return block_h
+
+
+def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
+                   dtype: torch.dtype = torch.bfloat16) -> WindowAttentionParams:
+    """A sane default for the shape (the tuner searches better ones): the group's heads packed into each program
+    (heads that divide G, up to rows / 16), 128 forward rows for head dims <= 128, smaller tiles for fp32 and
+    for head dims above 128."""
+    group = num_heads // num_kv_heads
+    big = max(head_dim, head_dim_v) > 128
+    wide = dtype == torch.float32
+    fwd_rows = 64 if (big or wide) else 128
+    fwd_h = _heads_per_program(group, fwd_rows)
+    bwd_rows = 32 if (big and wide) else 64
+    dkdv_h = _heads_per_program(group, bwd_rows)
+    dq_h = _heads_per_program(group, bwd_rows)
+    return WindowAttentionParams(
+        fwd_block_m=fwd_rows // fwd_h, fwd_block_n=32 if (big and wide) else 64, fwd_block_h=fwd_h,
+        fwd_num_warps=8 if fwd_rows >= 128 else 4, fwd_num_stages=2 if (big or wide) else 3,
+        dkdv_block_m=bwd_rows // dkdv_h, dkdv_block_n=32 if (big or wide) else 64, dkdv_block_h=dkdv_h,
+        dkdv_num_warps=4 if (big or wide) else 8, dkdv_num_stages=2,
+        dq_block_m=bwd_rows // dq_h, dq_block_n=32 if (big or wide) else 64, dq_block_h=dq_h,
+        dq_num_warps=4 if (big or wide) else 8, dq_num_stages=2)
+
+
+def _head_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(q.shape[-1])), max(16, triton.next_power_of_2(v.shape[-1]))
+
+
+def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequences,
+                         config: NSAConfig, scale: float, params: WindowAttentionParams):
+    """Forward on packed tensors q [Ttot, Hq, Dk], k [Ttot, Hkv, Dk], v [Ttot, Hkv, Dv] (contiguous).
+
+    Returns o [Ttot, Hq, Dv] (q's dtype) and lse [Hq, Ttot] float32 (natural log of each row's softmax sum).
+    """
+    total, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
+    group = num_heads // num_kv_heads
+    o = new_output((total, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = new_output((num_heads, total), dtype=torch.float32, device=q.device)
+    if total == 0 or seqs.max_seqlen == 0:
+        return o, lse
+    block_dk, block_dv = _head_tiles(q, v)
+    bm, bn, bh = params.fwd_block_m, params.fwd_block_n, params.fwd_block_h
+    grid = (triton.cdiv(seqs.max_seqlen, bm), seqs.num_seqs * num_kv_heads * triton.cdiv(group, bh))
+    window_attention_fwd_kernel[grid](
+        q, k, v, o, lse, seqs.cu_seqlens, scale * LOG2E, config.window, num_kv_heads, group,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        lse.stride(0),
+        HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
+    return o, lse
+
+
+def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, seqs: PackedSequences, config: NSAConfig, scale: float,
+                         params: WindowAttentionParams):
+    """Backward on packed tensors (shapes as `window_attention_fwd`; do like o). Returns dq, dk, dv."""
+    total, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
+    group = num_heads // num_kv_heads
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    if total == 0 or seqs.max_seqlen == 0:
+        return dq, dk, dv
+    block_dk, block_dv = _head_tiles(q, v)
+    precision = dot_precision(q.dtype)
+
+    delta = torch.empty((num_heads, total), dtype=torch.float32, device=q.device)
+    block_r = max(1, min(128, 8192 // block_dv))
+    window_attention_bwd_preprocess_kernel[(triton.cdiv(total * num_heads, block_r),)](
+        o, do, delta, total * num_heads, num_heads, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
+        delta.stride(0), HEAD_DIM_V=head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv)
+
+    common = (scale, scale * LOG2E, config.window, num_kv_heads, group,
+              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+              do.stride(0), do.stride(1), lse.stride(0))
+    bm, bn, bh = params.dkdv_block_m, params.dkdv_block_n, params.dkdv_block_h
+    window_attention_bwd_dkdv_kernel[(triton.cdiv(seqs.max_seqlen, bn), seqs.num_seqs * num_kv_heads)](
+        q, k, v, do, lse, delta, dk, dv, seqs.cu_seqlens, *common,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, DOT_PRECISION=precision,
+        num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages)
+
+    bm, bn, bh = params.dq_block_m, params.dq_block_n, params.dq_block_h
+    grid = (triton.cdiv(seqs.max_seqlen, bm), seqs.num_seqs * num_kv_heads * triton.cdiv(group, bh))
+    window_attention_bwd_dq_kernel[grid](
+        q, k, v, do, lse, delta, dq, seqs.cu_seqlens, *common, dq.stride(0), dq.stride(1),
+        HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,
+        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, DOT_PRECISION=precision,
+        num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+class WindowAttentionFunction(torch.autograd.Function):
+    """Packed window attention with the Triton backward; inputs [Ttot, H, D] contiguous in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seqs: PackedSequences, config: NSAConfig, scale: float,
+                params: WindowAttentionParams):
+        o, lse = window_attention_fwd(q, k, v, seqs, config, scale, params)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = window_attention_bwd(do.contiguous(), q, k, v, o, lse, ctx.seqs, ctx.config, ctx.scale,
+                                          ctx.params)
+        return dq, dk, dv, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_inputs(q, k, v, config, cu_seqlens):
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+    for name, x in dict(q=q, k=k, v=v).items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions [B, T, H, D], got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: inputs must share one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: inputs must be on one device")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {q.device}")
+    compute_dtype(q.dtype)  # TypeError for dtypes the kernels do not take
+    batch, seqlen, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
+    if head_dim < 1 or head_dim_v < 1 or max(head_dim, head_dim_v) > 256:
+        raise ValueError(f"head dims must be in [1, 256], got Dk={head_dim}, Dv={head_dim_v}")
+    if tuple(k.shape) != (batch, seqlen, num_kv_heads, head_dim):
+        raise ValueError(f"k must have shape {(batch, seqlen, num_kv_heads, head_dim)} (B, T, Hkv, Dk), "
+                         f"got {tuple(k.shape)}")
+    if tuple(v.shape) != (batch, seqlen, num_kv_heads, head_dim_v):
+        raise ValueError(f"v must have shape {(batch, seqlen, num_kv_heads, head_dim_v)} (B, T, Hkv, Dv), "
+                         f"got {tuple(v.shape)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch, seqlen, q.device)
+
+
+def window_attention(q, k, v, config: NSAConfig, *, scale=None, cu_seqlens=None, params=None):
+    """Sliding-window attention (SPEC 1.6) with Triton kernels: query t sees keys max(0, t - w + 1) <= s <= t.
+
+    Args:
+        q: [B, T, Hq, Dk] queries (float16, bfloat16 or float32; CUDA, or CPU under TRITON_INTERPRET=1).
+        k: [B, T, Hkv, Dk] keys, v: [B, T, Hkv, Dv] values, same dtype and device; Hq = G * Hkv, query head h
+            reads kv head h // G. Head dims up to 256, Dk and Dv may differ.
+        config: NSAConfig; only `window` (w, tokens including the current one) is used.
+        scale: softmax scale, Dk ** -0.5 by default.
+        cu_seqlens: int32 [N+1] offsets of N packed sequences (B = 1); windows never cross a sequence boundary.
+        params: WindowAttentionParams; `default_params(...)` for the shape when None.
+    Returns:
+        o_win [B, T, Hq, Dv] in q's dtype; differentiable with respect to q, k and v.
+
+    Example:
+        >>> cfg = NSAConfig(window=512)
+        >>> q = torch.randn(1, 4096, 64, 128, device="cuda", dtype=torch.bfloat16)
+        >>> k, v = torch.randn(2, 1, 4096, 4, 128, device="cuda", dtype=torch.bfloat16)
+        >>> o = window_attention(q, k, v, cfg)  # [1, 4096, 64, 128]
+    """
+    _check_inputs(q, k, v, config, cu_seqlens)
+    scale = resolve_scale(scale, q.shape[-1])
+    batch, seqlen, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
+    cdt = compute_dtype(q.dtype)
+    if params is None:
+        params = default_params(num_heads, num_kv_heads, head_dim, head_dim_v, cdt)
+    elif not isinstance(params, WindowAttentionParams):
+        raise TypeError(f"params must be a WindowAttentionParams, got {type(params).__name__}")
+    seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
+
+    def packed(x):
+        return x.reshape(batch * seqlen, x.shape[2], x.shape[3]).to(cdt).contiguous()
+
+    o = WindowAttentionFunction.apply(packed(q), packed(k), packed(v), seqs, config, scale, params)
+    return o.reshape(batch, seqlen, num_heads, head_dim_v).to(q.dtype)
+
+
+__all__ = ["window_attention", "window_attention_fwd", "window_attention_bwd", "WindowAttentionParams",
+           "default_params", "window_attention_fwd_kernel", "window_attention_bwd_dkdv_kernel",
+           "window_attention_bwd_dq_kernel", "window_attention_bwd_preprocess_kernel"]
