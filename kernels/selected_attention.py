@@ -43,212 +43,194 @@ from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import compute_dtype, dot_precision, interpreting, new_output
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Kernels may only read globals declared as constexpr.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 # Smallest tl.dot dimension the GPU compiles; tiles are padded up to it (the interpreter runs the same shapes).
 MIN_DOT = 16
 # Positions packed per fwd/dq program are flagged in an int32 bitmask.
 MAX_BLOCK_T = 32
+# Keys per program of the partial-sum reduction (a light, memory-bound kernel).
+REDUCE_BLOCK_N = 16
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
+# The loop bodies are written out without @triton.jit helpers: every helper call costs milliseconds in the
+# interpreter, which runs the CPU test suite. Head dims are contiguous (stride 1); columns past HEAD_DIM are masked.
 
 @triton.jit
-def _load_tile(ptrs, row_mask, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile: rows masked by `row_mask`, zeros past HEAD_DIM."""
-    if BLOCK_D == HEAD_DIM:
-        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
-    else:
-        return tl.load(ptrs, mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+def selected_attention_fwd_kernel(
+        Q, K, V, O, LSE, TILE_TOK0, TILE_SEQ, CU_SEQLENS, SCHED_BLOCKS, SCHED_MASKS, SCHED_COUNTS,
+        qk_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lseh,
+        stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
+        SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """o and lse of BLOCK_T consecutive positions x the G heads of kv head hk; grid (tiles, Hkv).
 
-
-@triton.jit
-def _store_tile(ptrs, value, row_mask, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if BLOCK_D == HEAD_DIM:
-        tl.store(ptrs, value, mask=row_mask[:, None])
-    else:
-        tl.store(ptrs, value, mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _tile_rows(TILE_TOK0, TILE_SEQ, CU_SEQLENS, tile, hk, G: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_R: tl.constexpr):
-    """Rows of a fwd/dq program: r = p * G + g for position p < BLOCK_T of the tile and head g < G of group hk.
-
-    Returns (seq_start, pos_r, tok_r, head_r, bit_r, row_valid, pos_last): sequence-local positions, packed token
-    indices (int64), query heads, the bit index of each row's position, validity, and the last valid position.
+    Rows r = p * G + g (position p of the tile, head g of the group), padded to BLOCK_R. Step `it` of the loop
+    is union entry it // SUBS of the tile's schedule, key slice it % SUBS (BLOCK_N tokens) of that block; the
+    scores kept are those of rows whose position selected the block (bit p of its mask), causal s <= t.
     """
+    tl.static_assert(BLOCK_T * G <= BLOCK_R)
+    tl.static_assert(BLOCK_T <= 32)
+    tile = tl.program_id(0)
+    hk = tl.program_id(1)
     tok0 = tl.load(TILE_TOK0 + tile)
     seq = tl.load(TILE_SEQ + tile)
     seq_start = tl.load(CU_SEQLENS + seq)
     seq_end = tl.load(CU_SEQLENS + seq + 1)
     rows = tl.arange(0, BLOCK_R)
-    p = rows // G
-    tok_r = tok0 + p
+    tok_r = tok0 + rows // G
     row_valid = (rows < BLOCK_T * G) & (tok_r < seq_end)
     pos_r = tok_r - seq_start
-    head_r = hk * G + rows % G
-    bit_r = tl.minimum(p, BLOCK_T - 1)  # padded rows would shift past the mask width
     pos_last = tl.minimum(tok0 + BLOCK_T, seq_end) - 1 - seq_start
-    return seq_start, pos_r, tok_r.to(tl.int64), head_r, bit_r, row_valid, pos_last
-
-
-@triton.jit
-def _schedule_step(SCHED_BLOCKS, SCHED_MASKS, sched_off, mask_off, stride_mi, it, bit_r, row_valid, pos_r,
-                   pos_last, SLC_BLOCK, SUBS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys of schedule step `it` (union entry it // SUBS, slice it % SUBS) and the [rows, BLOCK_N] mask of
-    the scores to keep: rows whose position selected the block, keys inside the block, causal s <= t."""
-    entry = it // SUBS
-    sub = it % SUBS
-    block = tl.load(SCHED_BLOCKS + sched_off + entry)
-    bits = tl.load(SCHED_MASKS + mask_off + entry * stride_mi)
-    selected = ((bits >> bit_r) & 1) != 0
-    offs_in = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_pos = block * SLC_BLOCK + offs_in
-    key_valid = (offs_in < SLC_BLOCK) & (key_pos <= pos_last)
-    mask = (selected & row_valid)[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
-    return key_pos, key_valid, mask
-
-
-@triton.jit
-def selected_attention_fwd_kernel(
-        Q, K, V, O, LSE, TILE_TOK0, TILE_SEQ, CU_SEQLENS, SCHED_BLOCKS, SCHED_MASKS, SCHED_COUNTS,
-        qk_scale, SLC_BLOCK,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lseh,
-        stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
-        G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-        SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """o, lse for BLOCK_T positions x G heads; grid (tiles, Hkv). Head dims are contiguous (stride 1)."""
-    tl.static_assert(BLOCK_T * G <= BLOCK_R)
-    tile = tl.program_id(0)
-    hk = tl.program_id(1)
-    seq_start, pos_r, tok_r, head_r, bit_r, row_valid, pos_last = _tile_rows(
-        TILE_TOK0, TILE_SEQ, CU_SEQLENS, tile, hk, G, BLOCK_T, BLOCK_R)
+    bit_r = tl.minimum(rows // G, BLOCK_T - 1)  # padded rows must not shift past the mask width
+    head_r = hk * G + rows % G
+    tok_r = tok_r.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :], row_valid,
-                   offs_dk, HEAD_DIM_K, BLOCK_DK)
+    col_k = offs_dk < HEAD_DIM_K
+    col_v = offs_dv < HEAD_DIM_V
+    q = tl.load(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :],
+                mask=row_valid[:, None] & col_k[None, :], other=0.0)
     k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
     v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
+    sched_blocks = SCHED_BLOCKS + tile.to(tl.int64) * stride_st + hk * stride_sh
+    sched_masks = SCHED_MASKS + tile.to(tl.int64) * stride_mt + hk * stride_mh
+    count = tl.load(SCHED_COUNTS + tile * stride_ct + hk * stride_ch)
 
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles leave the state unchanged
-    sched_off = tile.to(tl.int64) * stride_st + hk * stride_sh
-    mask_off = tile.to(tl.int64) * stride_mt + hk * stride_mh
-    count = tl.load(SCHED_COUNTS + tile * stride_ct + hk * stride_ch)
+    m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile leaves the state as is
     for it in range(0, count * SUBS):
-        key_pos, key_valid, mask = _schedule_step(SCHED_BLOCKS, SCHED_MASKS, sched_off, mask_off, stride_mi, it,
-                                                  bit_r, row_valid, pos_r, pos_last, SLC_BLOCK, SUBS, BLOCK_N)
+        entry = it // SUBS
+        block = tl.load(sched_blocks + entry)
+        bits = tl.load(sched_masks + entry * stride_mi)
+        offs_in = (it % SUBS) * BLOCK_N + offs_n
+        key_pos = block * SLC_BLOCK + offs_in
+        key_valid = (offs_in < SLC_BLOCK) & (key_pos <= pos_last)
+        keep = row_valid & (((bits >> bit_r) & 1) != 0)
+        mask = keep[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
         key_off = key_pos.to(tl.int64)
-        k = _load_tile(k_base + key_off[:, None] * stride_kt + offs_dk[None, :], key_valid, offs_dk, HEAD_DIM_K,
-                       BLOCK_DK)
+        k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
+                    mask=key_valid[:, None] & col_k[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(mask, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base + key_off[:, None] * stride_vt + offs_dv[None, :], key_valid, offs_dv, HEAD_DIM_V,
-                       BLOCK_DV)
+        v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
+                    mask=key_valid[:, None] & col_v[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    has_keys = l_i > 0.0  # always true for a valid selection; an empty row gets o = 0, lse = -inf
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    _store_tile(O + tok_r[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_dv[None, :],
-                o.to(O.dtype.element_ty), row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
-    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    has_keys = l_i > 0.0  # always, for a valid selection; a row without keys gets o = 0, lse = -inf
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(O + tok_r[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_dv[None, :],
+             o.to(O.dtype.element_ty), mask=row_valid[:, None] & col_v[None, :])
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(LSE + head_r * stride_lseh + tok_r, lse, mask=row_valid)
 
 
 @triton.jit
 def selected_attention_bwd_dq_kernel(
         Q, K, V, O, DO, LSE, DELTA, DQ, TILE_TOK0, TILE_SEQ, CU_SEQLENS, SCHED_BLOCKS, SCHED_MASKS, SCHED_COUNTS,
-        scale, qk_scale, SLC_BLOCK,
+        scale, qk_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot,
         stride_doh, stride_dqt, stride_dqh, stride_lseh,
         stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
-        G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-        SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dq and delta = rowsum(dO * O) for BLOCK_T positions x G heads, walking the same schedule as the forward.
+        SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq of BLOCK_T positions x G heads, tiled and scheduled like the forward; grid (tiles, Hkv).
 
-    delta [Hq, total tokens] fp32 is written here for the dkdv kernel, launched after this one.
+    Also writes delta = rowsum(dO * O) [Hq, total] fp32 for the dkdv kernel, launched after this one.
     """
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
+    tl.static_assert(BLOCK_T <= 32)
     tile = tl.program_id(0)
     hk = tl.program_id(1)
-    seq_start, pos_r, tok_r, head_r, bit_r, row_valid, pos_last = _tile_rows(
-        TILE_TOK0, TILE_SEQ, CU_SEQLENS, tile, hk, G, BLOCK_T, BLOCK_R)
+    tok0 = tl.load(TILE_TOK0 + tile)
+    seq = tl.load(TILE_SEQ + tile)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seq_end = tl.load(CU_SEQLENS + seq + 1)
+    rows = tl.arange(0, BLOCK_R)
+    tok_r = tok0 + rows // G
+    row_valid = (rows < BLOCK_T * G) & (tok_r < seq_end)
+    pos_r = tok_r - seq_start
+    pos_last = tl.minimum(tok0 + BLOCK_T, seq_end) - 1 - seq_start
+    bit_r = tl.minimum(rows // G, BLOCK_T - 1)
+    head_r = hk * G + rows % G
+    tok_r = tok_r.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :], row_valid,
-                   offs_dk, HEAD_DIM_K, BLOCK_DK)
-    do = _load_tile(DO + tok_r[:, None] * stride_dot + head_r[:, None] * stride_doh + offs_dv[None, :], row_valid,
-                    offs_dv, HEAD_DIM_V, BLOCK_DV)
-    o = _load_tile(O + tok_r[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_dv[None, :], row_valid,
-                   offs_dv, HEAD_DIM_V, BLOCK_DV)
+    col_k = offs_dk < HEAD_DIM_K
+    col_v = offs_dv < HEAD_DIM_V
+    mask_qk = row_valid[:, None] & col_k[None, :]
+    mask_ov = row_valid[:, None] & col_v[None, :]
+    q = tl.load(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :], mask=mask_qk,
+                other=0.0)
+    do = tl.load(DO + tok_r[:, None] * stride_dot + head_r[:, None] * stride_doh + offs_dv[None, :], mask=mask_ov,
+                 other=0.0)
+    o = tl.load(O + tok_r[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_dv[None, :], mask=mask_ov,
+                other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + head_r * stride_lseh + tok_r, delta, mask=row_valid)
-    lse2 = tl.load(LSE + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0) * _LOG2E
     k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
     v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
+    sched_blocks = SCHED_BLOCKS + tile.to(tl.int64) * stride_st + hk * stride_sh
+    sched_masks = SCHED_MASKS + tile.to(tl.int64) * stride_mt + hk * stride_mh
+    count = tl.load(SCHED_COUNTS + tile * stride_ct + hk * stride_ch)
 
     dq = tl.zeros([BLOCK_R, BLOCK_DK], dtype=tl.float32)
-    sched_off = tile.to(tl.int64) * stride_st + hk * stride_sh
-    mask_off = tile.to(tl.int64) * stride_mt + hk * stride_mh
-    count = tl.load(SCHED_COUNTS + tile * stride_ct + hk * stride_ch)
     for it in range(0, count * SUBS):
-        key_pos, key_valid, mask = _schedule_step(SCHED_BLOCKS, SCHED_MASKS, sched_off, mask_off, stride_mi, it,
-                                                  bit_r, row_valid, pos_r, pos_last, SLC_BLOCK, SUBS, BLOCK_N)
+        entry = it // SUBS
+        block = tl.load(sched_blocks + entry)
+        bits = tl.load(sched_masks + entry * stride_mi)
+        offs_in = (it % SUBS) * BLOCK_N + offs_n
+        key_pos = block * SLC_BLOCK + offs_in
+        key_valid = (offs_in < SLC_BLOCK) & (key_pos <= pos_last)
+        keep = row_valid & (((bits >> bit_r) & 1) != 0)
+        mask = keep[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
         key_off = key_pos.to(tl.int64)
-        k = _load_tile(k_base + key_off[:, None] * stride_kt + offs_dk[None, :], key_valid, offs_dk, HEAD_DIM_K,
-                       BLOCK_DK)
-        v = _load_tile(v_base + key_off[:, None] * stride_vt + offs_dv[None, :], key_valid, offs_dv, HEAD_DIM_V,
-                       BLOCK_DV)
+        k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
+                    mask=key_valid[:, None] & col_k[None, :], other=0.0)
+        v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
+                    mask=key_valid[:, None] & col_v[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.where(mask, tl.math.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    _store_tile(DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :],
-                (dq * scale).to(DQ.dtype.element_ty), row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
-
-
-@triton.jit
-def _block_slice(BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, key, num_kv_heads, sl, SLC_BLOCK, BLOCK_N: tl.constexpr):
-    """The keys a dkdv/reduce program owns: slice `sl` of block `key // Hkv` (packed over sequences), kv head
-    `key % Hkv`. Returns (hk, seq_start, key_pos, key_valid) with sequence-local key positions."""
-    gblock = key // num_kv_heads
-    hk = key % num_kv_heads
-    seq = tl.load(BLOCK_SEQ + gblock)
-    block = gblock - tl.load(CU_BLOCKS + seq)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
-    offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_pos = block * SLC_BLOCK + offs_in
-    key_valid = (offs_in < SLC_BLOCK) & (key_pos < seqlen)
-    return hk, seq_start, key_pos, key_valid
+    tl.store(DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask_qk)
 
 
 @triton.jit
 def selected_attention_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, DK_PART, DV_PART, ITEM_KEY, ITEM_BEGIN, ITEM_END, ITEM_SLOT, POSITIONS,
-        BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, scale, qk_scale, SLC_BLOCK, num_kv_heads,
+        BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, scale, qk_scale, num_kv_heads,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lseh, stride_pks, stride_pkt, stride_pvs, stride_pvt,
-        G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """dk, dv of one BLOCK_N slice of one (block, kv head) from one work item: positions POSITIONS[begin:end]
-    (packed token indices, ascending) that selected the block; grid (work items, slices per block).
+        SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dk, dv of key slice `sl` (BLOCK_N tokens) of one (block, kv head) from one work item: the positions
+    POSITIONS[begin:end] (packed token indices, ascending) that selected the block; grid (work items, slices).
 
-    Rows r = i * G + g: list entry i of the current step, head g. An item with slot < 0 is its block's only one
-    and writes dk/dv; otherwise it writes fp32 partial sums to slot `slot` of DK_PART/DV_PART.
+    The key is global block * Hkv + hk (blocks packed over sequences). Rows r = i * G + g: entry i of the
+    current step of BLOCK_T list entries, head g. An item with slot < 0 is its block's only one and writes dk/dv;
+    otherwise it writes its fp32 partial sums to slot `slot` of DK_PART/DV_PART.
     """
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     item = tl.program_id(0)
@@ -257,15 +239,25 @@ def selected_attention_bwd_dkdv_kernel(
     begin = tl.load(ITEM_BEGIN + item)
     end = tl.load(ITEM_END + item)
     slot = tl.load(ITEM_SLOT + item)
-    hk, seq_start, key_pos, key_valid = _block_slice(BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, key, num_kv_heads, sl,
-                                                     SLC_BLOCK, BLOCK_N)
+    gblock = key // num_kv_heads
+    hk = key % num_kv_heads
+    seq = tl.load(BLOCK_SEQ + gblock)
+    block = gblock - tl.load(CU_BLOCKS + seq)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_block = offs_in < SLC_BLOCK
+    key_pos = block * SLC_BLOCK + offs_in
+    key_valid = in_block & (key_pos < seqlen)
+    key_tok = seq_start.to(tl.int64) + key_pos
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    key_tok = seq_start.to(tl.int64) + key_pos
-    k = _load_tile(K + key_tok[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :], key_valid, offs_dk,
-                   HEAD_DIM_K, BLOCK_DK)
-    v = _load_tile(V + key_tok[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :], key_valid, offs_dv,
-                   HEAD_DIM_V, BLOCK_DV)
+    col_k = offs_dk < HEAD_DIM_K
+    col_v = offs_dv < HEAD_DIM_V
+    k = tl.load(K + key_tok[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :],
+                mask=key_valid[:, None] & col_k[None, :], other=0.0)
+    v = tl.load(V + key_tok[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
+                mask=key_valid[:, None] & col_v[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     rows = tl.arange(0, BLOCK_R)
@@ -276,11 +268,11 @@ def selected_attention_bwd_dkdv_kernel(
         tok_r = tl.load(POSITIONS + start + entry_r, mask=row_valid, other=0)
         pos_r = tok_r - seq_start
         tok_r = tok_r.to(tl.int64)
-        q = _load_tile(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :], row_valid,
-                       offs_dk, HEAD_DIM_K, BLOCK_DK)
-        do = _load_tile(DO + tok_r[:, None] * stride_dot + head_r[:, None] * stride_doh + offs_dv[None, :],
-                        row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
-        lse2 = tl.load(LSE + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0) * LOG2E
+        q = tl.load(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :],
+                    mask=row_valid[:, None] & col_k[None, :], other=0.0)
+        do = tl.load(DO + tok_r[:, None] * stride_dot + head_r[:, None] * stride_doh + offs_dv[None, :],
+                     mask=row_valid[:, None] & col_v[None, :], other=0.0)
+        lse2 = tl.load(LSE + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0) * _LOG2E
         delta = tl.load(DELTA + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0)
         # Transposed scores [keys, rows]: dv and dk then need no transpose of p or ds.
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
@@ -293,50 +285,56 @@ def selected_attention_bwd_dkdv_kernel(
     dk *= scale
 
     if slot < 0:
-        _store_tile(DK + key_tok[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
-                    dk.to(DK.dtype.element_ty), key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
-        _store_tile(DV + key_tok[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
-                    dv.to(DV.dtype.element_ty), key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
+        tl.store(DK + key_tok[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :], dk.to(DK.dtype.element_ty),
+                 mask=key_valid[:, None] & col_k[None, :])
+        tl.store(DV + key_tok[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+                 mask=key_valid[:, None] & col_v[None, :])
     else:
-        offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_block = offs_in < SLC_BLOCK
         slot64 = slot.to(tl.int64)
-        _store_tile(DK_PART + slot64 * stride_pks + offs_in[:, None] * stride_pkt + offs_dk[None, :], dk,
-                    in_block, offs_dk, HEAD_DIM_K, BLOCK_DK)
-        _store_tile(DV_PART + slot64 * stride_pvs + offs_in[:, None] * stride_pvt + offs_dv[None, :], dv,
-                    in_block, offs_dv, HEAD_DIM_V, BLOCK_DV)
+        tl.store(DK_PART + slot64 * stride_pks + offs_in[:, None] * stride_pkt + offs_dk[None, :], dk,
+                 mask=in_block[:, None] & col_k[None, :])
+        tl.store(DV_PART + slot64 * stride_pvs + offs_in[:, None] * stride_pvt + offs_dv[None, :], dv,
+                 mask=in_block[:, None] & col_v[None, :])
 
 
 @triton.jit
 def selected_attention_bwd_dkdv_reduce_kernel(
-        DK, DV, DK_PART, DV_PART, KEY_SLOT0, KEY_SLOTS, BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, SLC_BLOCK, num_kv_heads,
+        DK, DV, DK_PART, DV_PART, KEY_SLOT0, KEY_SLOTS, BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, num_kv_heads,
         stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_pks, stride_pkt, stride_pvs, stride_pvt,
-        HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-        BLOCK_DV: tl.constexpr):
-    """dk, dv of a (block, kv head) split over several work items: the sum of its partial slots, in slot order.
-    Grid (blocks x Hkv, slices per block); blocks with a single item return at once."""
+        SLC_BLOCK: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dk, dv of a (block, kv head) whose list was split over several work items: the sum of its partial slots
+    in slot order (deterministic). Grid (blocks x Hkv, BLOCK_N-key slices); single-item keys return at once."""
     key = tl.program_id(0)
     sl = tl.program_id(1)
     num_slots = tl.load(KEY_SLOTS + key)
     if num_slots > 0:
         slot0 = tl.load(KEY_SLOT0 + key).to(tl.int64)
-        hk, seq_start, key_pos, key_valid = _block_slice(BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, key, num_kv_heads, sl,
-                                                         SLC_BLOCK, BLOCK_N)
+        gblock = key // num_kv_heads
+        hk = key % num_kv_heads
+        seq = tl.load(BLOCK_SEQ + gblock)
+        block = gblock - tl.load(CU_BLOCKS + seq)
+        seq_start = tl.load(CU_SEQLENS + seq)
+        seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
         offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_pos = block * SLC_BLOCK + offs_in
+        key_valid = (offs_in < SLC_BLOCK) & (key_pos < seqlen)
+        key_tok = seq_start.to(tl.int64) + key_pos
         offs_dk = tl.arange(0, BLOCK_DK)
         offs_dv = tl.arange(0, BLOCK_DV)
+        mask_k = key_valid[:, None] & (offs_dk < HEAD_DIM_K)[None, :]
+        mask_v = key_valid[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
         dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         for i in range(0, num_slots):
-            dk += _load_tile(DK_PART + (slot0 + i) * stride_pks + offs_in[:, None] * stride_pkt + offs_dk[None, :],
-                             key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
-            dv += _load_tile(DV_PART + (slot0 + i) * stride_pvs + offs_in[:, None] * stride_pvt + offs_dv[None, :],
-                             key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
-        key_tok = seq_start.to(tl.int64) + key_pos
-        _store_tile(DK + key_tok[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
-                    dk.to(DK.dtype.element_ty), key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
-        _store_tile(DV + key_tok[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
-                    dv.to(DV.dtype.element_ty), key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV)
+            dk += tl.load(DK_PART + (slot0 + i) * stride_pks + offs_in[:, None] * stride_pkt + offs_dk[None, :],
+                          mask=mask_k, other=0.0)
+            dv += tl.load(DV_PART + (slot0 + i) * stride_pvs + offs_in[:, None] * stride_pvt + offs_dv[None, :],
+                          mask=mask_v, other=0.0)
+        tl.store(DK + key_tok[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :], dk.to(DK.dtype.element_ty),
+                 mask=mask_k)
+        tl.store(DV + key_tok[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+                 mask=mask_v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,22 +403,24 @@ class SelectedAttentionParams:
 
 
 def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
-                   device=None) -> SelectedAttentionParams:
+                   device=None, dtype=None) -> SelectedAttentionParams:
     """A sane untuned default: fwd/dq rows = max(16, G) (block_t = 16 // G positions, the rows a small group
-    would otherwise pad), dkdv steps of ~64 rows, key tiles of min(64, l') tokens, a list chunk of 2 * n * l'
-    positions (about twice a block's average list length)."""
+    would otherwise pad), key tiles of min(64, l') tokens; dkdv steps of ~64 rows over 64-key slices (32 and 32
+    for fp32 or head dims > 128, which would spill registers), a list chunk of 2 * n * l' positions (about twice
+    a block's average list length)."""
     group = num_heads // max(1, num_kv_heads)
     block_n = max(MIN_DOT, min(64, triton.next_power_of_2(config.slc_block)))
     block_t = min(MAX_BLOCK_T, _floor_pow2(max(1, MIN_DOT // group)))
-    dkdv_block_t = _floor_pow2(max(1, 64 // group))
-    big = max(head_dim, head_dim_v) > 64
+    heavy = dtype == torch.float32 or max(head_dim, head_dim_v) > 128
+    dkdv_block_t = _floor_pow2(max(1, (32 if heavy else 64) // group))
+    dkdv_block_n = min(block_n, 32) if heavy else block_n
     dkdv_chunk = max(dkdv_block_t, 2 * config.slc_topn * config.slc_block)
     dkdv_chunk = triton.cdiv(dkdv_chunk, dkdv_block_t) * dkdv_block_t
     return SelectedAttentionParams(
         fwd_block_t=block_t, fwd_block_n=block_n, fwd_num_warps=4, fwd_num_stages=2,
         dq_block_t=block_t, dq_block_n=block_n, dq_num_warps=4, dq_num_stages=2,
-        dkdv_block_t=dkdv_block_t, dkdv_block_n=block_n, dkdv_chunk=dkdv_chunk,
-        dkdv_num_warps=8 if big else 4, dkdv_num_stages=2)
+        dkdv_block_t=dkdv_block_t, dkdv_block_n=dkdv_block_n, dkdv_chunk=dkdv_chunk,
+        dkdv_num_warps=8 if max(head_dim, head_dim_v) > 64 else 4, dkdv_num_stages=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -622,23 +622,24 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
     grid = (s.num_tiles, num_kv_heads)
     selected_attention_fwd_kernel[grid](
         q, k, v, o, lse, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks, s.counts,
-        scale * LOG2E, config.slc_block,
+        scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         lse.stride(0), s.blocks.stride(0), s.blocks.stride(1), s.masks.stride(0), s.masks.stride(1),
         s.masks.stride(2), s.counts.stride(0), s.counts.stride(1),
-        G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t, BLOCK_R=_rows(s.block_t, group),
+        SLC_BLOCK=config.slc_block, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
+        BLOCK_R=_rows(s.block_t, group),
         BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=triton.cdiv(config.slc_block, block_n),
         DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
     return o, lse
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig,
-                           scale: float, params: SelectedAttentionParams):
+                           scale: float, params: SelectedAttentionParams, schedule: BlockSchedule | None = None):
     """Backward on packed tensors: (dq, dk, dv) in the dtypes of q, k, v.
 
-    Args as for `selected_attention_fwd`, plus do [total, Hq, Dv] and the forward's o and lse. Runs the dq
-    kernel (which also writes delta = rowsum(do * o)), then the dkdv kernel over the inverse index, then the
-    reduction of split lists.
+    Args as for `selected_attention_fwd`, plus do [total, Hq, Dv] and the forward's o and lse; `schedule` may be
+    the forward's when params.dq_block_t == params.fwd_block_t. Runs the dq kernel (which also writes
+    delta = rowsum(do * o)), then the dkdv kernel over the inverse index, then the reduction of split lists.
     """
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
@@ -653,16 +654,17 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
     precision = dot_precision(q.dtype)
     ls = config.slc_block
 
-    s = build_block_schedule(block_indices, seqs, params.dq_block_t)
+    s = schedule if schedule is not None and schedule.block_t == params.dq_block_t else \
+        build_block_schedule(block_indices, seqs, params.dq_block_t)
     if s.num_tiles:
         selected_attention_bwd_dq_kernel[(s.num_tiles, num_kv_heads)](
             q, k, v, o, do, lse, delta, dq, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks, s.counts,
-            scale, scale * LOG2E, ls,
+            scale, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
             s.blocks.stride(0), s.blocks.stride(1), s.masks.stride(0), s.masks.stride(1), s.masks.stride(2),
             s.counts.stride(0), s.counts.stride(1),
-            G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
+            SLC_BLOCK=ls, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
             BLOCK_R=_rows(s.block_t, group), BLOCK_N=params.dq_block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
             SUBS=triton.cdiv(ls, params.dq_block_n), DOT_PRECISION=precision,
             num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
@@ -675,21 +677,21 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
     if inv.num_items:
         selected_attention_bwd_dkdv_kernel[(inv.num_items, slices)](
             q, k, v, do, lse, delta, dk, dv, dk_part, dv_part, inv.item_key, inv.item_begin, inv.item_end,
-            inv.item_slot, inv.positions, inv.block_seq, inv.cu_blocks, seqs.cu_seqlens, scale, scale * LOG2E, ls,
+            inv.item_slot, inv.positions, inv.block_seq, inv.cu_blocks, seqs.cu_seqlens, scale, scale * LOG2E,
             num_kv_heads,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), dk_part.stride(0),
             dk_part.stride(1), dv_part.stride(0), dv_part.stride(1),
-            G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=params.dkdv_block_t,
+            SLC_BLOCK=ls, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=params.dkdv_block_t,
             BLOCK_R=_rows(params.dkdv_block_t, group), BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
             DOT_PRECISION=precision, num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages)
     if inv.num_slots:
-        selected_attention_bwd_dkdv_reduce_kernel[(inv.key_slots.shape[0], slices)](
+        selected_attention_bwd_dkdv_reduce_kernel[(inv.key_slots.shape[0], triton.cdiv(ls, REDUCE_BLOCK_N))](
             dk, dv, dk_part, dv_part, inv.key_slot0, inv.key_slots, inv.block_seq, inv.cu_blocks, seqs.cu_seqlens,
-            ls, num_kv_heads, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dk_part.stride(0),
+            num_kv_heads, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dk_part.stride(0),
             dk_part.stride(1), dv_part.stride(0), dv_part.stride(1),
-            HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-            num_warps=4)
+            SLC_BLOCK=ls, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_N=REDUCE_BLOCK_N, BLOCK_DK=block_dk,
+            BLOCK_DV=block_dv, num_warps=4)
     return dq, dk, dv
 
 
@@ -702,9 +704,13 @@ class SelectedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, seqs, config, scale, params):
-        o, lse = selected_attention_fwd(q, k, v, block_indices, seqs, config, scale, params)
+        schedule = build_block_schedule(block_indices, seqs, params.fwd_block_t)
+        o, lse = selected_attention_fwd(q, k, v, block_indices, seqs, config, scale, params, schedule)
         ctx.save_for_backward(q, k, v, o, lse, block_indices)
         ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params
+        # The dq kernel walks the same schedule when it packs as many positions (with block_t = 1 the schedule
+        # is block_indices itself plus row counts, so keeping it costs next to nothing).
+        ctx.schedule = schedule if params.dq_block_t == params.fwd_block_t else None
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -712,7 +718,7 @@ class SelectedAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, block_indices = ctx.saved_tensors
         dq, dk, dv = selected_attention_bwd(do.contiguous(), q, k, v, o, lse, block_indices, ctx.seqs, ctx.config,
-                                            ctx.scale, ctx.params)
+                                            ctx.scale, ctx.params, ctx.schedule)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -779,20 +785,19 @@ def selected_attention(q, k, v, block_indices, config: NSAConfig, *, scale=None,
     scale = resolve_scale(scale, q.shape[-1])
     batch, seqlen, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
-    if params is None:
-        params = default_params(config, num_heads, num_kv_heads, head_dim, head_dim_v, q.device)
-    elif not isinstance(params, SelectedAttentionParams):
-        raise TypeError(f"params must be a SelectedAttentionParams, got {type(params).__name__}")
     if not interpreting() and q.device.type != "cuda":
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
     dtype = compute_dtype(q.dtype)
+    if params is None:
+        params = default_params(config, num_heads, num_kv_heads, head_dim, head_dim_v, q.device, dtype)
+    elif not isinstance(params, SelectedAttentionParams):
+        raise TypeError(f"params must be a SelectedAttentionParams, got {type(params).__name__}")
     seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
     total = batch * seqlen
 
     def packed(x):
         return x.to(dtype).reshape(total, x.shape[2], x.shape[3]).contiguous()
 
-    o, _ = SelectedAttentionFunction.apply(packed(q), packed(k), packed(v),
-                                           block_indices.reshape(total, num_kv_heads, -1).contiguous(), seqs,
-                                           config, scale, params)
+    indices = block_indices.reshape(total, num_kv_heads, block_indices.shape[-1]).contiguous()
+    o, _ = SelectedAttentionFunction.apply(packed(q), packed(k), packed(v), indices, seqs, config, scale, params)
     return o.reshape(batch, seqlen, num_heads, head_dim_v).to(q.dtype)
