@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from nsa.inputs import FLOAT_DTYPES
-from nsa.kernels.runtime import compute_dtype, interpreting, new_output
+from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, new_output
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,13 +132,14 @@ def combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombinePar
 # ----------------------------------------------------------------------------------------------------------------
 
 class CombineFunction(torch.autograd.Function):
-    """Gated sum on row-flattened tensors (outputs [R, Dv], gates [R]), contiguous, in the compute dtype."""
+    """Gated sum on row-flattened tensors (outputs [R, Dv], gates [R]) in the compute dtype."""
 
     @staticmethod
     def forward(ctx, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombineParams):
-        ctx.save_for_backward(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)
+        inputs = [x.contiguous() for x in (o_cmp, o_slc, o_win, g_cmp, g_slc, g_win)]
+        ctx.save_for_backward(*inputs)
         ctx.params = params
-        return combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params)
+        return combine_fwd(*inputs, params)
 
     @staticmethod
     def backward(ctx, do):
@@ -161,11 +162,9 @@ def _check_inputs(outputs: dict, gates: dict):
             raise TypeError(f"{name} has dtype {x.dtype} but o_cmp has {o_cmp.dtype}: inputs must share one dtype")
         if x.device != o_cmp.device:
             raise ValueError(f"{name} is on {x.device} but o_cmp is on {o_cmp.device}: inputs must be on one device")
-    if o_cmp.device.type != "cuda" and not interpreting():
-        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {o_cmp.device}")
-    compute_dtype(o_cmp.dtype)  # TypeError for dtypes the kernels do not take
     if o_cmp.dim() != 4:
         raise ValueError(f"o_cmp must have 4 dimensions [B, T, Hq, Dv], got shape {tuple(o_cmp.shape)}")
+    check_kernel_inputs(o_cmp, max_head_dim=0)  # any Dv: rows are tiled by BLOCK_D
     for name, x in outputs.items():
         if x.shape != o_cmp.shape:
             raise ValueError(f"{name} must have shape {tuple(o_cmp.shape)} (B, T, Hq, Dv), got {tuple(x.shape)}")

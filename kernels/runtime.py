@@ -35,3 +35,18 @@ def new_output(shape, *, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_kernel_inputs(x: torch.Tensor, max_head_dim: int) -> None:
+    """What only the kernels require, beyond nsa.inputs' checks: a CUDA device (or the interpreter), a dtype
+    they take, head dims up to 256."""
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {x.device}")
+    compute_dtype(x.dtype)
+    if max_head_dim > 256:
+        raise ValueError(f"Triton kernels take head dims up to 256, got {max_head_dim}")
+
+
+def pack(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] -> contiguous [B*T, H, D] in the kernels' dtype (differentiable)."""
+    return x.to(dtype).reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()

@@ -17,7 +17,6 @@ forward. The softmax runs in base 2 (exp2 with scale * log2(e)); `lse` is return
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import triton
@@ -26,9 +25,10 @@ import triton.language as tl
 from nsa.config import NSAConfig
 from nsa.inputs import FLOAT_DTYPES, check_cu_seqlens, resolve_scale
 from nsa.kernels.packing import PackedSequences
-from nsa.kernels.runtime import compute_dtype, dot_precision, interpreting, new_output
+from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, dot_precision, interpreting, new_output, pack
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def window_attention_fwd_kernel(
     o = acc / l_safe[:, None]
     o_ptrs = O + (seq_start + pos)[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=_row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV))
-    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
+    lse = (m_i + tl.math.log2(l_safe)) / _LOG2E
     tl.store(LSE + head * stride_lseh + seq_start + pos, lse, mask=row_valid)
 
 
@@ -211,10 +211,10 @@ def _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr
         delta_ptrs = delta_ptr + head_in_group * stride_lseh + pos
         if CHECK_ROWS:
             # lse = +inf on invalid rows makes their probabilities exactly 0.
-            lse2 = tl.load(lse_ptrs, mask=row_valid, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.load(lse_ptrs, mask=row_valid, other=float("inf")) * _LOG2E
             delta = tl.load(delta_ptrs, mask=row_valid, other=0.0)
         else:
-            lse2 = tl.load(lse_ptrs) * 1.4426950408889634
+            lse2 = tl.load(lse_ptrs) * _LOG2E
             delta = tl.load(delta_ptrs)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, rows]
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
@@ -352,7 +352,7 @@ def window_attention_bwd_dq_kernel(
                 mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
     do = tl.load(DO + (seq_start + pos)[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
                  mask=_row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
-    lse2 = tl.load(LSE + head * stride_lseh + seq_start + pos, mask=row_valid, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + head * stride_lseh + seq_start + pos, mask=row_valid, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + head * stride_lseh + seq_start + pos, mask=row_valid, other=0.0)
     k_ptr = K + seq_start * stride_kt + hk * stride_kh
     v_ptr = V + seq_start * stride_vt + hk * stride_vh
@@ -396,21 +396,22 @@ class WindowAttentionParams:
         dq_block_m, dq_block_n, dq_block_h, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
     """
 
-    fwd_block_m: int = 64
+    # Field defaults: default_params() for 16-bit inputs, head dim 128 and G = 1.
+    fwd_block_m: int = 128
     fwd_block_n: int = 64
     fwd_block_h: int = 1
-    fwd_num_warps: int = 4
-    fwd_num_stages: int = 2
+    fwd_num_warps: int = 8
+    fwd_num_stages: int = 3
     dkdv_block_m: int = 32
     dkdv_block_n: int = 64
     dkdv_block_h: int = 1
-    dkdv_num_warps: int = 4
+    dkdv_num_warps: int = 8
     dkdv_num_stages: int = 2
     dq_block_m: int = 64
-    dq_block_n: int = 32
+    dq_block_n: int = 64
     dq_block_h: int = 1
-    dq_num_warps: int = 4
-    dq_num_stages: int = 2
+    dq_num_warps: int = 8
+    dq_num_stages: int = 3
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -436,26 +437,45 @@ def _heads_per_program(group: int, rows: int) -> int:
     return block_h
 
 
-def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
-                   dtype: torch.dtype = torch.bfloat16) -> WindowAttentionParams:
-    """A sane default for the shape (the tuner searches better ones): the group's heads packed into each program
-    (heads that divide G, up to rows / 16), 128 forward rows for head dims <= 128, smaller tiles for fp32 and
-    for head dims above 128."""
+# (rows = block_m * block_h, block_n, num_warps, num_stages) per kernel, by the larger head dim (16-bit inputs).
+# Chosen from sm_90 compiles without register spills (ptxas -v); the tuner searches around them.
+_DEFAULT_TILES = {
+    64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 64, 8, 2)),
+    128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 64, 8, 3)),
+    256: dict(fwd=(64, 32, 8, 2), dkdv=(32, 32, 8, 2), dq=(32, 32, 4, 2)),
+}
+# fp32 runs exact ("ieee") dots on CUDA cores, whose operands live in registers: small tiles.
+_DEFAULT_TILES_FP32 = {
+    64: dict(fwd=(64, 32, 8, 2), dkdv=(32, 32, 8, 2), dq=(32, 32, 8, 2)),
+    128: dict(fwd=(32, 16, 8, 2), dkdv=(16, 32, 8, 2), dq=(32, 16, 8, 2)),
+    256: dict(fwd=(16, 32, 8, 2), dkdv=(16, 16, 8, 2), dq=(16, 16, 8, 2)),
+}
+
+
+# The interpreter pays per program and per loop step, not per element: large tiles.
+_INTERPRETER_TILES = dict(fwd=(64, 64, 4, 1), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1))
+
+
+def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int, config: NSAConfig = None,
+                   device=None, dtype: torch.dtype | None = None) -> WindowAttentionParams:
+    """A sane default for the shape (the tuner searches better ones). The group's heads are packed into each
+    program (the largest power of two dividing G, keeping >= 16 positions), so a K/V tile feeds them all.
+    `dtype` is the compute dtype (16-bit when None); `config` and `device` are accepted for a uniform call
+    across kernel families and do not change the choice yet."""
     group = num_heads // num_kv_heads
-    big = max(head_dim, head_dim_v) > 128
-    wide = dtype == torch.float32
-    fwd_rows = 64 if (big or wide) else 128
-    fwd_h = _heads_per_program(group, fwd_rows)
-    bwd_rows = 32 if (big and wide) else 64
-    dkdv_h = _heads_per_program(group, bwd_rows)
-    dq_h = _heads_per_program(group, bwd_rows)
-    return WindowAttentionParams(
-        fwd_block_m=fwd_rows // fwd_h, fwd_block_n=32 if (big and wide) else 64, fwd_block_h=fwd_h,
-        fwd_num_warps=8 if fwd_rows >= 128 else 4, fwd_num_stages=2 if (big or wide) else 3,
-        dkdv_block_m=bwd_rows // dkdv_h, dkdv_block_n=32 if (big or wide) else 64, dkdv_block_h=dkdv_h,
-        dkdv_num_warps=4 if (big or wide) else 8, dkdv_num_stages=2,
-        dq_block_m=bwd_rows // dq_h, dq_block_n=32 if (big or wide) else 64, dq_block_h=dq_h,
-        dq_num_warps=4 if (big or wide) else 8, dq_num_stages=2)
+    dmax = max(head_dim, head_dim_v)
+    if interpreting():
+        tiles = _INTERPRETER_TILES
+    else:
+        table = _DEFAULT_TILES_FP32 if dtype == torch.float32 else _DEFAULT_TILES
+        tiles = table[64 if dmax <= 64 else 128 if dmax <= 128 else 256]
+    fields = {}
+    for kernel, (rows, block_n, num_warps, num_stages) in tiles.items():
+        block_h = _heads_per_program(group, rows)
+        fields.update({f"{kernel}_block_m": rows // block_h, f"{kernel}_block_n": block_n,
+                       f"{kernel}_block_h": block_h, f"{kernel}_num_warps": num_warps,
+                       f"{kernel}_num_stages": num_stages})
+    return WindowAttentionParams(**fields)
 
 
 def _head_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
@@ -535,11 +555,12 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 # ----------------------------------------------------------------------------------------------------------------
 
 class WindowAttentionFunction(torch.autograd.Function):
-    """Packed window attention with the Triton backward; inputs [Ttot, H, D] contiguous in the compute dtype."""
+    """Packed window attention with the Triton backward; inputs [Ttot, H, D] in the compute dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v, seqs: PackedSequences, config: NSAConfig, scale: float,
                 params: WindowAttentionParams):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse = window_attention_fwd(q, k, v, seqs, config, scale, params)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params
@@ -571,15 +592,13 @@ def _check_inputs(q, k, v, config, cu_seqlens):
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: inputs must share one dtype")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}: inputs must be on one device")
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {q.device}")
-    compute_dtype(q.dtype)  # TypeError for dtypes the kernels do not take
     batch, seqlen, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
+    check_kernel_inputs(q, max(head_dim, head_dim_v))
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
-    if head_dim < 1 or head_dim_v < 1 or max(head_dim, head_dim_v) > 256:
-        raise ValueError(f"head dims must be in [1, 256], got Dk={head_dim}, Dv={head_dim_v}")
+    if head_dim < 1 or head_dim_v < 1:
+        raise ValueError(f"head dims must be >= 1, got Dk={head_dim}, Dv={head_dim_v}")
     if tuple(k.shape) != (batch, seqlen, num_kv_heads, head_dim):
         raise ValueError(f"k must have shape {(batch, seqlen, num_kv_heads, head_dim)} (B, T, Hkv, Dk), "
                          f"got {tuple(k.shape)}")
@@ -616,15 +635,11 @@ def window_attention(q, k, v, config: NSAConfig, *, scale=None, cu_seqlens=None,
     num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
     cdt = compute_dtype(q.dtype)
     if params is None:
-        params = default_params(num_heads, num_kv_heads, head_dim, head_dim_v, cdt)
+        params = default_params(num_heads, num_kv_heads, head_dim, head_dim_v, config, q.device, cdt)
     elif not isinstance(params, WindowAttentionParams):
         raise TypeError(f"params must be a WindowAttentionParams, got {type(params).__name__}")
     seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
-
-    def packed(x):
-        return x.reshape(batch * seqlen, x.shape[2], x.shape[3]).to(cdt).contiguous()
-
-    o = WindowAttentionFunction.apply(packed(q), packed(k), packed(v), seqs, config, scale, params)
+    o = WindowAttentionFunction.apply(pack(q, cdt), pack(k, cdt), pack(v, cdt), seqs, config, scale, params)
     return o.reshape(batch, seqlen, num_heads, head_dim_v).to(q.dtype)
 
 

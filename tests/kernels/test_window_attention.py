@@ -154,18 +154,34 @@ def test_bad_inputs_are_clear_errors():
         window_attention(q, k, v, cfg, params={"fwd_block_m": 16})
 
 
-def test_params_are_validated_and_defaults_are_valid():
+def test_cpu_tensors_without_the_interpreter_are_an_error(monkeypatch):
+    cfg = config(16)
+    x = random_inputs(cfg, seqlen=20, num_heads=2, num_kv_heads=1, head_dim=16, seed=0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        window_attention(x["q"], x["k"], x["v"], cfg)
+
+
+def test_params_are_validated():
     with pytest.raises(ValueError, match="power of two"):
         WindowAttentionParams(fwd_block_m=24)
     with pytest.raises(ValueError, match=">= 16"):
         WindowAttentionParams(fwd_block_m=4, fwd_block_h=2)
     with pytest.raises(ValueError, match="num_stages"):
         WindowAttentionParams(dq_num_stages=0)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"], ids=["gpu-defaults", "interpreter-defaults"])
+def test_default_params_are_valid(monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     for hq, hkv, dk, dv, dtype in [(64, 4, 128, 128, torch.bfloat16), (16, 16, 64, 64, torch.float16),
-                                   (6, 2, 192, 128, torch.float32), (3, 1, 256, 256, torch.bfloat16)]:
-        p = default_params(hq, hkv, dk, dv, dtype)
-        assert (hq // hkv) % p.fwd_block_h == 0 and p.fwd_block_m * p.fwd_block_h >= 16
-    assert default_params(64, 4, 128, 128).fwd_block_h == 8  # G = 16 heads share K/V tiles, 16 positions each
+                                   (6, 2, 192, 128, torch.float32), (3, 1, 256, 256, torch.bfloat16),
+                                   (8, 2, 16, 16, None)]:
+        p = default_params(hq, hkv, dk, dv, config(512), "cpu", dtype)
+        for kernel in ("fwd", "dkdv", "dq"):
+            assert (hq // hkv) % getattr(p, f"{kernel}_block_h") == 0
+    if interpret == "0":  # G = 16: 8 heads share every K/V tile, 16 positions each
+        assert default_params(64, 4, 128, 128).fwd_block_h == 8
 
 
 def test_signature_matches_reference():
