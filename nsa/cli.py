@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 
 def cmd_info(args) -> int:
@@ -28,6 +31,149 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_suites(args) -> int:
+    from nsa.suites import SUITES
+    for suite in SUITES.values():
+        print(f"{suite.name:8} {len(suite.problems):3} problems  ops {','.join(suite.ops):15} {suite.description}")
+        if args.verbose:
+            for problem in suite.problems:
+                print(f"    {problem.key}")
+    return 0
+
+
+def _device_type(device: str) -> str:
+    import torch
+    return torch.device(device).type
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _rerun_in_interpreter(args) -> int | None:
+    """On a CPU, run this same command in a child process with TRITON_INTERPRET=1 and return its exit code.
+
+    Triton decides at import whether kernels are interpreted, so the variable cannot be switched on in this
+    process once it runs; a child with it set is the honest way. None when no rerun is needed.
+    """
+    if _device_type(args.device) != "cpu" or _interpreting():
+        return None
+    print("CPU: running again under the Triton interpreter (TRITON_INTERPRET=1)", flush=True)
+    return subprocess.call([sys.executable, "-m", "nsa", *args.argv], env={**os.environ, "TRITON_INTERPRET": "1"})
+
+
+def _tune(device) -> None:
+    """Issue 5's tuner fills this GPU's config cache when it has none; run when it offers `ensure_tuned`."""
+    import nsa.tuner
+    ensure_tuned = getattr(nsa.tuner, "ensure_tuned", None)
+    if ensure_tuned is None:
+        print("tune: skipped (nsa.tuner offers no ensure_tuned() yet)")
+    else:
+        print(f"tune: {ensure_tuned(device=device)}")
+
+
+def _print_verdicts(rows) -> None:
+    import pandas as pd
+    table = pd.DataFrame(rows)
+    if table.empty:
+        print("nothing to do: every row is already in the results, or no problem matched")
+        return
+    print(pd.crosstab([table["suite"], table["impl"]], table["verdict"]).to_string())
+    for (impl, reason), skipped in table[table["verdict"] == "skip"].groupby(["impl", "error"]):
+        print(f"skipped {impl} ({len(skipped)} rows): {reason}")
+    for row in table[table["verdict"].isin(["fail", "error", "oom"])].itertuples():
+        print(f"{row.verdict.upper()}: {row.suite} {row.impl} {row.problem}: {row.error}")
+
+
+def _bench(args, suite_names, *, check_only=False) -> int:
+    """Check (and unless check_only time) the suites; write results and the report unless check_only."""
+    from nsa.bench import CPU_TIMING_NOTE, BenchSettings, device_slug, open_store, run_suite
+    from nsa.reports import render_report
+    from nsa.suites import get_providers, get_suite
+    suites = [get_suite(name) for name in suite_names]
+    providers = get_providers(args.providers)
+    settings = BenchSettings(device=args.device, ops=tuple(args.ops) if args.ops else None, check_only=check_only,
+                             check_max_tokens=args.check_tokens)
+    if _device_type(args.device) == "cpu" and not check_only:
+        print(f"NOTE: {CPU_TIMING_NOTE}")
+    out = None if check_only else Path(args.out or Path("nsa-results") / device_slug(args.device))
+    store = None if check_only else open_store(out, args.device)
+    rows = []
+    for suite in suites:
+        rows += run_suite(suite, providers, store, settings)
+    _print_verdicts(rows)
+    if store is not None and store.csv_path.exists():
+        print(f"results: {store.csv_path}")
+        print(f"report: {render_report(out).resolve()}")
+    return 1 if any(row["verdict"] in ("fail", "error") for row in rows) else 0
+
+
+def cmd_bench(args) -> int:
+    code = _rerun_in_interpreter(args)
+    return code if code is not None else _bench(args, [args.suite])
+
+
+def cmd_check(args) -> int:
+    code = _rerun_in_interpreter(args)
+    return code if code is not None else _bench(args, [args.suite], check_only=True)
+
+
+def cmd_run(args) -> int:
+    code = _rerun_in_interpreter(args)
+    if code is not None:
+        return code
+    if _device_type(args.device) == "cpu":
+        print("CPU run: the smoke suite, kernels in the Triton interpreter; timings here mean nothing")
+        suites = args.suite or ["smoke"]
+    else:
+        _tune(args.device)
+        suites = args.suite or ["paper"]
+    return _bench(args, suites)
+
+
+def cmd_report(args) -> int:
+    from nsa.reports import render_report
+    try:
+        print(f"report: {render_report(args.results).resolve()}")
+    except FileNotFoundError as e:
+        print(f"nsa report: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _comma_list(choices=None):
+    def parse(text):
+        items = [item for item in text.split(",") if item]
+        bad = [item for item in items if choices is not None and item not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices or ['names'])}")
+        return items
+    return parse
+
+
+def _add_bench_options(parser, *, suite_required: bool, check_only: bool = False) -> None:
+    import torch
+
+    from nsa.checking import DEFAULT_MAX_TOKENS
+    from nsa.suites import OPS, PROVIDERS, SUITES
+    if suite_required:
+        parser.add_argument("--suite", required=True, choices=list(SUITES), help="the suite to run")
+    else:
+        parser.add_argument("--suite", type=_comma_list(list(SUITES)), metavar="NAME[,NAME...]",
+                            help="suites to run (default: paper on a GPU, smoke on a CPU)")
+    parser.add_argument("--ops", type=_comma_list(OPS), metavar="OP[,OP...]",
+                        help=f"only these ops ({', '.join(OPS)}; default: all of the suite's)")
+    parser.add_argument("--providers", type=_comma_list(list(PROVIDERS)), metavar="NAME[,NAME...]",
+                        help=f"implementations to run (default: all of {', '.join(PROVIDERS)})")
+    if not check_only:
+        parser.add_argument("--out", metavar="DIR", help="results folder (default: nsa-results/<device>); "
+                            "rows already in it are kept and skipped, so a rerun resumes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu: Triton interpreter)")
+    parser.add_argument("--check-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                        help="check problems longer than N tokens at N tokens, same config (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention: tuned Triton kernels, "
                                      "correctness against a PyTorch reference, and reports against FlashAttention.")
@@ -37,11 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
                           "versions, and which FlashAttention implementations are importable.")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=cmd_info)
+
+    suites = sub.add_parser("suites", help="list the benchmark suites", description="List the named suites: "
+                            "their problems (op, sizes, config, dtype) and what each one is for.")
+    suites.add_argument("-v", "--verbose", action="store_true", help="also list every problem's key")
+    suites.set_defaults(func=cmd_suites)
+
+    bench = sub.add_parser("bench", help="check and time one suite, write results and the report",
+                           description="Run every problem of a suite with every provider: check it against its "
+                           "oracle, time it only if it passed, write results.csv and environment.json to the "
+                           "results folder (resuming), and render the report. On a CPU, timings mean nothing.")
+    _add_bench_options(bench, suite_required=True)
+    bench.set_defaults(func=cmd_bench)
+
+    run = sub.add_parser("run", help="the whole job: tune, check, bench, report",
+                         description="On a GPU: tune when the tuner offers it, then check, time and report the "
+                         "suites (default: paper). Without a GPU: the smoke suite, kernels in the Triton "
+                         "interpreter, whose timings mean nothing. Prints where the report is.")
+    _add_bench_options(run, suite_required=False)
+    run.set_defaults(func=cmd_run)
+
+    check_ = sub.add_parser("check", help="correctness verdicts of one suite, no timing",
+                            description="Check every provider on every problem of a suite against its oracle and "
+                            "print the verdicts; exit status 1 when any failed or raised.")
+    _add_bench_options(check_, suite_required=True, check_only=True)
+    check_.set_defaults(func=cmd_check)
+
+    report = sub.add_parser("report", help="render the report of a results folder",
+                            description="Render report.html and plots/*.png from a results folder's results.csv "
+                            "and environment.json (nothing is measured).")
+    report.add_argument("results", metavar="RESULTS_DIR", help="a folder written by nsa bench or nsa run")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

@@ -1,0 +1,207 @@
+"""Running a suite: every problem with every provider, checked, then timed, one results row each.
+
+A row's life: skipped with its reason (provider unavailable here, or problem outside what it implements);
+else checked against its oracle (`nsa.checking`), and only a pass is timed (`nsa.timing`): a wrong answer is
+recorded as `fail` with its error and never gets a time, so it can never be plotted as fast. Exceptions are
+recorded (`error`, or `oom` for out-of-memory, as the 128k problems may be), never raised, so one broken
+implementation does not stop the others. Rows go to a `ResultsStore` as they are made; rows already in it are
+skipped, which is how an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import platform
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+from nsa.checking import DEFAULT_MAX_TOKENS, check
+from nsa.results import COLUMNS, ResultsStore
+from nsa.suites import Suite, config_label, make_inputs
+from nsa.suites.problem import Problem
+from nsa.suites.providers import Provider, nsa_version
+from nsa.timing import TimerSettings, default_timer, is_cuda, measure_ceilings, time_call
+from nsa.work import op_work
+
+CPU_TIMING_NOTE = ("timings on a CPU (Triton interpreter or plain PyTorch) mean nothing about kernel speed; "
+                   "this run only shows that the harness works end to end")
+ERROR_CHARS = 400
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """How to run: the device, which ops, checks only or checks and timings, the checked length, the timer."""
+
+    device: str
+    ops: tuple[str, ...] | None = None
+    check_only: bool = False
+    check_max_tokens: int = DEFAULT_MAX_TOKENS
+    timer: TimerSettings | None = None
+
+
+def device_name(device) -> str:
+    """The `gpu` column: the CUDA device's name, or "cpu (<processor>)"."""
+    if is_cuda(device):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def device_slug(device) -> str:
+    """A folder-friendly device name: "NVIDIA H200" -> "nvidia-h200"."""
+    name = device_name(device) if is_cuda(device) else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def environment(device) -> dict:
+    """What the report's environment block shows: machine, versions, device, ceilings (measured here, once)."""
+    from nsa.machine import describe
+    return {"machine": describe(), "device": str(device), "gpu": device_name(device), "nsa_version": nsa_version(),
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "ceilings": measure_ceilings(device),
+            "note": None if is_cuda(device) else CPU_TIMING_NOTE}
+
+
+def open_store(folder, device) -> ResultsStore:
+    """The results folder for a run on `device`: its environment written (ceilings measured) when new; a folder
+    that holds another device's results is refused rather than mixed."""
+    store = ResultsStore(folder)
+    env = store.environment()
+    if env is None:
+        store.write_environment(environment(device))
+    elif env.get("gpu") != device_name(device):
+        raise ValueError(f"{folder} holds results from {env.get('gpu')!r}, not {device_name(device)!r}: "
+                         "choose another output folder")
+    return store
+
+
+def base_row(gpu: str, suite: Suite, problem: Problem, provider: Provider) -> dict:
+    """A results row with what is known before running: device, problem and provider columns; the rest None."""
+    row = dict.fromkeys(COLUMNS)
+    impl_config = provider.config(problem)
+    row.update(gpu=gpu, suite=suite.name, problem=problem.key, impl=provider.name, baseline=provider.baseline,
+               op=problem.op, dtype=problem.dtype, T=problem.seqlen, batch=problem.batch, Hq=problem.num_heads,
+               Hkv=problem.num_kv_heads, D=problem.head_dim, Dv=problem.head_dim_v,
+               sequences=len(problem.seqlens) if problem.seqlens else None,
+               seqlens=" ".join(map(str, problem.seqlens)) if problem.seqlens else "",
+               config=config_label(problem.config),
+               impl_config=config_label(impl_config) if impl_config else "dense causal attention",
+               impl_detail="", error="", checked="")
+    return row
+
+
+def _failure(exc: BaseException, stage: str) -> tuple[str, str]:
+    verdict = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
+    message = " ".join(f"{stage}: {type(exc).__name__}: {exc}".split())
+    return verdict, message[:ERROR_CHARS]
+
+
+def _free(device) -> None:
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+
+
+def timed_call(provider: Provider, problem: Problem, device, seed: int):
+    """The timed closure at full size, and the implementation detail: fwd/decode call the op; bwd runs the
+    forward once here and times the backward of its output (retain_graph, so it can repeat)."""
+    backward = problem.op == "bwd"
+    x = make_inputs(problem, device=device, seed=seed, requires_grad=backward)
+    prepared = provider.prepare(problem, x)
+    if not backward:
+        return prepared.run, prepared.detail
+    out = prepared.run()
+    grad_out = torch.randn_like(out)
+    leaves = [x[n] for n in provider.grad_names]
+    return (lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True, allow_unused=True),
+            prepared.detail)
+
+
+def _peak_memory_gib(call, device, before: int) -> float | None:
+    """GPU memory at the peak of one call, over `before`, what was allocated before its inputs were made (so
+    the inputs, and for bwd the forward's saved tensors, count)."""
+    if not is_cuda(device):
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def measure(suite: Suite, problem: Problem, provider: Provider, settings: BenchSettings, ceilings: dict | None,
+            seed: int = 0) -> dict:
+    """One result row: skip, check, and (unless check_only or the check failed) time `provider` on `problem`.
+
+    `ceilings` (from `measure_ceilings`) turn the achieved rates into fractions of the card's; None leaves them out.
+    """
+    device = settings.device
+    row = base_row(device_name(device), suite, problem, provider)
+    reason = provider.unavailable(device) or provider.unsupported(problem)
+    if reason:
+        row.update(verdict="skip", error=reason)
+        return row
+    try:
+        verdict = check(provider, problem, device=device, max_tokens=settings.check_max_tokens, seed=seed)
+    except Exception as e:
+        row["verdict"], row["error"] = _failure(e, "check")
+        return row
+    finally:
+        _free(device)
+    row.update(verdict="pass" if verdict.passed else "fail", checked=verdict.summary, max_rel_err=verdict.error,
+               allowed_rel_err=verdict.allowed, impl_detail=verdict.detail)
+    if not verdict.passed:
+        row["error"] = f"relative error {verdict.error:.3e} > allowed {verdict.allowed:.3e}"
+    if not verdict.passed or settings.check_only:
+        return row
+    call = None
+    try:
+        before = torch.cuda.memory_allocated(device) if is_cuda(device) else 0
+        call, row["impl_detail"] = timed_call(provider, problem, device, seed)
+        peak = _peak_memory_gib(call, device, before)
+        timing = time_call(call, device, settings.timer or default_timer(device))
+    except Exception as e:
+        row["verdict"], row["error"] = _failure(e, "timing")
+        return row
+    finally:
+        del call  # the closure holds the inputs: drop it before freeing the cache
+        _free(device)
+    work = op_work(problem, provider.config(problem))
+    seconds = timing.median_ms * 1e-3
+    row.update(ms=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms, reps=timing.reps,
+               timer=timing.timer, tflop=work.flops / 1e12, tflops=work.flops / seconds / 1e12,
+               gbytes=work.bytes / 1e9, gbps=work.bytes / seconds / 1e9, peak_mem_gib=peak)
+    if ceilings:
+        row.update(frac_matmul_peak=row["tflops"] / ceilings["matmul_tflops"],
+                   frac_copy_bw=row["gbps"] / ceilings["copy_gbps"])
+    return row
+
+
+def run_suite(suite: Suite, providers: list[Provider], store: ResultsStore | None, settings: BenchSettings, *,
+              progress: bool = True) -> list[dict]:
+    """Measure every (problem, provider) of `suite` not yet in `store`, adding each row as it is made.
+
+    Returns the rows made by this call (rows found in the store are left as they are). Without a store
+    nothing is kept or skipped (`nsa check`). Progress bars go to stderr when it is a terminal.
+    """
+    problems = [p for p in suite.problems if settings.ops is None or p.op in settings.ops]
+    ceilings = None
+    if not settings.check_only:
+        ceilings = (store.environment() or {}).get("ceilings") if store else None
+        ceilings = ceilings or measure_ceilings(settings.device)
+    made = []
+    with tqdm(total=len(problems) * len(providers), desc=suite.name, unit="row",
+              disable=None if progress else True) as bar:
+        for problem in problems:
+            for provider in providers:
+                bar.set_postfix_str(f"{provider.name} {problem.key}", refresh=False)
+                if store is None or not store.has(suite.name, problem.key, provider.name):
+                    row = measure(suite, problem, provider, settings, ceilings)
+                    made.append(row)
+                    if store is not None:
+                        store.add(row)
+                bar.update()
+    return made
