@@ -10,7 +10,7 @@ go through the inner function with MASK=False, the diagonal ones with MASK=True)
 
 Backward (flash-style recomputation from the saved log-sum-exp):
   * `compressed_attention_bwd_preprocess_kernel`: delta = rowsum(do * o);
-  * `compressed_attention_bwd_dkdv_kernel`: a program owns BWD_BLOCK_N compressed keys of one kv head and
+  * `compressed_attention_bwd_dkdv_kernel`: a program owns dkdv_block_n compressed keys of one kv head and
     loops over its group's heads and the query tiles that can see them: dk_cmp, dv_cmp without atomics;
   * `compressed_attention_bwd_dq_kernel`: the query tiles of the forward, dq.
 
@@ -32,7 +32,9 @@ from nsa.kernels import runtime
 from nsa.kernels.packing import PackedSequences
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Module constants a kernel reads must be tl.constexpr on the GPU.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ def compressed_attention_fwd_kernel(
     out = acc / tl.where(sees_any, l_i, 1.0)[:, None]
     tl.store(o + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
              out.to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
-    row_lse = tl.where(sees_any, (m_i + tl.log2(tl.where(sees_any, l_i, 1.0))) * LN2, float("inf"))
+    row_lse = tl.where(sees_any, (m_i + tl.log2(tl.where(sees_any, l_i, 1.0))) * _LN2, float("inf"))
     tl.store(lse + head * stride_lh + tok, row_lse, mask=row_ok)
 
 
@@ -167,7 +169,7 @@ def _bwd_dkdv_inner(dk, dv, k_tile, v_tile, offs_n, q, do, lse, delta, tok0, p0,
     do_tile = tl.load(do + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
                       mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     # Rows outside the problem get lse = +inf, hence p = 0 and no contribution.
-    lse2 = tl.load(lse + head * stride_lh + tok, mask=row_ok, other=float("inf")) * LOG2E
+    lse2 = tl.load(lse + head * stride_lh + tok, mask=row_ok, other=float("inf")) * _LOG2E
     row_delta = tl.load(delta + head * stride_lh + tok, mask=row_ok, other=0.0)
     s_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
     p_t = tl.exp2(s_t - lse2[None, :])
@@ -305,7 +307,7 @@ def compressed_attention_bwd_dq_kernel(
                      mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
     do_tile = tl.load(do + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
                       mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    lse2 = tl.load(lse + head * stride_lh + tok, mask=row_ok, other=float("inf")) * LOG2E
+    lse2 = tl.load(lse + head * stride_lh + tok, mask=row_ok, other=float("inf")) * _LOG2E
     row_delta = tl.load(delta + head * stride_lh + tok, mask=row_ok, other=0.0)
     k += hk * stride_kh
     v += hk * stride_vh
@@ -342,65 +344,87 @@ def head_dim_block(dim: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class CompressionParams:
-    """Launch parameters of the compressed-attention kernels.
+    """Launch parameters of the compressed-attention kernels (one source for forward, backward and the tuner).
 
-    A query tile is BLOCK_P positions x HEADS query heads of one GQA group (BLOCK_P * HEADS rows, >= 16).
+    Each kernel's query tile is `*_block_m` positions x `*_block_h` query heads of one GQA group (rows =
+    block_m * block_h, position-major; the heads share every compressed K/V tile the program loads; a group
+    takes cdiv(G, block_h) tiles, rows of heads beyond G are masked). `*_block_n` compressed keys per inner
+    step. All tiles are powers of two; rows and block_n must be >= 16 (a GPU `tl.dot` requirement).
 
     Attributes:
-        BLOCK_P: query positions per forward (and dq) tile, a power of two.
-        HEADS: query heads of one group per forward tile, a power of two <= next_pow2(G); the G heads of a
-            group take cdiv(G, HEADS) tiles.
-        BLOCK_N: compressed keys per inner step of the forward (>= 16, a power of two).
-        num_warps, num_stages: of the forward kernel.
-        BWD_BLOCK_P, BWD_HEADS: the query tile of the backward (dq programs and the dkdv inner loop).
-        BWD_BLOCK_N: compressed keys owned by one dkdv program, and per inner step of dq.
-        bwd_num_warps, bwd_num_stages: of the dkdv and dq kernels.
+        fwd_block_m, fwd_block_n, fwd_block_h, fwd_num_warps, fwd_num_stages: forward kernel.
+        dkdv_block_m, dkdv_block_n, dkdv_block_h, dkdv_num_warps, dkdv_num_stages: dk/dv kernel; its program
+            owns dkdv_block_n compressed keys of one kv head and steps over dkdv_block_m positions x
+            dkdv_block_h heads at a time.
+        dq_block_m, dq_block_n, dq_block_h, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
     """
 
-    BLOCK_P: int = 16
-    HEADS: int = 4
-    BLOCK_N: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-    BWD_BLOCK_P: int = 16
-    BWD_HEADS: int = 4
-    BWD_BLOCK_N: int = 32
-    bwd_num_warps: int = 4
-    bwd_num_stages: int = 1
+    fwd_block_m: int = 16
+    fwd_block_n: int = 64
+    fwd_block_h: int = 4
+    fwd_num_warps: int = 4
+    fwd_num_stages: int = 2
+    dkdv_block_m: int = 16
+    dkdv_block_n: int = 32
+    dkdv_block_h: int = 4
+    dkdv_num_warps: int = 4
+    dkdv_num_stages: int = 1
+    dq_block_m: int = 16
+    dq_block_n: int = 32
+    dq_block_h: int = 4
+    dq_num_warps: int = 4
+    dq_num_stages: int = 2
 
-    def check(self, group: int) -> None:
-        """ValueError unless the params are legal for GQA group size `group`."""
-        gpad = triton.next_power_of_2(group)
-        for prefix in ("", "BWD_"):
-            p, h, n = (getattr(self, prefix + name) for name in ("BLOCK_P", "HEADS", "BLOCK_N"))
-            if not (_pow2(p) and _pow2(h) and _pow2(n)):
-                raise ValueError(f"CompressionParams: {prefix}BLOCK_P, {prefix}HEADS, {prefix}BLOCK_N must be powers "
-                                 f"of two, got {p}, {h}, {n}")
-            if h > gpad:
-                raise ValueError(f"CompressionParams: {prefix}HEADS={h} exceeds the group size G={group} "
-                                 f"(rounded up to {gpad})")
-            if p * h < 16 or n < 16:
-                raise ValueError(f"CompressionParams: tl.dot needs tiles >= 16: {prefix}BLOCK_P * {prefix}HEADS = "
-                                 f"{p * h}, {prefix}BLOCK_N = {n}")
-        for name in ("num_warps", "bwd_num_warps"):
-            if not _pow2(getattr(self, name)):
-                raise ValueError(f"CompressionParams: {name} must be a power of two, got {getattr(self, name)}")
-        for name in ("num_stages", "bwd_num_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CompressionParams: {name} must be >= 1, got {getattr(self, name)}")
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("num_stages"):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"CompressionParams.{field.name} must be an int >= 1, got {value!r}")
+            elif not _pow2(value):
+                raise ValueError(f"CompressionParams.{field.name} must be a power of two, got {value!r}")
+        for kernel in ("fwd", "dkdv", "dq"):
+            rows = getattr(self, f"{kernel}_block_m") * getattr(self, f"{kernel}_block_h")
+            if rows < 16 or getattr(self, f"{kernel}_block_n") < 16:
+                raise ValueError(f"CompressionParams: tl.dot needs {kernel}_block_m * {kernel}_block_h >= 16 and "
+                                 f"{kernel}_block_n >= 16, got {rows} and {getattr(self, f'{kernel}_block_n')}")
 
 
-def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int, config: NSAConfig,
-                   device=None) -> CompressionParams:
-    """A sane default for the shape: about 64 query rows per tile (all heads of a group when G <= 16)."""
+def heads_per_tile(group: int, rows: int) -> int:
+    """Query heads per tile: the whole group (rounded up to a power of two) when it fits `rows`, else `rows`."""
+    return min(triton.next_power_of_2(group), rows)
+
+
+def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
+                   dtype: torch.dtype = torch.bfloat16) -> CompressionParams:
+    """A sane default for the shape (the tuner searches better ones): the group's heads packed into each tile.
+
+    For 16-bit inputs and head dims <= 128: forward 128 rows x 32 keys (8 warps), dkdv 32 rows x 32 keys,
+    dq 64 rows x 32 keys: none of them spills registers on sm_90 (checked with ptxas, triton 3.7). Head dims
+    above 128 halve the rows; fp32 (its `ieee` tl.dot runs on FMA units) uses 16 x 16 tiles. Under the
+    interpreter, large tiles (it pays per program and per step, not per element).
+    """
     group = num_heads // num_kv_heads
-    heads = min(triton.next_power_of_2(group), 16)
-    rows = 128 if runtime.interpreting() else 64  # the interpreter pays per program, not per element
-    block_p = max(1, rows // heads)
+    if runtime.interpreting():
+        h = heads_per_tile(group, 16)
+        return CompressionParams(fwd_block_m=128 // h, fwd_block_n=64, fwd_block_h=h, dkdv_block_m=128 // h,
+                                 dkdv_block_n=64, dkdv_block_h=h, dq_block_m=128 // h, dq_block_n=64, dq_block_h=h)
+    if dtype == torch.float32:
+        h = heads_per_tile(group, 16)
+        return CompressionParams(fwd_block_m=16 // h, fwd_block_n=16, fwd_block_h=h, fwd_num_warps=4,
+                                 fwd_num_stages=1, dkdv_block_m=16 // h, dkdv_block_n=16, dkdv_block_h=h,
+                                 dkdv_num_warps=4, dkdv_num_stages=1, dq_block_m=16 // h, dq_block_n=16,
+                                 dq_block_h=h, dq_num_warps=4, dq_num_stages=1)
     big = max(head_dim, head_dim_v) > 128
-    return CompressionParams(BLOCK_P=block_p, HEADS=heads, BLOCK_N=32 if big else 64, num_warps=4,
-                             num_stages=2, BWD_BLOCK_P=block_p, BWD_HEADS=heads, BWD_BLOCK_N=32 if big else 64,
-                             bwd_num_warps=4 if big else 8, bwd_num_stages=1)
+    fwd_rows, dkdv_rows, dq_rows = (64, 16, 32) if big else (128, 32, 64)
+    fwd_h, dkdv_h, dq_h = (heads_per_tile(group, r) for r in (fwd_rows, dkdv_rows, dq_rows))
+    return CompressionParams(
+        fwd_block_m=fwd_rows // fwd_h, fwd_block_n=32, fwd_block_h=fwd_h, fwd_num_warps=4 if big else 8,
+        fwd_num_stages=2 if big else 3,
+        dkdv_block_m=dkdv_rows // dkdv_h, dkdv_block_n=32, dkdv_block_h=dkdv_h, dkdv_num_warps=4,
+        dkdv_num_stages=1 if big else 2,
+        dq_block_m=dq_rows // dq_h, dq_block_n=32, dq_block_h=dq_h, dq_num_warps=4 if big else 8,
+        dq_num_stages=2)
 
 
 def compressed_attention_fwd(q, k_cmp, v_cmp, seqs: PackedSequences, config: NSAConfig, scale: float,
@@ -416,7 +440,6 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, seqs: PackedSequences, config: NSA
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k_cmp.shape[1], v_cmp.shape[2]
     group = num_heads // num_kv_heads
-    params.check(group)
     o = runtime.new_output((total, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
     lse = runtime.new_output((num_heads, total), dtype=torch.float32, device=q.device)
     if total == 0:
@@ -425,17 +448,17 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, seqs: PackedSequences, config: NSA
         o.zero_()
         lse.fill_(float("inf"))
         return o, lse
-    heads_chunks = triton.cdiv(group, params.HEADS)
-    grid = (triton.cdiv(seqs.max_seqlen, params.BLOCK_P), seqs.num_seqs, num_kv_heads * heads_chunks)
+    heads_chunks = triton.cdiv(group, params.fwd_block_h)
+    grid = (triton.cdiv(seqs.max_seqlen, params.fwd_block_m), seqs.num_seqs, num_kv_heads * heads_chunks)
     compressed_attention_fwd_kernel[grid](
         q, k_cmp, v_cmp, o, lse, seqs.cu_seqlens, seqs.cu_cmp,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
         o.stride(0), o.stride(1), lse.stride(0),
         scale * LOG2E,
         G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
-        BLOCK_P=params.BLOCK_P, HEADS=params.HEADS, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_N=params.BLOCK_N,
-        BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
-        PRECISION=runtime.dot_precision(q.dtype), num_warps=params.num_warps, num_stages=params.num_stages)
+        BLOCK_P=params.fwd_block_m, HEADS=params.fwd_block_h, NUM_HEAD_CHUNKS=heads_chunks,
+        BLOCK_N=params.fwd_block_n, BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+        PRECISION=runtime.dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
     return o, lse
 
 
@@ -451,7 +474,6 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
     total, num_heads, head_dim = q.shape
     num_cmp, num_kv_heads, head_dim_v = v_cmp.shape
     group = num_heads // num_kv_heads
-    params.check(group)
     dq = runtime.new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = runtime.new_output(k_cmp.shape, dtype=k_cmp.dtype, device=q.device)
     dv = runtime.new_output(v_cmp.shape, dtype=v_cmp.dtype, device=q.device)
@@ -466,23 +488,25 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
         o, do, delta, total, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
         DV=head_dim_v, BLOCK_T=block_t, BLOCK_DV=head_dim_block(head_dim_v))
 
-    common = dict(G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
-                  BLOCK_P=params.BWD_BLOCK_P, HEADS=params.BWD_HEADS,
-                  NUM_HEAD_CHUNKS=triton.cdiv(group, params.BWD_HEADS), BLOCK_N=params.BWD_BLOCK_N,
+    shared = dict(G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
                   BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
-                  PRECISION=runtime.dot_precision(q.dtype), num_warps=params.bwd_num_warps,
-                  num_stages=params.bwd_num_stages)
+                  PRECISION=runtime.dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
-    grid = (triton.cdiv(seqs.max_cmp, params.BWD_BLOCK_N), seqs.num_seqs, num_kv_heads)
+    grid = (triton.cdiv(seqs.max_cmp, params.dkdv_block_n), seqs.num_seqs, num_kv_heads)
     compressed_attention_bwd_dkdv_kernel[grid](
         q, k_cmp, v_cmp, do, lse, delta, dk, dv, seqs.cu_seqlens, seqs.cu_cmp, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * LOG2E, **common)
-    grid = (triton.cdiv(seqs.max_seqlen, params.BWD_BLOCK_P), seqs.num_seqs,
-            num_kv_heads * common["NUM_HEAD_CHUNKS"])
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * LOG2E,
+        BLOCK_P=params.dkdv_block_m, HEADS=params.dkdv_block_h,
+        NUM_HEAD_CHUNKS=triton.cdiv(group, params.dkdv_block_h), BLOCK_N=params.dkdv_block_n,
+        num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages, **shared)
+    heads_chunks = triton.cdiv(group, params.dq_block_h)
+    grid = (triton.cdiv(seqs.max_seqlen, params.dq_block_m), seqs.num_seqs, num_kv_heads * heads_chunks)
     compressed_attention_bwd_dq_kernel[grid](
         q, k_cmp, v_cmp, do, lse, delta, dq, seqs.cu_seqlens, seqs.cu_cmp, *strides,
-        dq.stride(0), dq.stride(1), scale, scale * LOG2E, **common)
+        dq.stride(0), dq.stride(1), scale, scale * LOG2E,
+        BLOCK_P=params.dq_block_m, HEADS=params.dq_block_h, NUM_HEAD_CHUNKS=heads_chunks,
+        BLOCK_N=params.dq_block_n, num_warps=params.dq_num_warps, num_stages=params.dq_num_stages, **shared)
     return dq, dk, dv
 
 
@@ -584,7 +608,7 @@ def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, *, scale=None, cu_s
         config: the NSAConfig (l = cmp_block, d = cmp_stride).
         scale: softmax scale, Dk ** -0.5 by default.
         cu_seqlens: int32 [N+1] offsets of packed sequences (B = 1), or None for a dense batch.
-        params: CompressionParams (tiles, warps), `default_params(...)` when None.
+        params: CompressionParams (tiles, warps), `default_params(...)` for the shape when None.
         return_lse: also return the log-sum-exp.
     Returns:
         o_cmp [B, T, Hq, Dv] in q's dtype; with return_lse, (o_cmp, lse) where lse is [B, Hq, T] float32,
@@ -596,9 +620,11 @@ def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, *, scale=None, cu_s
     seqs = check_compression_inputs(q, k_cmp, config, cu_seqlens, v_cmp)
     scale = resolve_scale(scale, q.shape[-1])
     batch, seqlen, num_heads, head_dim = q.shape
-    if params is None:
-        params = default_params(num_heads, k_cmp.shape[2], head_dim, v_cmp.shape[3], config, q.device)
     dtype = runtime.compute_dtype(q.dtype)
+    if params is None:
+        params = default_params(num_heads, k_cmp.shape[2], head_dim, v_cmp.shape[3], dtype)
+    elif not isinstance(params, CompressionParams):
+        raise TypeError(f"params must be a CompressionParams, got {type(params).__name__}")
     o, lse = CompressedAttentionFunction.apply(pack(q, dtype), pack(k_cmp, dtype), pack(v_cmp, dtype), seqs,
                                                config, scale, params)
     o = o.reshape(batch, seqlen, num_heads, v_cmp.shape[3]).to(q.dtype)

@@ -7,7 +7,8 @@ the importance beyond one chunk:
 
 1. scores of the chunk's compressed blocks (those starting inside its selection blocks, R = l'/d per block,
    laid out as NPAD x RPAD columns, RPAD = next_pow2(R)) for every head of the group, in fp32;
-   p_cmp = exp(scale * q.k_cmp - lse) from the compression forward's lse, summed over the group's heads;
+   p_cmp = exp(scale * q.k_cmp - lse) from the compression forward's lse, summed over the group's heads
+   (columns r >= R are masked: wasted work only when l'/d is not a power of two; the paper's R = 4 is);
 2. importance: a compressed block at offset o = r*d inside selection block j gives weight min(l, l'-o)/d to j
    and the rest, (l - min(l, l'-o))/d, to j+1 (l <= l', so never further). The spill to j+1 is shifted by one
    block inside the chunk with an exact broadcast-compare-sum ([BLOCK_P, NPAD, NPAD] adds of zeros, negligible
@@ -16,7 +17,7 @@ the importance beyond one chunk:
    importance (non-negative float32, so its bits as an integer are monotone) above (2**31 - 1 - j), so one
    integer order ranks by importance, then by LOWER index. Forced blocks get the bits of +inf, non-causal ones
    key -1. Each chunk's keys are sorted ascending and merged by an elementwise max with `best`, which is
-   exactly the top NPAD of the union (bitonic merge), then `best` is sorted descending again.
+   exactly the top NPAD of the union, a bitonic row that a log2(NPAD)-step merge sorts descending again.
 
 Finally the first min(n, t//l' + 1) indices are sorted ascending and written, -1 after.
 """
@@ -37,13 +38,47 @@ from nsa.kernels.compression import (LOG2E, check_compression_inputs, compressed
 from nsa.kernels.compression import default_params as compression_default_params
 from nsa.kernels.packing import PackedSequences
 
-INDEX_BIAS = 2**31 - 1  # key low word: INDEX_BIAS - j, larger for lower j
-INF_BITS = 0x7F800000  # float32 +inf as int32: above any finite importance
+# Kernel constants (tl.constexpr: the only module globals a GPU kernel may read).
+INDEX_BITS = tl.constexpr(31)  # key = (importance bits << 31) | (INDEX_BIAS - j) < 2**62: a pair sum fits int64
+INDEX_BIAS = tl.constexpr(2**31 - 1)  # larger low word for a lower block index j
+INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32: above any finite importance
+NO_BLOCK = tl.constexpr(2**29)  # placeholder for unchosen slots while sorting the output (pair sums fit int32)
+_LOG2E = tl.constexpr(LOG2E)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
+
+
+# Bitonic sorting along the last axis of a [ROWS, 2**LOG_N] tile. As in tl.sort, each compare-and-swap step
+# views the rows as [ROWS, ., 2, 2**J] and exchanges the pairs along the size-2 axis, but the partner of each
+# element is (pair sum) - element instead of tl.sort's xor_sum exchange: one size-2 reduction per step on the
+# GPU either way, while the interpreter runs tl.sum as one numpy call but xor_sum as a Python loop per element
+# (and pays per dimension of tl.sort's full hypercube view). Values must not overflow a pair sum: keys stay
+# below 2**62, int32 values at most 2**29. Written inline, without nested jit helpers: the interpreter pays for
+# every device-function call.
+
+
+@triton.jit
+def _sort_rows(x, ROWS: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.constexpr, BITONIC: tl.constexpr):
+    """Sort each row of x [ROWS, 2**LOG_N]; with BITONIC the rows are bitonic already and only the last merge
+    (LOG_N compare-and-swap steps) runs."""
+    N: tl.constexpr = 1 << LOG_N
+    col = tl.arange(0, N)[None, :]
+    for stage in tl.static_range(LOG_N if BITONIC else 1, LOG_N + 1):
+        if stage < LOG_N:  # alternate the direction between runs of 2**stage
+            flip = (col >> stage) & 1
+        else:
+            flip = DESCENDING
+        for i in tl.static_range(stage):
+            # Pairs at distance 2**(stage-1-i) (constexpr arithmetic inline: a constexpr can't be reassigned).
+            pairs = tl.reshape(x, [ROWS, N >> (stage - i), 2, 1 << (stage - 1 - i)])
+            partner = tl.reshape(tl.sum(pairs, 2, keep_dims=True) - pairs, [ROWS, N])
+            right = (col >> (stage - 1 - i)) & 1  # the element is the right one of its pair
+            # Ascending (flip 0): the pair's min goes left, its max right.
+            x = tl.where((flip ^ right) == 1, tl.maximum(x, partner), tl.minimum(x, partner))
+    return x
 
 
 @triton.jit
@@ -54,7 +89,8 @@ def select_blocks_fwd_kernel(
         G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
         TOPN: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, DK: tl.constexpr,
         BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_DK: tl.constexpr,
-        NPAD: tl.constexpr, RPAD: tl.constexpr, PRECISION: tl.constexpr):
+        NPAD: tl.constexpr, RPAD: tl.constexpr, LOG_NPAD: tl.constexpr,
+        PRECISION: tl.constexpr):
     """block_indices [BLOCK_P positions, n] of one kv head of one sequence."""
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
     BLOCK_M: tl.constexpr = BLOCK_P * HEADS
@@ -62,6 +98,7 @@ def select_blocks_fwd_kernel(
     tl.static_assert(NPAD >= TOPN)
     tl.static_assert(RPAD >= R)
     tl.static_assert(CMP_BLOCK <= SLC_BLOCK)
+    tl.static_assert(NPAD == 1 << LOG_NPAD)
 
     pid_p = tl.num_programs(0) - 1 - tl.program_id(0)  # late tiles have the most blocks: start them first
     pid_s = tl.program_id(1)
@@ -103,7 +140,7 @@ def select_blocks_fwd_kernel(
         head_r = hk * G + g_r
         q_tile = tl.load(q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :],
                          mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-        lse2 = tl.load(lse + head_r * stride_lh + tok_r, mask=row_ok, other=float("inf")) * LOG2E
+        lse2 = tl.load(lse + head_r * stride_lh + tok_r, mask=row_ok, other=float("inf")) * _LOG2E
 
     p_last = tl.minimum(p0 + BLOCK_P, seqlen) - 1
     num_causal = p_last // SLC_BLOCK + 1
@@ -121,7 +158,7 @@ def select_blocks_fwd_kernel(
                 head_r = hk * G + g_r
                 q_tile = tl.load(q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :],
                                  mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-                lse2 = tl.load(lse + head_r * stride_lh + tok_r, mask=row_ok, other=float("inf")) * LOG2E
+                lse2 = tl.load(lse + head_r * stride_lh + tok_r, mask=row_ok, other=float("inf")) * _LOG2E
             s = tl.dot(q_tile, k_t, input_precision=PRECISION) * scale_log2
             p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_M, BLOCK_C]
             prob += tl.sum(tl.reshape(p, [BLOCK_P, HEADS, BLOCK_C]), 1)
@@ -133,19 +170,20 @@ def select_blocks_fwd_kernel(
         carry = tl.sum(tl.where(offs_j[None, :] == NPAD - 1, spill, 0.0), 1)
 
         blk = j0 + offs_j
-        low = (INDEX_BIAS - blk).to(tl.int64)[None, :]
-        key = (imp.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low
+        low = (~blk & INDEX_BIAS).to(tl.int64)[None, :]  # INDEX_BIAS - j (constexpr on the right: interpreter)
+        key = (imp.to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | low
         forced = (blk[None, :] < INIT_BLOCKS) | (current[:, None] - blk[None, :] < LOCAL_BLOCKS)
-        key = tl.where(forced, (tl.full([BLOCK_P, NPAD], INF_BITS, tl.int64) << 32) | low, key)
+        key = tl.where(forced, (tl.full([BLOCK_P, NPAD], INF_BITS, tl.int64) << INDEX_BITS) | low, key)
         key = tl.where(blk[None, :] <= current[:, None], key, -1)
-        best = tl.maximum(best, tl.sort(key, 1))  # ascending against descending: the top NPAD of both
-        best = tl.sort(best, 1, descending=True)
+        # Ascending against descending: the elementwise max is the top NPAD of both, as one bitonic row.
+        best = tl.maximum(best, _sort_rows(key, BLOCK_P, LOG_NPAD, 0, False))
+        best = _sort_rows(best, BLOCK_P, LOG_NPAD, 1, True)
 
     count = tl.minimum(current + 1, TOPN)
-    chosen = (INDEX_BIAS - (best & 0xFFFFFFFF)).to(tl.int32)
-    chosen = tl.where(offs_j[None, :] < count[:, None], chosen, INDEX_BIAS)
-    chosen = tl.sort(chosen, 1)
-    chosen = tl.where(chosen == INDEX_BIAS, -1, chosen)
+    chosen = (~best & INDEX_BIAS).to(tl.int32)  # j back from its low word INDEX_BIAS - j
+    chosen = tl.where(offs_j[None, :] < count[:, None], chosen, NO_BLOCK)
+    chosen = _sort_rows(chosen, BLOCK_P, LOG_NPAD, 0, False)
+    chosen = tl.where(chosen == NO_BLOCK, -1, chosen)
     tok_p = (seq_start + p0 + offs_p).to(tl.int64)
     tl.store(out + tok_p[:, None] * stride_ot + hk * stride_oh + offs_j[None, :], chosen,
              mask=((p0 + offs_p) < seqlen)[:, None] & (offs_j < TOPN)[None, :])
@@ -164,39 +202,51 @@ def _pow2(x: int) -> bool:
 class SelectionParams:
     """Launch parameters of the block-selection kernel.
 
+    A program owns `block_m` query positions of one kv head; its score tiles are block_m positions x `block_h`
+    query heads of the group (rows = block_m * block_h >= 16, a GPU `tl.dot` requirement; a group takes
+    cdiv(G, block_h) tiles per chunk, rows of heads beyond G are masked). With block_h >= G the group is one
+    tile and q stays in registers across chunks. Its top-n state is [block_m, NPAD] int64, NPAD =
+    max(16, next_pow2(n)) selection blocks per chunk (fixed by the config, not a parameter).
+
     Attributes:
-        BLOCK_P: query positions per program (a power of two); their top-n state is [BLOCK_P, NPAD] int64.
-        HEADS: query heads of the group per score tile, a power of two <= next_pow2(G); BLOCK_P * HEADS >= 16
-            rows. With HEADS >= G the whole group is one tile and q stays in registers across chunks.
+        block_m: query positions per program, a power of two.
+        block_h: query heads per score tile, a power of two.
         num_warps, num_stages: Triton launch options.
-    The chunk width NPAD = max(16, next_pow2(n)) selection blocks follows from the config, not from the params.
     """
 
-    BLOCK_P: int = 8
-    HEADS: int = 16
+    block_m: int = 8
+    block_h: int = 16
     num_warps: int = 4
     num_stages: int = 1
 
-    def check(self, group: int) -> None:
-        """ValueError unless the params are legal for GQA group size `group`."""
-        if not (_pow2(self.BLOCK_P) and _pow2(self.HEADS)):
-            raise ValueError(f"SelectionParams: BLOCK_P and HEADS must be powers of two, got {self.BLOCK_P}, "
-                             f"{self.HEADS}")
-        if self.HEADS > triton.next_power_of_2(group):
-            raise ValueError(f"SelectionParams: HEADS={self.HEADS} exceeds the group size G={group}")
-        if self.BLOCK_P * self.HEADS < 16:
-            raise ValueError(f"SelectionParams: tl.dot needs BLOCK_P * HEADS >= 16, got {self.BLOCK_P * self.HEADS}")
-        if not _pow2(self.num_warps) or self.num_stages < 1:
-            raise ValueError(f"SelectionParams: bad num_warps={self.num_warps} / num_stages={self.num_stages}")
+    def __post_init__(self):
+        for name in ("block_m", "block_h", "num_warps"):
+            if not _pow2(getattr(self, name)):
+                raise ValueError(f"SelectionParams.{name} must be a power of two, got {getattr(self, name)!r}")
+        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
+            raise ValueError(f"SelectionParams.num_stages must be an int >= 1, got {self.num_stages!r}")
+        if self.block_m * self.block_h < 16:
+            raise ValueError(f"SelectionParams: tl.dot needs block_m * block_h >= 16, got "
+                             f"{self.block_m * self.block_h}")
 
 
 def default_params(num_heads: int, num_kv_heads: int, head_dim: int, config: NSAConfig,
-                   device=None) -> SelectionParams:
-    """All heads of a group in one tile (up to 64), about 64-128 rows per program."""
+                   dtype: torch.dtype = torch.bfloat16) -> SelectionParams:
+    """A sane default for the shape (the tuner searches better ones): the group's heads in one tile (up to 64);
+    16-bit inputs: 128 rows and 8 warps for groups of 8 or more (e.g. 8 positions x 16 heads), else 64 rows and
+    4 warps (no register spills on sm_90 for Dk = 128, paper config); fp32 (FMA-unit `ieee` dot): 16 rows.
+    Larger tiles under the interpreter (it pays per program, not per element)."""
     group = num_heads // num_kv_heads
     heads = min(triton.next_power_of_2(group), 64)
-    rows = 256 if runtime.interpreting() else (128 if heads >= 8 else 64)
-    return SelectionParams(BLOCK_P=max(1, rows // heads), HEADS=heads, num_warps=4, num_stages=1)
+    if runtime.interpreting():
+        rows, warps = max(256, heads), 4
+    elif dtype == torch.float32:
+        rows, warps = max(16, heads), 4
+    elif heads >= 8 and head_dim <= 128:
+        rows, warps = max(128, heads), 8
+    else:
+        rows, warps = max(64, heads), 4
+    return SelectionParams(block_m=rows // heads, block_h=heads, num_warps=warps, num_stages=1)
 
 
 def chunk_width(config: NSAConfig) -> int:
@@ -217,7 +267,6 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
     total, num_heads, head_dim = q.shape
     num_kv_heads = k_cmp.shape[1]
     group = num_heads // num_kv_heads
-    params.check(group)
     n = config.slc_topn
     shape = (total, num_kv_heads, n)
     if runtime.POISON_OUTPUTS:
@@ -229,16 +278,17 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
     if k_cmp.shape[0] == 0:  # no compressed keys: pass a valid pointer, every column is masked off
         k_cmp = torch.zeros((1, num_kv_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = lse.contiguous()
-    heads_chunks = triton.cdiv(group, params.HEADS)
-    grid = (triton.cdiv(seqs.max_seqlen, params.BLOCK_P), seqs.num_seqs, num_kv_heads)
+    heads_chunks = triton.cdiv(group, params.block_h)
+    grid = (triton.cdiv(seqs.max_seqlen, params.block_m), seqs.num_seqs, num_kv_heads)
     select_blocks_fwd_kernel[grid](
         q, k_cmp, lse, out, seqs.cu_seqlens, seqs.cu_cmp,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse.stride(0), out.stride(0), out.stride(1),
         scale * LOG2E,
         G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SLC_BLOCK=config.slc_block, TOPN=n,
-        INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, DK=head_dim, BLOCK_P=params.BLOCK_P,
-        HEADS=params.HEADS, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_DK=head_dim_block(head_dim),
-        NPAD=chunk_width(config), RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride),
+        INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, DK=head_dim, BLOCK_P=params.block_m,
+        HEADS=params.block_h, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_DK=head_dim_block(head_dim),
+        NPAD=chunk_width(config), LOG_NPAD=chunk_width(config).bit_length() - 1,
+        RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride),
         PRECISION=runtime.dot_precision(q.dtype), num_warps=params.num_warps, num_stages=params.num_stages)
     return out
 
@@ -284,14 +334,16 @@ def select_blocks(q, k_cmp, config: NSAConfig, *, scale=None, cu_seqlens=None, l
                              f"{lse.dtype} {tuple(lse.shape)}")
         if lse.device != q.device:
             raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
-    if params is None:
-        params = default_params(num_heads, num_kv_heads, head_dim, config, q.device)
     dtype = runtime.compute_dtype(q.dtype)
+    if params is None:
+        params = default_params(num_heads, num_kv_heads, head_dim, config, dtype)
+    elif not isinstance(params, SelectionParams):
+        raise TypeError(f"params must be a SelectionParams, got {type(params).__name__}")
     with torch.no_grad():
         q_packed, k_packed = pack(q, dtype), pack(k_cmp, dtype)
         if lse is None:
             # The forward's output o is not needed, but its lse is; v_cmp only shapes o, so k_cmp stands in.
-            cmp_params = compression_default_params(num_heads, num_kv_heads, head_dim, head_dim, config, q.device)
+            cmp_params = compression_default_params(num_heads, num_kv_heads, head_dim, head_dim, dtype)
             _, lse_packed = compressed_attention_fwd(q_packed, k_packed, k_packed, seqs, config, scale, cmp_params)
         else:
             lse_packed = lse.transpose(0, 1).reshape(num_heads, batch * seqlen)
