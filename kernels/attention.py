@@ -1,0 +1,92 @@
+"""`nsa_attention` from the Triton kernels: the composition of every branch, with its own autograd.
+
+Forward: compressed attention (o_cmp and its log-sum-exp) -> block selection from that log-sum-exp ->
+selected-block attention and sliding-window attention -> gated combination. Backward: each branch's autograd
+Function runs its own Triton backward; the selection is discrete and gets no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nsa.config import NSAConfig
+from nsa.inputs import check_attention_inputs
+from nsa.kernels import combine, compression, selected_attention, selection, window_attention
+from nsa.kernels.packing import PackedSequences
+from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, pack
+
+
+@dataclasses.dataclass(frozen=True)
+class NSAParams:
+    """Tunable parameters of every kernel family; a None field takes that family's default for the shape."""
+
+    compression: compression.CompressionParams | None = None
+    selection: selection.SelectionParams | None = None
+    selected: selected_attention.SelectedAttentionParams | None = None
+    window: window_attention.WindowAttentionParams | None = None
+    combine: combine.CombineParams | None = None
+
+    def resolve(self, config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
+                dtype) -> "NSAParams":
+        """These params with every None replaced by its family's default for the shape and compute dtype."""
+        heads = (num_heads, num_kv_heads)
+        return NSAParams(
+            compression=self.compression or compression.default_params(*heads, head_dim, head_dim_v, dtype=dtype),
+            selection=self.selection or selection.default_params(*heads, head_dim, config, dtype=dtype),
+            selected=self.selected or selected_attention.default_params(config, *heads, head_dim, head_dim_v,
+                                                                         dtype=dtype),
+            window=self.window or window_attention.default_params(*heads, head_dim, head_dim_v, config, dtype=dtype),
+            combine=self.combine or combine.default_params(head_dim_v),
+        )
+
+
+def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config: NSAConfig, *, scale=None,
+                  return_block_indices=False, cu_seqlens=None, params: NSAParams | None = None):
+    """Native Sparse Attention with Triton kernels; same arguments and result as `nsa.reference.nsa_attention`.
+
+    Args:
+        q: [B, T, Hq, Dk] queries.
+        k, v: [B, T, Hkv, Dk], [B, T, Hkv, Dv] keys/values of the selected and window branches.
+        k_cmp, v_cmp: [B, Tc, Hkv, Dk], [B, Tc, Hkv, Dv] compressed keys/values, Tc = config.num_cmp_blocks(T)
+            (with cu_seqlens: the sequences' entries packed in order).
+        g_cmp, g_slc, g_win: [B, T, Hq] branch gates (already through a sigmoid).
+        config: NSAConfig. scale: softmax scale, Dk ** -0.5 by default.
+        return_block_indices: also return the selection.
+        cu_seqlens: int32 [N+1] offsets of N packed sequences (B = 1), FlashAttention's convention.
+        params: NSAParams, the kernels' tunable parameters (defaults per shape when None).
+    All tensors float16, bfloat16 or float32 on one CUDA device (or CPU under TRITON_INTERPRET=1, where the
+    kernels compute in float32); head dims up to 256, Dk and Dv may differ; any G = Hq / Hkv.
+    Returns:
+        o [B, T, Hq, Dv] in the inputs' dtype, differentiable in q, k, v, k_cmp, v_cmp and the three gates; with
+        return_block_indices also block_indices [B, T, Hkv, n] int32 (ascending, -1 padded).
+    Memory: O(T) in every branch; nothing of size T x T or T x Tc is stored.
+
+    Example:
+        >>> x = nsa.problems.random_inputs(NSAConfig(), seqlen=8192, num_heads=64, num_kv_heads=4, head_dim=128,
+        ...                                dtype=torch.bfloat16, device="cuda")
+        >>> o = nsa_attention(**x, config=NSAConfig())
+    """
+    shape = check_attention_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale=scale,
+                                   cu_seqlens=cu_seqlens)
+    check_kernel_inputs(q, max(shape.head_dim, shape.head_dim_v))
+    batch, seqlen, num_heads = q.shape[:3]
+    seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
+    dtype = compute_dtype(q.dtype)
+    params = (params or NSAParams()).resolve(config, num_heads, shape.num_kv_heads, shape.head_dim,
+                                             shape.head_dim_v, dtype)
+    q_, k_, v_, k_cmp_, v_cmp_ = (pack(x, dtype) for x in (q, k, v, k_cmp, v_cmp))
+    gates = [g.to(dtype).reshape(-1).contiguous() for g in (g_cmp, g_slc, g_win)]
+    scale = shape.scale
+
+    o_cmp, lse = compression.CompressedAttentionFunction.apply(q_, k_cmp_, v_cmp_, seqs, config, scale,
+                                                               params.compression)
+    block_indices = selection.select_blocks_fwd(q_, k_cmp_, lse, seqs, config, scale, params.selection)
+    o_slc, _ = selected_attention.SelectedAttentionFunction.apply(q_, k_, v_, block_indices, seqs, config, scale,
+                                                                  params.selected)
+    o_win = window_attention.WindowAttentionFunction.apply(q_, k_, v_, seqs, config, scale, params.window)
+    rows = [o.reshape(-1, shape.head_dim_v) for o in (o_cmp, o_slc, o_win)]
+    o = combine.CombineFunction.apply(*rows, *gates, params.combine)
+    o = o.reshape(batch, seqlen, num_heads, shape.head_dim_v).to(q.dtype)
+    if not return_block_indices:
+        return o
+    return o, block_indices.reshape(batch, seqlen, shape.num_kv_heads, config.slc_topn)

@@ -1,0 +1,124 @@
+"""nsa.kernels.nsa_attention, the whole composition, against the reference (CPU interpreter and GPU)."""
+
+import pytest
+import torch
+
+from nsa import NSAConfig, reference
+from nsa.accuracy import allowed_error, assert_close, selection_mismatches
+from nsa.kernels import nsa_attention, runtime
+from nsa.problems import random_inputs
+
+NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win")
+
+
+def reference_given_selection(x, block_indices, config, cu_seqlens):
+    """The reference output for a given selection: near-equal importances may legally swap blocks."""
+    common = dict(cu_seqlens=cu_seqlens)
+    o_cmp = reference.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], config, **common)
+    o_slc = reference.selected_attention(x["q"], x["k"], x["v"], block_indices, config, **common)
+    o_win = reference.window_attention(x["q"], x["k"], x["v"], config, **common)
+    return reference.combine_branches(o_cmp, o_slc, o_win, x["g_cmp"], x["g_slc"], x["g_win"])
+
+
+def check_against_reference(config, x, cu_seqlens, *, ref_dtype, grads=True, same_dtype_ref=True):
+    """Kernel output, selection and gradients vs the reference computed in ref_dtype from the same inputs."""
+    dtype = x["q"].dtype
+    o, idx = nsa_attention(**x, config=config, cu_seqlens=cu_seqlens, return_block_indices=True)
+    hi = {n: x[n].detach().to(ref_dtype).requires_grad_(grads) for n in NAMES}
+    seqlens = [[x["q"].shape[1]]] * x["q"].shape[0] if cu_seqlens is None else [torch.diff(cu_seqlens).tolist()]
+    importance = reference.block_importance(hi["q"].detach(), hi["k_cmp"].detach(), config, cu_seqlens=cu_seqlens)
+    problems = selection_mismatches(idx, importance, config, seqlens=seqlens)
+    assert not problems, "\n".join(problems)
+    ref = reference_given_selection(hi, idx, config, cu_seqlens)
+    lo = None
+    if same_dtype_ref:
+        lo_x = {n: x[n].detach().requires_grad_(grads) for n in NAMES}
+        lo = reference_given_selection(lo_x, idx, config, cu_seqlens)
+    errors = {"o": assert_close("o", o, ref, allowed_error(ref, lo, runtime.compute_dtype(dtype)))}
+    if grads:
+        do = torch.randn_like(ref)
+        got = torch.autograd.grad(o, [x[n] for n in NAMES], do.to(dtype))
+        want = torch.autograd.grad(ref, [hi[n] for n in NAMES], do)
+        low = torch.autograd.grad(lo, [lo_x[n] for n in NAMES], do.to(dtype)) if lo is not None else [None] * 8
+        for name, g, w, gl in zip(NAMES, got, want, low):
+            errors["d" + name] = assert_close("d" + name, g, w, allowed_error(w, gl, runtime.compute_dtype(dtype)))
+    return errors
+
+
+CPU_CASES = {
+    "paper-like-G4": (NSAConfig(cmp_block=32, cmp_stride=16, slc_block=64, slc_topn=3, window=64),
+                      dict(batch=1, seqlen=200, num_heads=4, num_kv_heads=1, head_dim=16)),
+    "G1-varlen": (NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=4, window=24),
+                  dict(seqlens=[7, 60, 33], num_heads=2, num_kv_heads=2, head_dim=16)),
+    "G2-DkDv-B2": (NSAConfig(cmp_block=16, cmp_stride=16, slc_block=16, slc_topn=3, window=16, init_blocks=0,
+                             local_blocks=1),
+                   dict(batch=2, seqlen=45, num_heads=4, num_kv_heads=2, head_dim=32, head_dim_v=16)),
+}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
+
+
+@pytest.mark.skipif(not runtime.interpreting(), reason="CPU tests run the kernels in TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_matches_reference_in_interpreter(case, poisoned):
+    config, sizes = CPU_CASES[case]
+    x = random_inputs(config, **sizes, dtype=torch.float32, seed=11, requires_grad=True)
+    cu = x.pop("cu_seqlens")
+    check_against_reference(config, x, cu, ref_dtype=torch.float64, same_dtype_ref=False)
+
+
+def test_rejects_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=2, window=8, local_blocks=1)
+    x = random_inputs(config, batch=1, seqlen=20, num_heads=2, num_kv_heads=1, head_dim=16, seed=0)
+    x.pop("cu_seqlens")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        nsa_attention(**x, config=config)
+
+
+def test_rejects_bad_shapes_before_launch():
+    config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=2, window=8, local_blocks=1)
+    x = random_inputs(config, batch=1, seqlen=40, num_heads=2, num_kv_heads=1, head_dim=16, seed=0)
+    x.pop("cu_seqlens")
+    x["k_cmp"] = x["k_cmp"][:, :-1]
+    with pytest.raises(ValueError, match="k_cmp must have shape"):
+        nsa_attention(**x, config=config)
+
+
+GPU_CASES = [
+    ("paper-G16", 64, 4, 128, 128),
+    ("G4", 64, 16, 128, 128),
+    ("G1", 16, 16, 128, 128),
+    ("Dk192-Dv128", 16, 2, 192, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seqlen", [1000, 4096, 16384])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_matches_reference_on_gpu(case, dtype, seqlen, poisoned):
+    _, hq, hkv, dk, dv = case
+    if seqlen > 4096 and case[0] != "paper-G16":
+        pytest.skip("long sequences run for the paper shape only (time)")
+    config = NSAConfig()
+    x = random_inputs(config, batch=1, seqlen=seqlen, num_heads=hq, num_kv_heads=hkv, head_dim=dk, head_dim_v=dv,
+                      dtype=dtype, device="cuda", requires_grad=True)
+    cu = x.pop("cu_seqlens")
+    errors = check_against_reference(config, x, cu, ref_dtype=torch.float32)
+    print(case[0], dtype, seqlen, {k: f"{v:.2e}" for k, v in errors.items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_varlen_on_gpu(dtype, poisoned):
+    config = NSAConfig()
+    x = random_inputs(config, seqlens=[17, 1500, 64, 3000], num_heads=32, num_kv_heads=4, head_dim=128,
+                      dtype=dtype, device="cuda", requires_grad=True)
+    cu = x.pop("cu_seqlens")
+    check_against_reference(config, x, cu, ref_dtype=torch.float32)
