@@ -20,11 +20,22 @@ def overlap_weights(num_cmp: int, num_slc: int, config: NSAConfig, *, dtype, dev
 
 
 def block_importance_rows(probs, pos, num_kv_heads: int, config: NSAConfig) -> torch.Tensor:
-    """imp [C, Hkv, Ns] from p_cmp [C, Hq, Tc], summed over each group's heads; Ns covers the rows' causal blocks."""
+    """imp [C, Hkv, Ns] from p_cmp [C, Hq, Tc], summed over each group's heads; Ns covers the rows' causal blocks.
+
+    Compression block i adds p_cmp * overlap / d to each selection block it overlaps. The sums are elementwise
+    (index_add), not a matmul: a float32 matmul may run in TF32 on a GPU, too coarse for an oracle of rankings.
+    """
     rows, num_heads, num_cmp = probs.shape
     num_slc = int(pos.max()) // config.slc_block + 1
     grouped = probs.reshape(rows, num_kv_heads, num_heads // num_kv_heads, num_cmp).sum(dim=2)
-    return grouped @ overlap_weights(num_cmp, num_slc, config, dtype=probs.dtype, device=probs.device)
+    weights = overlap_weights(num_cmp, num_slc, config, dtype=probs.dtype, device=probs.device)  # [Tc, Ns]
+    imp = grouped.new_zeros(rows, num_kv_heads, num_slc)
+    block = torch.arange(num_cmp, device=probs.device)
+    for step in (0, 1):  # l <= l': block i meets selection blocks i*d // l' and at most the one after
+        target = block * config.cmp_stride // config.slc_block + step
+        inside = target < num_slc
+        imp.index_add_(-1, target[inside], grouped[..., inside] * weights[block[inside], target[inside]])
+    return imp
 
 
 def select_blocks_rows(importance, pos, config: NSAConfig) -> torch.Tensor:

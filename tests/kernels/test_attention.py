@@ -109,7 +109,7 @@ def test_matches_reference_on_gpu(case, dtype, seqlen, poisoned):
     x = random_inputs(config, batch=1, seqlen=seqlen, num_heads=hq, num_kv_heads=hkv, head_dim=dk, head_dim_v=dv,
                       dtype=dtype, device="cuda", requires_grad=True)
     cu = x.pop("cu_seqlens")
-    errors = check_against_reference(config, x, cu, ref_dtype=torch.float32)
+    errors = check_against_reference(config, x, cu, ref_dtype=torch.float64)
     print(case[0], dtype, seqlen, {k: f"{v:.2e}" for k, v in errors.items()})
 
 
@@ -121,4 +121,4 @@ def test_varlen_on_gpu(dtype, poisoned):
     x = random_inputs(config, seqlens=[17, 1500, 64, 3000], num_heads=32, num_kv_heads=4, head_dim=128,
                       dtype=dtype, device="cuda", requires_grad=True)
     cu = x.pop("cu_seqlens")
-    check_against_reference(config, x, cu, ref_dtype=torch.float32)
+    check_against_reference(config, x, cu, ref_dtype=torch.float64)

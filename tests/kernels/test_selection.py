@@ -138,53 +138,10 @@ def test_bad_inputs(bad):
         select_blocks(q, k_cmp, config, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# A vectorised `selection_mismatches` (the original loops over rows in Python: too slow at T = 16k)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def positions(seqlens, seqlen, device):
-    """[B, T] sequence-local position of every row."""
-    rows = []
-    for lengths in seqlens:
-        rows.append(torch.cat([torch.arange(n, device=device) for n in lengths]) if lengths
-                    else torch.zeros(0, dtype=torch.long, device=device))
-    return torch.stack(rows)[:, :seqlen]
-
-
-def fast_selection_mismatches(block_indices, importance, config, *, seqlens, rtol=1e-4):
-    """What `nsa.accuracy.selection_mismatches` checks, on whole tensors; returns (number of bad rows, examples)."""
-    bi, imp = block_indices.long(), importance.double()
-    batch, seqlen, num_kv_heads, n = bi.shape
-    num_slc = imp.shape[-1]
-    current = (positions(seqlens, seqlen, bi.device) // config.slc_block)[:, :, None]  # [B, T, 1]
-    want = torch.clamp(current + 1, max=n)[..., None]  # [B, T, 1, 1]
-    slot = torch.arange(n, device=bi.device)
-    prefix = slot < want
-    shape_bad = ((bi != -1) & ~prefix).any(-1) | (prefix & ((bi < 0) | (bi > current[..., None]))).any(-1)
-    shape_bad |= (prefix[..., 1:] & (bi[..., 1:] <= bi[..., :-1])).any(-1)
-    chosen = torch.zeros(batch, seqlen, num_kv_heads, num_slc + 1, dtype=torch.bool, device=bi.device)
-    chosen.scatter_(-1, torch.where(prefix & (bi >= 0), bi, num_slc).clamp(max=num_slc), True)
-    chosen = chosen[..., :num_slc]
-    j = torch.arange(num_slc, device=bi.device)
-    causal = (j <= current[..., None])
-    forced = causal & ((j < config.init_blocks) | (current[..., None] - j < config.local_blocks))
-    forced_bad = (forced & ~chosen).any(-1)
-    free_in, free_out = chosen & ~forced, causal & ~chosen
-    worst_in = torch.where(free_in, imp, float("inf")).amin(-1)
-    best_out = torch.where(free_out, imp, float("-inf")).amax(-1)
-    row_max = torch.where(causal, imp, float("-inf")).amax(-1).clamp(min=1e-30)
-    rank_bad = worst_in < best_out - rtol * row_max
-    bad = shape_bad | forced_bad | rank_bad
-    examples = [f"b={b} row={t} kv head {h}: {bi[b, t, h].tolist()}" for b, t, h in bad.nonzero().tolist()[:10]]
-    return int(bad.sum()), examples
-
-
-def test_fast_checker_agrees_with_selection_mismatches():
+def test_checker_catches_corrupted_selections():
     config, params, q, k_cmp, _, cu, lengths = problem("l8d4ls16-n4-G1-T200", 4)
     imp = block_importance(q.double(), k_cmp.double(), config, cu_seqlens=cu)
     good = select_blocks(q, k_cmp, config, cu_seqlens=cu, params=params)
-    assert fast_selection_mismatches(good, imp, config, seqlens=lengths)[0] == 0
     assert selection_mismatches(good, imp, config, seqlens=lengths) == []
     row = 150  # blocks 0..9 causal, 4 chosen
     forced = {0, 8, 9}  # init_blocks=1, local_blocks=2
@@ -204,12 +161,11 @@ def test_fast_checker_agrees_with_selection_mismatches():
     for name, values in corrupted.items():
         bad = good.clone()
         bad[0, row, 0] = torch.tensor(values, dtype=torch.int32)
-        assert fast_selection_mismatches(bad, imp, config, seqlens=lengths)[0] == 1, name
-        assert selection_mismatches(bad, imp, config, seqlens=lengths) != [], name
+        assert len(selection_mismatches(bad, imp, config, seqlens=lengths)) == 1, name
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GPU (fp16/bf16 at full size); the importance reference runs on the GPU in float32 from the upcast inputs.
+# GPU (fp16/bf16 at full size); the importance reference runs on the GPU in float64 from the upcast inputs.
 # ----------------------------------------------------------------------------------------------------------------
 
 GPU_CASES = {
@@ -235,11 +191,8 @@ def test_select_blocks_gpu(case, dtype):
     _, lse = compressed_attention(q, k_cmp, v_cmp, config, cu_seqlens=cu, return_lse=True)
     idx = select_blocks(q, k_cmp, config, cu_seqlens=cu, lse=lse)
     assert idx.dtype == torch.int32 and idx.shape == (1, q.shape[1], hkv, config.slc_topn)
-    imp = block_importance(q.float(), k_cmp.float(), config, cu_seqlens=cu)
-    bad, examples = fast_selection_mismatches(idx, imp, config, seqlens=lengths)
-    assert bad == 0, f"{bad} invalid rows, e.g. {examples}"
-    # The original checker on a prefix of rows (its Python loop is slow).
-    rows = min(1024, lengths[0][0])
-    assert selection_mismatches(idx[:, :rows], imp[:, :rows], config, seqlens=[[rows]]) == []
+    imp = block_importance(q.double(), k_cmp.double(), config, cu_seqlens=cu)
+    problems = selection_mismatches(idx, imp, config, seqlens=lengths)
+    assert not problems, "\n".join(problems)
     # Without a given lse, the same selection.
     assert torch.equal(select_blocks(q, k_cmp, config, cu_seqlens=cu), idx)
