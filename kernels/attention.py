@@ -8,12 +8,19 @@ Function runs its own Triton backward; the selection is discrete and gets no gra
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 from nsa.config import NSAConfig
 from nsa.inputs import check_attention_inputs
-from nsa.kernels import combine, compression, selected_attention, selection, window_attention
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, pack
+
+# Modules by path: nsa.kernels re-exports functions named like two of them (selected_attention, window_attention).
+combine = importlib.import_module("nsa.kernels.combine")
+compression = importlib.import_module("nsa.kernels.compression")
+selected_attention = importlib.import_module("nsa.kernels.selected_attention")
+selection = importlib.import_module("nsa.kernels.selection")
+window_attention = importlib.import_module("nsa.kernels.window_attention")
 
 
 @dataclasses.dataclass(frozen=True)

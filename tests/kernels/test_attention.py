@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nsa import NSAConfig, reference
-from nsa.accuracy import allowed_error, assert_close, selection_mismatches
+from nsa.accuracy import SELECTION_RTOL, allowed_error, assert_close, selection_mismatches
 from nsa.kernels import nsa_attention, runtime
 from nsa.problems import random_inputs
 
@@ -27,7 +27,7 @@ def check_against_reference(config, x, cu_seqlens, *, ref_dtype, grads=True, sam
     hi = {n: x[n].detach().to(ref_dtype).requires_grad_(grads) for n in NAMES}
     seqlens = [[x["q"].shape[1]]] * x["q"].shape[0] if cu_seqlens is None else [torch.diff(cu_seqlens).tolist()]
     importance = reference.block_importance(hi["q"].detach(), hi["k_cmp"].detach(), config, cu_seqlens=cu_seqlens)
-    problems = selection_mismatches(idx, importance, config, seqlens=seqlens)
+    problems = selection_mismatches(idx, importance, config, seqlens=seqlens, rtol=SELECTION_RTOL[dtype])
     assert not problems, "\n".join(problems)
     ref = reference_given_selection(hi, idx, config, cu_seqlens)
     lo = None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nsa import NSAConfig
-from nsa.accuracy import selection_mismatches
+from nsa.accuracy import SELECTION_RTOL, selection_mismatches
 from nsa.kernels import runtime
 from nsa.kernels.compression import compressed_attention
 from nsa.kernels.selection import SelectionParams, default_params, select_blocks
@@ -192,7 +192,7 @@ def test_select_blocks_gpu(case, dtype):
     idx = select_blocks(q, k_cmp, config, cu_seqlens=cu, lse=lse)
     assert idx.dtype == torch.int32 and idx.shape == (1, q.shape[1], hkv, config.slc_topn)
     imp = block_importance(q.double(), k_cmp.double(), config, cu_seqlens=cu)
-    problems = selection_mismatches(idx, imp, config, seqlens=lengths)
+    problems = selection_mismatches(idx, imp, config, seqlens=lengths, rtol=SELECTION_RTOL[dtype])
     assert not problems, "\n".join(problems)
     # Without a given lse, the same selection.
     assert torch.equal(select_blocks(q, k_cmp, config, cu_seqlens=cu), idx)
