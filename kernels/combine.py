@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.inputs import FLOAT_DTYPES
+from nsa.inputs import check_float_tensors, expect_shape
 from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, new_output
 
 
@@ -152,25 +152,14 @@ class CombineFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _check_inputs(outputs: dict, gates: dict):
+    named = {**outputs, **gates}
+    check_float_tensors(named, {name: 4 if name.startswith("o_") else 3 for name in named})
     o_cmp = outputs["o_cmp"]
-    for name, x in {**outputs, **gates}.items():
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-        if x.dtype != o_cmp.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but o_cmp has {o_cmp.dtype}: inputs must share one dtype")
-        if x.device != o_cmp.device:
-            raise ValueError(f"{name} is on {x.device} but o_cmp is on {o_cmp.device}: inputs must be on one device")
-    if o_cmp.dim() != 4:
-        raise ValueError(f"o_cmp must have 4 dimensions [B, T, Hq, Dv], got shape {tuple(o_cmp.shape)}")
     check_kernel_inputs(o_cmp, max_head_dim=0)  # any Dv: rows are tiled by BLOCK_D
     for name, x in outputs.items():
-        if x.shape != o_cmp.shape:
-            raise ValueError(f"{name} must have shape {tuple(o_cmp.shape)} (B, T, Hq, Dv), got {tuple(x.shape)}")
+        expect_shape(name, x, o_cmp.shape, "B, T, Hq, Dv")
     for name, x in gates.items():
-        if x.shape != o_cmp.shape[:3]:
-            raise ValueError(f"{name} must have shape {tuple(o_cmp.shape[:3])} (B, T, Hq), got {tuple(x.shape)}")
+        expect_shape(name, x, o_cmp.shape[:3], "B, T, Hq")
 
 
 def combine_branches(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, *, params=None):

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from nsa.config import NSAConfig
-from nsa.inputs import FLOAT_DTYPES, check_cu_seqlens, resolve_scale
+from nsa.inputs import check_compressed, check_config, check_cu_seqlens, check_float_tensors, resolve_scale
 from nsa.kernels import runtime
 from nsa.kernels.packing import PackedSequences
 
@@ -540,59 +540,28 @@ class CompressedAttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _require(name, x, ndim):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-
-
 def check_compression_inputs(q, k_cmp, config: NSAConfig, cu_seqlens, v_cmp=None):
     """Validate q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk] (and v_cmp [B, Tc, Hkv, Dv]) before any launch.
 
     Returns:
         PackedSequences of the batch. Raises TypeError / ValueError naming the problem.
     """
-    if not isinstance(config, NSAConfig):
-        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+    check_config(config)
     named = dict(q=q, k_cmp=k_cmp) if v_cmp is None else dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp)
-    for name, x in named.items():
-        _require(name, x, 4)
-    for name, x in named.items():
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32), got {x.dtype}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: all inputs must share one dtype")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: all inputs must be on one device")
-    if q.device.type != "cuda" and not runtime.interpreting():
-        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {q.device}")
-    runtime.compute_dtype(q.dtype)  # TypeError for float64 on GPU
+    check_float_tensors(named, dict.fromkeys(named, 4))
     batch, seqlen, num_heads, head_dim = q.shape
     num_kv_heads = k_cmp.shape[2]
+    head_dim_v = head_dim if v_cmp is None else v_cmp.shape[3]
+    runtime.check_kernel_inputs(q, max(head_dim, head_dim_v))
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
-    if head_dim < 1 or head_dim > 256:
-        raise ValueError(f"head dim Dk must be in [1, 256], got {head_dim}")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, batch, seqlen, q.device)
     seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
     num_cmp = int(seqs.cu_cmp[-1]) if cu_seqlens is not None else config.num_cmp_blocks(seqlen)
-    want = (batch, num_cmp, num_kv_heads, head_dim)
-    if tuple(k_cmp.shape) != want:
-        raise ValueError(f"k_cmp must have shape {want} (B, Tc, Hkv, Dk with Tc={num_cmp} compression blocks for "
-                         f"l={config.cmp_block}, d={config.cmp_stride}), got {tuple(k_cmp.shape)}")
-    if v_cmp is not None:
-        head_dim_v = v_cmp.shape[3]
-        if tuple(v_cmp.shape[:3]) != want[:3] or not 1 <= head_dim_v <= 256:
-            raise ValueError(f"v_cmp must have shape (B, Tc, Hkv, Dv) = {want[:3] + ('Dv <= 256',)}, "
-                             f"got {tuple(v_cmp.shape)}")
+    check_compressed(k_cmp, k_cmp if v_cmp is None else v_cmp, config, batch, num_cmp, num_kv_heads, head_dim,
+                     head_dim_v)
     return seqs
-
-
-def pack(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T, H, D] -> contiguous [B*T, H, D] in the kernels' dtype (autograd-friendly)."""
-    return x.to(dtype).reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3]).contiguous()
 
 
 def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, *, scale=None, cu_seqlens=None, params=None,
@@ -626,8 +595,8 @@ def compressed_attention(q, k_cmp, v_cmp, config: NSAConfig, *, scale=None, cu_s
         params = default_params(num_heads, k_cmp.shape[2], head_dim, v_cmp.shape[3], dtype)
     elif not isinstance(params, CompressionParams):
         raise TypeError(f"params must be a CompressionParams, got {type(params).__name__}")
-    o, lse = CompressedAttentionFunction.apply(pack(q, dtype), pack(k_cmp, dtype), pack(v_cmp, dtype), seqs,
-                                               config, scale, params)
+    packed = (runtime.pack(x, dtype) for x in (q, k_cmp, v_cmp))
+    o, lse = CompressedAttentionFunction.apply(*packed, seqs, config, scale, params)
     o = o.reshape(batch, seqlen, num_heads, v_cmp.shape[3]).to(q.dtype)
     if not return_lse:
         return o

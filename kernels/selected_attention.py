@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from nsa.config import NSAConfig
-from nsa.inputs import FLOAT_DTYPES, check_cu_seqlens, resolve_scale
+from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.packing import PackedSequences
-from nsa.kernels.runtime import compute_dtype, dot_precision, interpreting, new_output
+from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, dot_precision, new_output, pack
 
 LOG2E = 1.4426950408889634
 # Kernels may only read globals declared as constexpr.
@@ -727,33 +727,19 @@ class SelectedAttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _check_inputs(q, k, v, block_indices, config, cu_seqlens):
-    if not isinstance(config, NSAConfig):
-        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
-    for name, x in dict(q=q, k=k, v=v, block_indices=block_indices).items():
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(x.shape)}")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: all inputs must be on one device")
-    for name, x in dict(q=q, k=k, v=v).items():
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: q, k, v must share one dtype")
-    if block_indices.dtype != torch.int32:
-        raise TypeError(f"block_indices must be int32, got {block_indices.dtype}")
-    batch, seqlen, num_heads, head_dim = q.shape
-    num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
-    if head_dim < 1 or head_dim_v < 1 or max(head_dim, head_dim_v) > 256:
-        raise ValueError(f"head dims must be in [1, 256], got Dk={head_dim}, Dv={head_dim_v}")
-    expected = dict(k=(batch, seqlen, num_kv_heads, head_dim), v=(batch, seqlen, num_kv_heads, head_dim_v))
-    for name, x in dict(k=k, v=v).items():
-        if tuple(x.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} (B, T, Hkv, D), got {tuple(x.shape)}")
-    if tuple(block_indices.shape[:3]) != (batch, seqlen, num_kv_heads) or block_indices.shape[3] < 1:
+    check_config(config)
+    check_float_tensors(dict(q=q, k=k, v=v), dict(q=4, k=4, v=4))
+    if not isinstance(block_indices, torch.Tensor) or block_indices.dtype != torch.int32:
+        raise TypeError(f"block_indices must be an int32 torch.Tensor, got "
+                        f"{getattr(block_indices, 'dtype', type(block_indices).__name__)}")
+    if block_indices.device != q.device:
+        raise ValueError(f"block_indices is on {block_indices.device} but q is on {q.device}: "
+                         "all inputs must be on one device")
+    num_kv_heads, head_dim_v = check_keys_values(q, k, v)
+    check_kernel_inputs(q, max(q.shape[3], head_dim_v))
+    batch, seqlen = q.shape[:2]
+    if block_indices.dim() != 4 or tuple(block_indices.shape[:3]) != (batch, seqlen, num_kv_heads) \
+            or block_indices.shape[3] < 1:
         raise ValueError(f"block_indices must have shape ({batch}, {seqlen}, {num_kv_heads}, n) with n >= 1 "
                          f"(B, T, Hkv, n), got {tuple(block_indices.shape)}")
     if cu_seqlens is not None:
@@ -785,19 +771,13 @@ def selected_attention(q, k, v, block_indices, config: NSAConfig, *, scale=None,
     scale = resolve_scale(scale, q.shape[-1])
     batch, seqlen, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
-    if not interpreting() and q.device.type != "cuda":
-        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
     dtype = compute_dtype(q.dtype)
     if params is None:
         params = default_params(config, num_heads, num_kv_heads, head_dim, head_dim_v, q.device, dtype)
     elif not isinstance(params, SelectedAttentionParams):
         raise TypeError(f"params must be a SelectedAttentionParams, got {type(params).__name__}")
     seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
-    total = batch * seqlen
-
-    def packed(x):
-        return x.to(dtype).reshape(total, x.shape[2], x.shape[3]).contiguous()
-
-    indices = block_indices.reshape(total, num_kv_heads, block_indices.shape[-1]).contiguous()
-    o, _ = SelectedAttentionFunction.apply(packed(q), packed(k), packed(v), indices, seqs, config, scale, params)
+    packed = (pack(x, dtype) for x in (q, k, v))
+    indices = pack(block_indices, block_indices.dtype)
+    o, _ = SelectedAttentionFunction.apply(*packed, indices, seqs, config, scale, params)
     return o.reshape(batch, seqlen, num_heads, head_dim_v).to(q.dtype)

@@ -33,8 +33,7 @@ import triton.language as tl
 from nsa.config import NSAConfig
 from nsa.inputs import resolve_scale
 from nsa.kernels import runtime
-from nsa.kernels.compression import (LOG2E, check_compression_inputs, compressed_attention_fwd, head_dim_block,
-                                     pack)
+from nsa.kernels.compression import LOG2E, check_compression_inputs, compressed_attention_fwd, head_dim_block
 from nsa.kernels.compression import default_params as compression_default_params
 from nsa.kernels.packing import PackedSequences
 
@@ -341,7 +340,7 @@ def select_blocks(q, k_cmp, config: NSAConfig, *, scale=None, cu_seqlens=None, l
     elif not isinstance(params, SelectionParams):
         raise TypeError(f"params must be a SelectionParams, got {type(params).__name__}")
     with torch.no_grad():
-        q_packed, k_packed = pack(q, dtype), pack(k_cmp, dtype)
+        q_packed, k_packed = runtime.pack(q, dtype), runtime.pack(k_cmp, dtype)
         if lse is None:
             # The forward's output o is not needed, but its lse is; v_cmp only shapes o, so k_cmp stands in.
             cmp_params = compression_default_params(num_heads, num_kv_heads, head_dim, head_dim, dtype)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from nsa.config import NSAConfig
-from nsa.inputs import FLOAT_DTYPES, check_cu_seqlens, resolve_scale
+from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, dot_precision, interpreting, new_output, pack
 
@@ -579,34 +579,12 @@ class WindowAttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _check_inputs(q, k, v, config, cu_seqlens):
-    if not isinstance(config, NSAConfig):
-        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
-    for name, x in dict(q=q, k=k, v=v).items():
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [B, T, H, D], got shape {tuple(x.shape)}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: inputs must share one dtype")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: inputs must be on one device")
-    batch, seqlen, num_heads, head_dim = q.shape
-    num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
-    check_kernel_inputs(q, max(head_dim, head_dim_v))
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
-    if head_dim < 1 or head_dim_v < 1:
-        raise ValueError(f"head dims must be >= 1, got Dk={head_dim}, Dv={head_dim_v}")
-    if tuple(k.shape) != (batch, seqlen, num_kv_heads, head_dim):
-        raise ValueError(f"k must have shape {(batch, seqlen, num_kv_heads, head_dim)} (B, T, Hkv, Dk), "
-                         f"got {tuple(k.shape)}")
-    if tuple(v.shape) != (batch, seqlen, num_kv_heads, head_dim_v):
-        raise ValueError(f"v must have shape {(batch, seqlen, num_kv_heads, head_dim_v)} (B, T, Hkv, Dv), "
-                         f"got {tuple(v.shape)}")
+    check_config(config)
+    check_float_tensors(dict(q=q, k=k, v=v), dict(q=4, k=4, v=4))
+    _, head_dim_v = check_keys_values(q, k, v)
+    check_kernel_inputs(q, max(q.shape[3], head_dim_v))
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, batch, seqlen, q.device)
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1], q.device)
 
 
 def window_attention(q, k, v, config: NSAConfig, *, scale=None, cu_seqlens=None, params=None):

@@ -49,16 +49,47 @@ class AttentionShape:
         return self.num_heads // self.num_kv_heads
 
 
-def _require_tensor(name, x, ndim):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+def check_config(config) -> None:
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
 
 
-def _expect(name, x, shape, meaning):
+def check_float_tensors(named: dict, ndims: dict) -> None:
+    """Each named value is a torch.Tensor with ndims[name] dimensions and a floating dtype, and all share the
+    dtype and device of the first (FlashAttention's rule: one dtype, one device)."""
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != ndims[name]:
+            raise ValueError(f"{name} must have {ndims[name]} dimensions, got shape {tuple(x.shape)}")
+    first_name, first = next(iter(named.items()))
+    for name, x in named.items():
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+        if x.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}: "
+                            "all inputs must share one dtype")
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}: "
+                             "all inputs must be on one device")
+
+
+def expect_shape(name, x, shape, meaning) -> None:
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} ({meaning}), got {tuple(x.shape)}")
+
+
+def check_keys_values(q, k, v) -> tuple[int, int]:
+    """k [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] fit q [B, T, Hq, Dk] with Hq a multiple of Hkv; returns (Hkv, Dv)."""
+    batch, seqlen, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
+    if head_dim < 1 or head_dim_v < 1:
+        raise ValueError(f"head dims must be >= 1, got Dk={head_dim}, Dv={head_dim_v}")
+    expect_shape("k", k, (batch, seqlen, num_kv_heads, head_dim), "B, T, Hkv, Dk")
+    expect_shape("v", v, (batch, seqlen, num_kv_heads, head_dim_v), "B, T, Hkv, Dv")
+    return num_kv_heads, head_dim_v
 
 
 def split_sequences(config: NSAConfig, batch: int, seqlen: int, cu_seqlens=None) -> tuple[Sequence, ...]:
@@ -98,37 +129,28 @@ def check_attention_inputs(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, *
 
     Raises TypeError for a wrong type or dtype and ValueError for a wrong shape, device or value.
     """
-    if not isinstance(config, NSAConfig):
-        raise TypeError(f"config must be an nsa.NSAConfig, got {type(config).__name__}")
+    check_config(config)
     named = dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win)
-    for name, x in named.items():
-        _require_tensor(name, x, 3 if name.startswith("g_") else 4)
-    for name, x in named.items():
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}: all inputs must share one dtype")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}: all inputs must be on one device")
+    check_float_tensors(named, {name: 3 if name.startswith("g_") else 4 for name in named})
     batch, seqlen, num_heads, head_dim = q.shape
-    num_kv_heads, head_dim_v = k.shape[2], v.shape[3]
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"query heads Hq={num_heads} must be a multiple of kv heads Hkv={num_kv_heads}")
-    if head_dim < 1 or head_dim_v < 1:
-        raise ValueError(f"head dims must be >= 1, got Dk={head_dim}, Dv={head_dim_v}")
-    _expect("k", k, (batch, seqlen, num_kv_heads, head_dim), "B, T, Hkv, Dk")
-    _expect("v", v, (batch, seqlen, num_kv_heads, head_dim_v), "B, T, Hkv, Dv")
+    num_kv_heads, head_dim_v = check_keys_values(q, k, v)
     for name in ("g_cmp", "g_slc", "g_win"):
-        _expect(name, named[name], (batch, seqlen, num_heads), "B, T, Hq")
+        expect_shape(name, named[name], (batch, seqlen, num_heads), "B, T, Hq")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, batch, seqlen, q.device)
     sequences = split_sequences(config, batch, seqlen, cu_seqlens)
     num_cmp = sequences[-1].cmp_end if cu_seqlens is not None else config.num_cmp_blocks(seqlen)
-    _expect("k_cmp", k_cmp, (batch, num_cmp, num_kv_heads, head_dim),
-            f"B, Tc, Hkv, Dk with Tc={num_cmp} compression blocks for l={config.cmp_block}, d={config.cmp_stride}")
-    _expect("v_cmp", v_cmp, (batch, num_cmp, num_kv_heads, head_dim_v), "B, Tc, Hkv, Dv")
+    check_compressed(k_cmp, v_cmp, config, batch, num_cmp, num_kv_heads, head_dim, head_dim_v)
     scale = resolve_scale(scale, head_dim)
     return AttentionShape(batch, seqlen, num_heads, num_kv_heads, head_dim, head_dim_v, scale, sequences)
+
+
+def check_compressed(k_cmp, v_cmp, config: NSAConfig, batch: int, num_cmp: int, num_kv_heads: int, head_dim: int,
+                     head_dim_v: int) -> None:
+    """k_cmp [B, Tc, Hkv, Dk] and v_cmp [B, Tc, Hkv, Dv] hold the Tc compression blocks of the sequences."""
+    expect_shape("k_cmp", k_cmp, (batch, num_cmp, num_kv_heads, head_dim),
+                 f"B, Tc, Hkv, Dk with Tc={num_cmp} compression blocks for l={config.cmp_block}, d={config.cmp_stride}")
+    expect_shape("v_cmp", v_cmp, (batch, num_cmp, num_kv_heads, head_dim_v), "B, Tc, Hkv, Dv")
 
 
 def resolve_scale(scale, head_dim: int) -> float:
