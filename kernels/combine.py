@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from nsa.inputs import check_float_tensors, expect_shape
-from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, new_output
+from nsa.kernels.runtime import check_kernel_inputs, check_launch_params, compute_dtype, new_output
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,10 +88,7 @@ class CombineParams:
     num_warps: int = 4
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
-                raise ValueError(f"CombineParams.{field.name} must be a power of two, got {value!r}")
+        check_launch_params(self, counts=())
 
 
 def default_params(head_dim_v: int) -> CombineParams:

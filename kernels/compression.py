@@ -333,10 +333,6 @@ def compressed_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pow2(x: int) -> bool:
-    return x >= 1 and (x & (x - 1)) == 0
-
-
 def head_dim_block(dim: int) -> int:
     """BLOCK_D for a head dim: next power of two, at least 16 (tl.dot needs K >= 16 on GPU)."""
     return max(16, triton.next_power_of_2(dim))
@@ -376,18 +372,7 @@ class CompressionParams:
     dq_num_stages: int = 2
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.endswith("num_stages"):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"CompressionParams.{field.name} must be an int >= 1, got {value!r}")
-            elif not _pow2(value):
-                raise ValueError(f"CompressionParams.{field.name} must be a power of two, got {value!r}")
-        for kernel in ("fwd", "dkdv", "dq"):
-            rows = getattr(self, f"{kernel}_block_m") * getattr(self, f"{kernel}_block_h")
-            if rows < 16 or getattr(self, f"{kernel}_block_n") < 16:
-                raise ValueError(f"CompressionParams: tl.dot needs {kernel}_block_m * {kernel}_block_h >= 16 and "
-                                 f"{kernel}_block_n >= 16, got {rows} and {getattr(self, f'{kernel}_block_n')}")
+        runtime.check_launch_params(self, tiles=("fwd_", "dkdv_", "dq_"))
 
 
 def heads_per_tile(group: int, rows: int) -> int:

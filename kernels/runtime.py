@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -50,3 +51,26 @@ def check_kernel_inputs(x: torch.Tensor, max_head_dim: int) -> None:
 def pack(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, T, H, D] -> contiguous [B*T, H, D] in the kernels' dtype (differentiable)."""
     return x.to(dtype).reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
+# tl.dot's smallest dimension on a GPU (the interpreter accepts smaller ones, the GPU compile fails).
+MIN_DOT = 16
+
+
+def check_launch_params(params, *, counts=("num_stages",), tiles=()) -> None:
+    """Validate a kernel-params dataclass: fields whose names end in one of `counts` are ints >= 1, every other
+    field a power of two; for each kernel prefix in `tiles` ("fwd_", "" ...), the rows of its score tile
+    (block_m * block_h) and its block_n (when it has one) are at least MIN_DOT."""
+    name = type(params).__name__
+    for field in dataclasses.fields(params):
+        value = getattr(params, field.name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}.{field.name} must be an int >= 1, got {value!r}")
+        if not field.name.endswith(tuple(counts)) and value & (value - 1):
+            raise ValueError(f"{name}.{field.name} must be a power of two, got {value!r}")
+    for kernel in tiles:
+        rows = getattr(params, f"{kernel}block_m") * getattr(params, f"{kernel}block_h")
+        block_n = getattr(params, f"{kernel}block_n", MIN_DOT)
+        if rows < MIN_DOT or block_n < MIN_DOT:
+            raise ValueError(f"{name}: tl.dot on a GPU needs {kernel}block_m * {kernel}block_h >= {MIN_DOT} and "
+                             f"{kernel}block_n >= {MIN_DOT}, got {rows} and {block_n}")

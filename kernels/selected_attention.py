@@ -40,14 +40,12 @@ import triton.language as tl
 from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.packing import PackedSequences
-from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, dot_precision, new_output, pack
+from nsa.kernels.runtime import MIN_DOT, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision, new_output, pack
 
 LOG2E = 1.4426950408889634
 # Kernels may only read globals declared as constexpr.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
-# Smallest tl.dot dimension the GPU compiles; tiles are padded up to it (the interpreter runs the same shapes).
-MIN_DOT = 16
 # Positions packed per fwd/dq program are flagged in an int32 bitmask.
 MAX_BLOCK_T = 32
 # Keys per program of the partial-sum reduction (a light, memory-bound kernel).
@@ -341,10 +339,6 @@ def selected_attention_bwd_dkdv_reduce_kernel(
 # Parameters
 # ----------------------------------------------------------------------------------------------------------------
 
-def _is_pow2(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1 and x & (x - 1) == 0
-
-
 def _floor_pow2(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
@@ -385,13 +379,7 @@ class SelectedAttentionParams:
     dkdv_num_stages: int = 2
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.endswith("num_stages") or field.name == "dkdv_chunk":
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"SelectedAttentionParams.{field.name} must be an int >= 1, got {value!r}")
-            elif not _is_pow2(value):
-                raise ValueError(f"SelectedAttentionParams.{field.name} must be a power of two, got {value!r}")
+        check_launch_params(self, counts=("num_stages", "dkdv_chunk"))
         for kernel in ("fwd", "dq"):
             if getattr(self, f"{kernel}_block_t") > MAX_BLOCK_T:
                 raise ValueError(f"SelectedAttentionParams.{kernel}_block_t must be <= {MAX_BLOCK_T} (positions are "

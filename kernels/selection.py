@@ -193,10 +193,6 @@ def select_blocks_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pow2(x: int) -> bool:
-    return x >= 1 and (x & (x - 1)) == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class SelectionParams:
     """Launch parameters of the block-selection kernel.
@@ -219,14 +215,7 @@ class SelectionParams:
     num_stages: int = 1
 
     def __post_init__(self):
-        for name in ("block_m", "block_h", "num_warps"):
-            if not _pow2(getattr(self, name)):
-                raise ValueError(f"SelectionParams.{name} must be a power of two, got {getattr(self, name)!r}")
-        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
-            raise ValueError(f"SelectionParams.num_stages must be an int >= 1, got {self.num_stages!r}")
-        if self.block_m * self.block_h < 16:
-            raise ValueError(f"SelectionParams: tl.dot needs block_m * block_h >= 16, got "
-                             f"{self.block_m * self.block_h}")
+        runtime.check_launch_params(self, tiles=("",))
 
 
 def default_params(num_heads: int, num_kv_heads: int, head_dim: int, config: NSAConfig,

@@ -25,7 +25,8 @@ import triton.language as tl
 from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.packing import PackedSequences
-from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, dot_precision, interpreting, new_output, pack
+from nsa.kernels.runtime import (check_kernel_inputs, check_launch_params, compute_dtype, dot_precision, interpreting,
+                                 new_output, pack)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
@@ -377,9 +378,6 @@ def window_attention_bwd_dq_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-def _is_pow2(x: int) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1 and (x & (x - 1)) == 0
-
 
 @dataclasses.dataclass(frozen=True)
 class WindowAttentionParams:
@@ -414,19 +412,7 @@ class WindowAttentionParams:
     dq_num_stages: int = 3
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.endswith("num_stages"):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"WindowAttentionParams.{field.name} must be an int >= 1, got {value!r}")
-            elif not _is_pow2(value):
-                raise ValueError(f"WindowAttentionParams.{field.name} must be a power of two, got {value!r}")
-        for kernel in ("fwd", "dkdv", "dq"):
-            rows = getattr(self, f"{kernel}_block_m") * getattr(self, f"{kernel}_block_h")
-            if rows < 16 or getattr(self, f"{kernel}_block_n") < 16:
-                raise ValueError(f"WindowAttentionParams: {kernel} tiles must give rows = block_m * block_h >= 16 "
-                                 f"and block_n >= 16 (tl.dot on GPU), got rows {rows}, "
-                                 f"block_n {getattr(self, f'{kernel}_block_n')}")
+        check_launch_params(self, tiles=("fwd_", "dkdv_", "dq_"))
 
 
 def _heads_per_program(group: int, rows: int) -> int:
