@@ -34,16 +34,29 @@ class NSAParams:
     combine: combine.CombineParams | None = None
 
     def resolve(self, config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
-                dtype) -> "NSAParams":
-        """These params with every None replaced by its family's default for the shape and compute dtype."""
+                dtype, *, seqlen: int | None = None, device=None) -> "NSAParams":
+        """These params with every None filled: from this device's tuned config cache when `seqlen` and `device`
+        are given and it has an entry for the shape (lookup order in `nsa.tuner.cache`), else the family's
+        default for the shape and compute dtype."""
         heads = (num_heads, num_kv_heads)
+        cached = {}
+        if seqlen is not None and device is not None:
+            from nsa.tuner import cache
+            shape = cache.Shape(seqlen, num_heads // num_kv_heads, head_dim, head_dim_v, config.slc_block,
+                                config.slc_topn, cache.dtype_name(dtype))
+            key = cache.device_key(device)
+            cached = {name: cache.lookup(name, shape, key) for name in cache.FAMILIES
+                      if getattr(self, name) is None}
         return NSAParams(
-            compression=self.compression or compression.default_params(*heads, head_dim, head_dim_v, dtype=dtype),
-            selection=self.selection or selection.default_params(*heads, head_dim, config, dtype=dtype),
-            selected=self.selected or selected_attention.default_params(config, *heads, head_dim, head_dim_v,
-                                                                         dtype=dtype),
-            window=self.window or window_attention.default_params(*heads, head_dim, head_dim_v, config, dtype=dtype),
-            combine=self.combine or combine.default_params(head_dim_v),
+            compression=self.compression or cached.get("compression") or compression.default_params(
+                *heads, head_dim, head_dim_v, dtype=dtype),
+            selection=self.selection or cached.get("selection") or selection.default_params(
+                *heads, head_dim, config, dtype=dtype),
+            selected=self.selected or cached.get("selected") or selected_attention.default_params(
+                config, *heads, head_dim, head_dim_v, dtype=dtype),
+            window=self.window or cached.get("window") or window_attention.default_params(
+                *heads, head_dim, head_dim_v, config, dtype=dtype),
+            combine=self.combine or cached.get("combine") or combine.default_params(head_dim_v),
         )
 
 
@@ -80,7 +93,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config: NSAConfig,
     seqs = PackedSequences.build(config, batch, seqlen, q.device, cu_seqlens)
     dtype = compute_dtype(q.dtype)
     params = (params or NSAParams()).resolve(config, num_heads, shape.num_kv_heads, shape.head_dim,
-                                             shape.head_dim_v, dtype)
+                                             shape.head_dim_v, dtype, seqlen=seqlen, device=q.device)
     q_, k_, v_, k_cmp_, v_cmp_ = (pack(x, dtype) for x in (q, k, v, k_cmp, v_cmp))
     gates = [g.to(dtype).reshape(-1).contiguous() for g in (g_cmp, g_slc, g_win)]
     scale = shape.scale

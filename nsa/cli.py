@@ -131,6 +131,36 @@ def cmd_run(args) -> int:
     return _bench(args, suites)
 
 
+def cmd_tune(args) -> int:
+    from nsa.tuner.search import describe
+    if args.show:
+        print(describe(args.device))
+        return 0
+    code = _rerun_in_interpreter(args)
+    if code is not None:
+        return code
+    from nsa.tuner.search import tune
+    if _device_type(args.device) == "cpu":
+        print("CPU tune: kernels in the Triton interpreter, timed by perf_counter; it exercises the tuner, the "
+              "timings say nothing about a GPU")
+    result = tune(args.suite, families=args.families, device=args.device, out=args.out, budget_s=args.budget_s)
+    print(f"cache: {result['path']}")
+    for key in result["skipped"]:
+        print(f"{key}: already tuned (skipped)")
+    for row in result["done"]:
+        rejected = ", ".join(f"{k} {v}" for k, v in row["rejected"].items()) or "none"
+        if "ms" in row:
+            default = "failed" if row["default_ms"] is None else f"{row['default_ms']:.4g} ms"
+            print(f"{row['key']}: {row['ms']:.4g} ms (default {default}), {row['tried']} tried, rejected: {rejected}")
+        else:
+            print(f"{row['key']}: NO candidate passed ({rejected}); nothing cached")
+            for error in row["errors"]:
+                print(f"    {error}")
+    if result["stopped"]:
+        print("budget spent: run the same command again to resume")
+    return 1 if any("ms" not in row for row in result["done"]) else 0
+
+
 def cmd_report(args) -> int:
     from nsa.reports import render_report
     try:
@@ -175,6 +205,9 @@ def _add_bench_options(parser, *, suite_required: bool, check_only: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import torch
+
+    from nsa.suites import SUITES
     parser = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention: tuned Triton kernels, "
                                      "correctness against a PyTorch reference, and reports against FlashAttention.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -208,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "print the verdicts; exit status 1 when any failed or raised.")
     _add_bench_options(check_, suite_required=True, check_only=True)
     check_.set_defaults(func=cmd_check)
+
+    from nsa.tuner.cache import FAMILIES
+    tune = sub.add_parser("tune", help="search the kernels' params for this device into its config cache",
+                          description="For each kernel family and shape bucket of a suite, check every candidate "
+                          "of the search space against the reference, time the ones that pass, and write the "
+                          "fastest to the device's config cache (atomically after each bucket; a rerun resumes). "
+                          "On a CPU: the Triton interpreter with a CPU timer (exercises the machinery only).")
+    tune.add_argument("--suite", default="smoke", choices=list(SUITES), help="problems to tune for (default: smoke)")
+    tune.add_argument("--families", type=_comma_list(list(FAMILIES)), metavar="NAME[,NAME...]",
+                      help=f"kernel families (default: all of {', '.join(FAMILIES)})")
+    tune.add_argument("--budget-s", type=float, metavar="N", help="stop starting candidates after N seconds")
+    tune.add_argument("--out", metavar="DIR", help="folder of the cache file <device-key>.json (default: the user "
+                      "cache, $XDG_CACHE_HOME/nsa/configs or ~/.cache/nsa/configs; tuner/configs to ship one)")
+    tune.add_argument("--show", action="store_true", help="print the config caches in use for this device")
+    tune.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="torch device (default: cuda when available, else cpu: Triton interpreter)")
+    tune.set_defaults(func=cmd_tune)
 
     report = sub.add_parser("report", help="render the report of a results folder",
                             description="Render report.html and plots/*.png from a results folder's results.csv "

@@ -1,0 +1,241 @@
+"""The tuner on CPU (TRITON_INTERPRET=1): search, correctness gate, cache write/reload/lookup, resume, overrides."""
+
+import dataclasses
+import importlib
+import json
+import logging
+
+import pytest
+import torch
+
+from nsa import NSAConfig
+from nsa.kernels import NSAParams, runtime
+from nsa.kernels.combine import CombineParams
+from nsa.tuner import cache, search, spaces
+
+window_module = importlib.import_module("nsa.kernels.window_attention")
+kernels_run = pytest.mark.skipif(not runtime.interpreting() and not torch.cuda.is_available(),
+                                 reason="needs TRITON_INTERPRET=1 (CPU) or a GPU")
+SMOKE_SHAPE = cache.Shape(128, 2, 16, 16, 16, 3, "float32")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No real user cache, env override or shipped file: each test sees only what it writes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(cache.ENV_DIR, raising=False)
+    monkeypatch.setattr(cache, "SHIPPED_DIR", tmp_path / "shipped")
+    cache.clear_cache()
+    yield
+    cache.clear_cache()
+
+
+def write_cache(root, entries, device="cpu-interpreter"):
+    path = cache.config_path(device, root)
+    cache.write_atomic(path, {"meta": {"device": device}, "entries": entries})
+    return path
+
+
+def combine_entry(block_r):
+    return {"params": dataclasses.asdict(CombineParams(block_r=block_r, block_d=16, num_warps=4)), "ms": 1.0,
+            "default_ms": 2.0}
+
+
+@pytest.mark.parametrize("name,key", [
+    ("NVIDIA H100 80GB HBM3", "nvidia-h100"), ("NVIDIA H100 SXM5 80GB", "nvidia-h100"), ("H100-SXM", "nvidia-h100"),
+    ("NVIDIA H100", "nvidia-h100"), ("NVIDIA H100 PCIe", "nvidia-h100-pcie"), ("NVIDIA H200", "nvidia-h200"),
+    ("NVIDIA H200 141GB HBM3e", "nvidia-h200"), ("cpu", "cpu-interpreter"), ("NVIDIA GH200 480GB", "nvidia-gh200"),
+    ("NVIDIA GeForce RTX 4090", "nvidia-geforce-rtx-4090"),
+])
+def test_device_name_aliases(name, key):
+    assert cache.normalize_device_name(name) == key
+
+
+def test_device_key_cpu_and_config_path(tmp_path):
+    assert cache.device_key("cpu") == "cpu-interpreter"
+    assert cache.config_path("nvidia-h100", tmp_path) == tmp_path / "nvidia-h100.json"
+
+
+def test_bucket_key_rounds_t_to_nearest_power_of_two():
+    assert cache.t_bucket(128) == 128 and cache.t_bucket(100) == 128 and cache.t_bucket(6000) == 8192
+    assert cache.bucket_key("window", SMOKE_SHAPE) == "window|T=128|G=2|Dk=16|Dv=16|ls=16|n=3|float32"
+
+
+def test_search_space_default_first_and_named_pruning():
+    config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=3, window=32)
+    cands, pruned = spaces.search_space("combine", SMOKE_SHAPE, config, 2, 1, interpreter=False,
+                                        space=dict(block_r=[16, 32], block_d=[16, 32]))
+    assert cands[0] == spaces.default_for("combine", SMOKE_SHAPE, config, 2, 1)
+    assert {c.block_d for c in cands[1:]} == {16} and pruned == {"combine_covers_row": 2}
+    assert all(reason for _, reason, _ in spaces.PREDICATES)
+    gpu, gpu_pruned = spaces.search_space("selected", SMOKE_SHAPE, config, 2, 1, interpreter=False)
+    assert gpu_pruned.get("block_n_fits_selection_block") and all(c.fwd_block_n <= 16 for c in gpu)
+    with pytest.raises(ValueError, match="lacks"):
+        spaces.search_space("combine", SMOKE_SHAPE, config, 2, 1, space=dict(nope=[1]))
+
+
+@kernels_run
+def test_tune_smoke_tiny_space_writes_checked_entries(tmp_path):
+    result = search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False)
+    data = json.loads((tmp_path / "cpu-interpreter.json").read_text())
+    assert list(data) == ["meta", "entries"]
+    meta = data["meta"]
+    for field in ("device", "device_name", "compute_capability", "sm_count", "triton", "torch", "git_sha", "date",
+                  "search_space"):
+        assert field in meta
+    assert meta["device"] == "cpu-interpreter" and meta["search_space"] == spaces.space_hash()
+    keys = {"window|T=128|G=2|Dk=16|Dv=16|ls=16|n=3|float32", "combine|T=128|G=2|Dk=16|Dv=16|ls=16|n=3|float32"}
+    assert set(data["entries"]) == keys and {row["key"] for row in result["done"]} == keys
+    for entry in data["entries"].values():
+        assert entry["ms"] > 0 and entry["default_ms"] >= entry["ms"] and entry["rejected"] == {}
+
+
+@kernels_run
+def test_long_problems_checked_shortened_timed_in_full():
+    from nsa.suites import get_suite
+    problem = get_suite("smoke").problems[0]
+    case = search.build_case("window", problem, "cpu", max_check_tokens=64)
+    params = spaces.default_for("window", search.problem_shape(problem), problem.config, 2, 1)
+    assert case.run_check(params).shape[1] == 64 and case.run_time(params).shape[1] == 128
+    assert case.check(case.run_check(params)) is None
+
+
+@kernels_run
+def test_wrong_candidate_rejected_and_never_cached(tmp_path, monkeypatch):
+    real = window_module.window_attention
+
+    def wrong_for_wide_tiles(q, k, v, config, **kw):
+        out = real(q, k, v, config, **kw)
+        return out + 1.0 if kw["params"].fwd_block_n == 64 else out  # the interpreter default is 64
+
+    monkeypatch.setattr(window_module, "window_attention", wrong_for_wide_tiles)
+    result = search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False)
+    (row,) = result["done"]
+    assert row["rejected"] == {"wrong": 1} and "relative error" in row["errors"][0]
+    entry = json.loads((tmp_path / "cpu-interpreter.json").read_text())["entries"][row["key"]]
+    assert entry["params"]["fwd_block_n"] == 32 and entry["default_ms"] is None
+
+    monkeypatch.setattr(window_module, "window_attention", lambda *a, **kw: real(*a, **kw) * 2)
+    out2 = tmp_path / "all-wrong"
+    result = search.tune("smoke", families=["window"], device="cpu", out=out2, progress=False)
+    assert result["done"][0]["rejected"] == {"wrong": 2} and "ms" not in result["done"][0]
+    assert not (out2 / "cpu-interpreter.json").exists()
+
+
+@kernels_run
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    real = search._evaluate
+
+    def interrupt_on_combine(case, params, device, timeout_s):
+        if isinstance(params, CombineParams):
+            raise KeyboardInterrupt
+        return real(case, params, device, timeout_s)
+
+    monkeypatch.setattr(search, "_evaluate", interrupt_on_combine)
+    with pytest.raises(KeyboardInterrupt):
+        search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False)
+    path = tmp_path / "cpu-interpreter.json"
+    first = json.loads(path.read_text())["entries"]
+    assert [k.split("|")[0] for k in first] == ["window"]
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp file behind
+
+    monkeypatch.setattr(search, "_evaluate", real)
+    result = search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False)
+    assert [k.split("|")[0] for k in result["skipped"]] == ["window"]
+    assert [row["key"].split("|")[0] for row in result["done"]] == ["combine"]
+    entries = json.loads(path.read_text())["entries"]
+    assert set(entries) == set(first) | {result["done"][0]["key"]}
+    assert entries[next(iter(first))] == first[next(iter(first))]
+
+
+def test_write_reload_lookup_nearest_bucket(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "env"))
+    far = dataclasses.replace(SMOKE_SHAPE, seqlen=8192)
+    write_cache(tmp_path / "env", {cache.bucket_key("combine", dataclasses.replace(SMOKE_SHAPE, seqlen=1024)):
+                                   combine_entry(64), cache.bucket_key("combine", far): combine_entry(32)})
+    with caplog.at_level(logging.INFO, logger="nsa.tuner"):
+        assert cache.lookup("combine", SMOKE_SHAPE, "cpu-interpreter") == CombineParams(64, 16, 4)
+    assert any("nearest T bucket" in r.message for r in caplog.records)
+    assert cache.lookup("combine", dataclasses.replace(SMOKE_SHAPE, seqlen=5000), "cpu-interpreter").block_r == 32
+    # Everything but T must match: another group size misses, with one warning per key.
+    other = dataclasses.replace(SMOKE_SHAPE, group=4)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nsa.tuner"):
+        assert cache.lookup("combine", other, "cpu-interpreter") is None
+        cache._lookups.clear()
+        assert cache.lookup("combine", other, "cpu-interpreter") is None
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_corrupt_or_foreign_file_warns_once_and_is_ignored(tmp_path):
+    user = cache.user_dir()
+    user.mkdir(parents=True)
+    cache.config_path("cpu-interpreter", user).write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="ignored"):
+        assert cache.lookup("combine", SMOKE_SHAPE, "cpu-interpreter") is None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache._lookups.clear()
+        assert cache.lookup("combine", SMOKE_SHAPE, "cpu-interpreter") is None
+    cache.clear_cache()
+    write_cache(user, {cache.bucket_key("combine", SMOKE_SHAPE): combine_entry(64)}, device="nvidia-h100")
+    cache.config_path("nvidia-h100", user).rename(cache.config_path("cpu-interpreter", user))
+    with pytest.warns(RuntimeWarning, match="written for device 'nvidia-h100'"):
+        assert cache.lookup("combine", SMOKE_SHAPE, "cpu-interpreter") is None
+    cache.clear_cache()
+    bad = combine_entry(64)
+    bad["params"]["block_r"] = 3  # not a power of two: the params class rejects it
+    write_cache(user, {cache.bucket_key("combine", SMOKE_SHAPE): bad})
+    with pytest.warns(RuntimeWarning, match="entry"):
+        assert cache.lookup("combine", SMOKE_SHAPE, "cpu-interpreter") is None
+
+
+def test_lookup_order_explicit_env_user_shipped_default(tmp_path, monkeypatch):
+    key = cache.bucket_key("combine", SMOKE_SHAPE)
+    config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=3, window=32)
+
+    def resolved(params=NSAParams()):
+        cache.clear_cache()
+        return params.resolve(config, 2, 1, 16, 16, torch.float32, seqlen=128, device="cpu").combine.block_r
+
+    default = resolved()
+    assert default == 256
+    write_cache(cache.SHIPPED_DIR, {key: combine_entry(8)})
+    assert resolved() == 8
+    write_cache(cache.user_dir(), {key: combine_entry(16)})
+    assert resolved() == 16
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "env"))
+    write_cache(tmp_path / "env", {key: combine_entry(32)})
+    assert resolved() == 32
+    assert resolved(NSAParams(combine=CombineParams(block_r=128, block_d=16))) == 128
+    # Without seqlen/device (old callers) resolve never reads a cache.
+    assert NSAParams().resolve(config, 2, 1, 16, 16, torch.float32).combine.block_r == default
+
+
+@kernels_run
+def test_nsa_attention_runs_with_cached_params(tmp_path, monkeypatch):
+    from nsa import reference
+    from nsa.kernels import nsa_attention
+    from nsa.problems import random_inputs
+    config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=3, window=32)
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path))
+    write_cache(tmp_path, {cache.bucket_key("combine", SMOKE_SHAPE): combine_entry(16)})
+    x = random_inputs(config, seqlen=128, num_heads=2, num_kv_heads=1, head_dim=16, seed=0)
+    x.pop("cu_seqlens")
+    o = nsa_attention(**x, config=config)
+    ref = reference.nsa_attention(**{k: t.double() for k, t in x.items()}, config=config)
+    assert (o.double() - ref).abs().max() < 1e-4
+
+
+def test_ensure_tuned_on_cpu_only_reports(tmp_path):
+    assert "no config cache for cpu-interpreter" in search.ensure_tuned("cpu")
+    write_cache(cache.user_dir(), {cache.bucket_key("combine", SMOKE_SHAPE): combine_entry(16)})
+    assert "1 entries" in search.ensure_tuned("cpu")
+    assert "user" in search.describe("cpu") and "combine|T=128" in search.describe("cpu")
+
+
+def test_cli_tune_show(capsys):
+    from nsa.cli import main
+    assert main(["tune", "--show", "--device", "cpu"]) == 0
+    assert "device key: cpu-interpreter" in capsys.readouterr().out

@@ -1,0 +1,304 @@
+"""Config caches: one JSON file per device, `{"meta": {...}, "entries": {"<family>|<bucket>": {...}}}`.
+
+Lookup order, said once (used by `NSAParams.resolve` for every family whose params were not passed):
+
+    explicit argument > $NSA_CONFIG_DIR > user cache ($XDG_CACHE_HOME/nsa/configs, else ~/.cache/nsa/configs)
+    > shipped (nsa/tuner/configs) > the family's `default_params` heuristic.
+
+The first of those folders whose file for this device has an entry for the family and shape wins. Within a
+file the bucket must match exactly on everything but T (family, G, Dk, Dv, l', n, dtype); T is bucketed to the
+nearest power of two, and when that T bucket is absent the entry with the nearest log2 T is used.
+
+A file that cannot be read, is not this format, or was written for another device warns once and is ignored;
+an entry whose params the kernels reject warns once and is skipped. Loaded files and lookups are cached per
+process (`clear_cache()` forgets them; the tuner calls it after each write).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("nsa.tuner")
+
+FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
+ENV_DIR = "NSA_CONFIG_DIR"
+
+# family -> (kernel module, params class). Imported lazily: nsa.kernels imports this module.
+FAMILIES = {
+    "compression": ("nsa.kernels.compression", "CompressionParams"),
+    "selection": ("nsa.kernels.selection", "SelectionParams"),
+    "selected": ("nsa.kernels.selected_attention", "SelectedAttentionParams"),
+    "window": ("nsa.kernels.window_attention", "WindowAttentionParams"),
+    "combine": ("nsa.kernels.combine", "CombineParams"),
+}
+
+
+def params_class(family: str):
+    module, name = FAMILIES[family]
+    return getattr(importlib.import_module(module), name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device names
+# ----------------------------------------------------------------------------------------------------------------
+
+# (pattern on the lower-cased name, key): first match wins. Variants that differ in speed keep their own key.
+DEVICE_ALIASES = (
+    (r"^(cpu|interpreter|triton[- ]interpreter|cpu[- ]interpreter)$", "cpu-interpreter"),
+    (r"\bgh200\b", "nvidia-gh200"),
+    (r"\bh100\b.*\bpcie\b", "nvidia-h100-pcie"),
+    (r"\bh100\b.*\bnvl\b", "nvidia-h100-nvl"),
+    (r"\bh100\b", "nvidia-h100"),  # "NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM5 80GB", "H100-SXM", "NVIDIA H100"
+    (r"\bh200\b", "nvidia-h200"),  # "NVIDIA H200", "NVIDIA H200 141GB HBM3e"
+    (r"\ba100\b.*\bpcie\b", "nvidia-a100-pcie"),
+    (r"\ba100\b", "nvidia-a100"),
+)
+
+
+def normalize_device_name(name: str) -> str:
+    """One key per card model: the alias table, else the lower-cased name with runs of non-alphanumerics as '-'
+    and an "nvidia-" prefix for NVIDIA cards."""
+    low = name.strip().lower()
+    for pattern, key in DEVICE_ALIASES:
+        if re.search(pattern, low):
+            return key
+    slug = re.sub(r"[^a-z0-9]+", "-", low).strip("-")
+    return slug or "unknown"
+
+
+_device_keys: dict[str, str] = {}
+
+
+def device_key(device=None) -> str:
+    """The cache key of a torch device: its normalised CUDA name, or "cpu-interpreter" for a CPU."""
+    import torch
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda":
+        return "cpu-interpreter"
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    cached = _device_keys.get(str(index))
+    if cached is None:
+        cached = _device_keys[str(index)] = normalize_device_name(torch.cuda.get_device_name(index))
+    return cached
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def user_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nsa" / "configs"
+
+
+def config_path(device_key: str, root) -> Path:
+    """The one place a device's cache file lives under a folder (writer and loader both use it)."""
+    return Path(root) / f"{device_key}.json"
+
+
+def search_dirs() -> list[tuple[str, Path]]:
+    """(source name, folder) in lookup order."""
+    dirs = []
+    if os.environ.get(ENV_DIR):
+        dirs.append((ENV_DIR, Path(os.environ[ENV_DIR])))
+    dirs.append(("user", user_dir()))
+    dirs.append(("shipped", SHIPPED_DIR))
+    return dirs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Buckets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What a kernel family's params are tuned for."""
+
+    seqlen: int
+    group: int
+    head_dim: int
+    head_dim_v: int
+    slc_block: int
+    slc_topn: int
+    dtype: str  # compute dtype name, e.g. "bfloat16"
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def t_bucket(seqlen: int) -> int:
+    """Nearest power of two (in log2) to T."""
+    return 1 << max(0, round(math.log2(max(1, seqlen))))
+
+
+def bucket_key(family: str, shape: Shape) -> str:
+    return (f"{family}|T={t_bucket(shape.seqlen)}|G={shape.group}|Dk={shape.head_dim}|Dv={shape.head_dim_v}"
+            f"|ls={shape.slc_block}|n={shape.slc_topn}|{shape.dtype}")
+
+
+def _split_key(key: str) -> tuple[str, int] | None:
+    """(key with T removed, T) or None when the key is not ours."""
+    parts = key.split("|")
+    if len(parts) != 8 or not parts[1].startswith("T="):
+        return None
+    try:
+        return "|".join(parts[:1] + parts[2:]), int(parts[1][2:])
+    except ValueError:
+        return None
+
+
+def nearest_entry(entries: dict, key: str) -> tuple[str, dict] | None:
+    """The exact entry, else the one equal but for T with the nearest log2 T (ties to the larger T)."""
+    if key in entries:
+        return key, entries[key]
+    rest, t = _split_key(key)
+    best = None
+    for other, entry in entries.items():
+        split = _split_key(other)
+        if split is None or split[0] != rest:
+            continue
+        dist = (abs(math.log2(split[1]) - math.log2(t)), -split[1])
+        if best is None or dist < best[0]:
+            best = (dist, other, entry)
+    return None if best is None else (best[1], best[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading (cached per process)
+# ----------------------------------------------------------------------------------------------------------------
+
+_files: dict[str, dict | None] = {}
+_lookups: dict[tuple, object] = {}
+_warned: set[str] = set()
+
+
+def clear_cache() -> None:
+    _files.clear()
+    _lookups.clear()
+    _warned.clear()
+
+
+def _warn_once(tag: str, message: str) -> None:
+    if tag not in _warned:
+        _warned.add(tag)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _log_once(tag: str, level: int, message: str) -> None:
+    if tag not in _warned:
+        _warned.add(tag)
+        log.log(level, message)
+
+
+def validate(data, device: str) -> str | None:
+    """Why `data` is not a cache file for `device` (None when it is)."""
+    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict) or not isinstance(data.get("entries"),
+                                                                                              dict):
+        return 'not {"meta": {...}, "entries": {...}}'
+    meta_device = data["meta"].get("device")
+    if meta_device != device:
+        return f"written for device {meta_device!r}, not {device!r}"
+    for key, entry in data["entries"].items():
+        if _split_key(key) is None or key.split("|")[0] not in FAMILIES:
+            return f"unknown entry key {key!r}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
+            return f"entry {key!r} has no params dict"
+    return None
+
+
+def load_file(path: Path, device: str) -> dict | None:
+    """The file's contents when it is a valid cache for `device`; None (with one warning) when it is not."""
+    path = Path(path)
+    cache_key = f"{path}|{device}"
+    if cache_key in _files:
+        return _files[cache_key]
+    data = None
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            problem = validate(data, device)
+        except (OSError, ValueError) as e:
+            problem = f"unreadable: {e}"
+        if problem:
+            _warn_once(f"file:{path}", f"nsa config cache {path} ignored: {problem}")
+            data = None
+    _files[cache_key] = data
+    return data
+
+
+def lookup(family: str, shape: Shape, device: str):
+    """The cached params (a params dataclass) of `family` for `shape` on `device`, or None: see the module doc."""
+    memo = (family, shape, device, os.environ.get(ENV_DIR), os.environ.get("XDG_CACHE_HOME"))
+    if memo in _lookups:
+        return _lookups[memo]
+    key = bucket_key(family, shape)
+    found, any_file = None, False
+    for source, root in search_dirs():
+        path = config_path(device, root)
+        data = load_file(path, device)
+        if data is None:
+            continue
+        any_file = True
+        hit = nearest_entry(data["entries"], key)
+        if hit is None:
+            continue
+        hit_key, entry = hit
+        try:
+            found = params_class(family)(**entry["params"])
+        except (TypeError, ValueError) as e:
+            _warn_once(f"entry:{path}:{hit_key}", f"nsa config cache {path}: entry {hit_key} ignored: {e}")
+            continue
+        near = "" if hit_key == key else f" (nearest T bucket for {key})"
+        log.info("nsa config: %s from %s %s%s", hit_key, source, path, near)
+        break
+    if found is None:
+        if any_file:
+            _log_once(f"miss:{device}:{key}", logging.WARNING,
+                      f"nsa config: no tuned entry for {key} on {device}; using the default heuristic")
+        else:
+            _log_once(f"nofile:{device}", logging.INFO,
+                      f"nsa config: no config cache for {device}; using the default heuristics")
+    _lookups[memo] = found
+    return found
+
+
+def in_use(device: str) -> list[tuple[str, Path, dict | None]]:
+    """(source, path, contents or None) of every folder in lookup order, for `nsa tune --show`."""
+    return [(source, config_path(device, root), load_file(config_path(device, root), device))
+            for source, root in search_dirs()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temp file beside `path`, then os.replace: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            ordered = {"meta": data["meta"], "entries": dict(sorted(data["entries"].items()))}
+            json.dump(ordered, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    clear_cache()

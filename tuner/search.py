@@ -1,0 +1,320 @@
+"""`nsa tune`: search each kernel family's params per shape bucket, correctness first, into a config cache.
+
+For each (family, bucket) of a suite's fwd/bwd problems, every candidate of `spaces.search_space` runs once and
+is compared with the reference stage (float64 on CPU, fp32 on GPU); only then is it timed (nsa.timing: CUDA
+events with L2 flushed on a GPU, perf_counter on a CPU). A wrong result, an exception (compile error), an OOM or
+a candidate slower than `candidate_timeout_s` is recorded and skipped, never cached (the timeout is judged
+after the call returns: a hung kernel is not interrupted). Long problems are checked at up to 8192 tokens per
+row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
+forward kernel (backward params keep their defaults for now). After each bucket the cache file is rewritten
+atomically; buckets already in it are skipped, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from nsa import reference
+from nsa.accuracy import SELECTION_RTOL, allowed_error, relative_error, selection_mismatches
+from nsa.checking import DEFAULT_MAX_TOKENS
+from nsa.config import NSAConfig
+from nsa.problems import random_inputs
+from nsa.timing import time_call
+from nsa.tuner import cache, spaces
+
+log = logging.getLogger("nsa.tuner")
+
+DEFAULT_CANDIDATE_TIMEOUT_S = 120.0
+
+
+def _kernel(family: str):
+    return importlib.import_module(cache.FAMILIES[family][0])
+
+
+@dataclasses.dataclass
+class Case:
+    """One family on one problem: check(run_check(params)) says why it is wrong (None when right);
+    run_time(params) is what gets timed."""
+
+    run_check: object
+    check: object
+    run_time: object
+
+
+def _close(ref, lo, dtype):
+    allowed = allowed_error(ref, lo, dtype)
+
+    def check(out):
+        err = relative_error(out, ref)
+        return None if err <= allowed else f"relative error {err:.3e} > allowed {allowed:.3e}"
+    return check
+
+
+def _stage(family: str, problem, device, *, with_check: bool):
+    """(run(params) -> output, check(output) -> why it is wrong or None) on `problem`'s inputs (dense, seed 0);
+    check is None unless with_check (the reference is only computed then)."""
+    from nsa.kernels.runtime import compute_dtype
+    from nsa.suites.problem import DTYPES
+    config: NSAConfig = problem.config
+    dtype = DTYPES[problem.dtype]
+    x = random_inputs(config, batch=problem.batch, seqlen=problem.seqlen, num_heads=problem.num_heads,
+                      num_kv_heads=problem.num_kv_heads, head_dim=problem.head_dim, head_dim_v=problem.head_dim_v,
+                      dtype=dtype, device=device, seed=0)
+    ref_dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    hi = {name: t.to(ref_dtype) for name, t in x.items() if t is not None and t.is_floating_point()}
+    cdt = compute_dtype(dtype)
+    kernel = _kernel(family)
+    if family == "compression":
+        def run(p):
+            return kernel.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], config, params=p)
+        if not with_check:
+            return run, None
+        ref = reference.compressed_attention(hi["q"], hi["k_cmp"], hi["v_cmp"], config)
+        lo = reference.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], config)
+        return run, _close(ref, lo, cdt)
+    if family == "selection":
+        def run(p):
+            return kernel.select_blocks(x["q"], x["k_cmp"], config, params=p)
+        if not with_check:
+            return run, None
+        importance = reference.block_importance(hi["q"], hi["k_cmp"], config)
+        seqlens = [[problem.seqlen]] * problem.batch
+
+        def check(idx):
+            bad = selection_mismatches(idx, importance, config, seqlens=seqlens, rtol=SELECTION_RTOL[dtype])
+            return "; ".join(bad[:2]) or None
+        return run, check
+    if family == "selected":
+        # The kernel's own default selection: realistic block lists at any T, and cheap.
+        idx = _kernel("selection").select_blocks(x["q"], x["k_cmp"], config)
+
+        def run(p):
+            return kernel.selected_attention(x["q"], x["k"], x["v"], idx, config, params=p)
+        if not with_check:
+            return run, None
+        ref = reference.selected_attention(hi["q"], hi["k"], hi["v"], idx, config)
+        lo = reference.selected_attention(x["q"], x["k"], x["v"], idx, config)
+        return run, _close(ref, lo, cdt)
+    if family == "window":
+        def run(p):
+            return kernel.window_attention(x["q"], x["k"], x["v"], config, params=p)
+        if not with_check:
+            return run, None
+        ref = reference.window_attention(hi["q"], hi["k"], hi["v"], config)
+        lo = reference.window_attention(x["q"], x["k"], x["v"], config)
+        return run, _close(ref, lo, cdt)
+    if family == "combine":
+        gen = torch.Generator().manual_seed(1)
+        shape = (problem.batch, problem.seqlen, problem.num_heads, problem.head_dim_v)
+        outs = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3)]
+        gates = [x["g_cmp"], x["g_slc"], x["g_win"]]
+
+        def run(p):
+            return kernel.combine_branches(*outs, *gates, params=p)
+        if not with_check:
+            return run, None
+        ref = reference.combine_branches(*(t.to(ref_dtype) for t in outs + gates))
+        lo = reference.combine_branches(*outs, *gates)
+        return run, _close(ref, lo, cdt)
+    raise KeyError(f"unknown kernel family {family!r}; known: {', '.join(cache.FAMILIES)}")
+
+
+def build_case(family: str, problem, device, max_check_tokens: int = DEFAULT_MAX_TOKENS) -> Case:
+    """The family on `problem`: checked against the reference at up to `max_check_tokens` tokens per row (the
+    reference is slow and large at 64k; same config and shapes, as `nsa check` does), timed at full length."""
+    small = problem.shortened(max_check_tokens)
+    run_small, check = _stage(family, small, device, with_check=True)
+    run_full = run_small if small == problem else _stage(family, problem, device, with_check=False)[0]
+    return Case(run_check=run_small, check=check, run_time=run_full)
+
+
+def problem_shape(problem) -> cache.Shape:
+    from nsa.kernels.runtime import compute_dtype
+    from nsa.suites.problem import DTYPES
+    return cache.Shape(problem.seqlen, problem.num_heads // problem.num_kv_heads, problem.head_dim,
+                       problem.head_dim_v, problem.config.slc_block, problem.config.slc_topn,
+                       cache.dtype_name(compute_dtype(DTYPES[problem.dtype])))
+
+
+def buckets(suite, families) -> list[tuple[str, str, object]]:
+    """(family, bucket key, representative problem) for every fwd/bwd problem of the suite, first one per key."""
+    out, seen = [], set()
+    for problem in suite.problems:
+        if problem.op not in ("fwd", "bwd"):
+            continue
+        if problem.seqlens is not None:  # tuned on the dense equivalent: same T bucket
+            problem = dataclasses.replace(problem, seqlens=None, batch=1)
+        for family in families:
+            key = cache.bucket_key(family, problem_shape(problem))
+            if key not in seen:
+                seen.add(key)
+                out.append((family, key, problem))
+    return out
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def make_meta(device) -> dict:
+    import triton
+    dev = torch.device(device)
+    meta = dict(device=cache.device_key(dev), format=cache.FORMAT_VERSION, triton=triton.__version__,
+                torch=torch.__version__, git_sha=_git_sha(), search_space=spaces.space_hash(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        meta.update(device_name=props.name, compute_capability=f"{props.major}.{props.minor}",
+                    sm_count=props.multi_processor_count)
+    else:
+        meta.update(device_name="cpu (Triton interpreter)", compute_capability=None, sm_count=None)
+    return meta
+
+
+def _read_existing(path: Path, device_key: str) -> dict:
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    problem = cache.validate(data, device_key)
+    if problem:
+        raise ValueError(f"{path} is not a config cache for {device_key} ({problem}); move it away or pick --out")
+    if data["meta"].get("search_space") != spaces.space_hash():
+        log.warning("tune: %s was searched over other spaces (hash %s, now %s); its buckets are kept and skipped: "
+                    "delete them to search again", path, data["meta"].get("search_space"), spaces.space_hash())
+    return data["entries"]
+
+
+def _evaluate(case: Case, params, device, timeout_s: float):
+    """(ms, None) when the candidate is right and timed, else (None, (kind, message))."""
+    start = time.perf_counter()
+    try:
+        why = case.check(case.run_check(params))
+        if why is not None:
+            return None, ("wrong", why)
+        timing = time_call(lambda: case.run_time(params), device)
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return None, ("oom", str(e).splitlines()[0])
+    except Exception as e:  # compile errors and launch failures: recorded, never cached
+        return None, ("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if time.perf_counter() - start > timeout_s:
+        return None, ("timeout", f"took {time.perf_counter() - start:.1f} s > {timeout_s:.0f} s")
+    return timing.median_ms, None
+
+
+def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float | None = None,
+         candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, progress: bool = True) -> dict:
+    """Tune every (family, bucket) of `suite` on `device` into `out` (a folder; the user cache by default).
+
+    Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "stopped":
+    True when the budget ran out}. Each row: key, params, ms, default_ms, tried, rejected {kind: count}, errors.
+    """
+    from tqdm.auto import tqdm
+
+    from nsa.suites import get_suite
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    families = list(families or cache.FAMILIES)
+    key = cache.device_key(device)
+    path = cache.config_path(key, out if out is not None else cache.user_dir())
+    entries = _read_existing(path, key)
+    todo, skipped = [], []
+    for family, bkey, problem in buckets(suite, families):
+        if bkey in entries:
+            skipped.append(bkey)
+            continue
+        cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
+                                            problem.num_kv_heads, device=device)
+        todo.append((family, bkey, problem, cands, pruned))
+    result = dict(path=str(path), done=[], skipped=skipped, stopped=False)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    bar = tqdm(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", disable=not progress)
+    try:
+        for family, bkey, problem, cands, pruned in todo:
+            bar.set_postfix_str(bkey)
+            try:
+                case = build_case(family, problem, device)
+            except Exception as e:  # inputs or reference out of memory, a kernel error in the default selection
+                log.warning("tune: %s: could not set up the problem: %s: %s", bkey, type(e).__name__, e)
+                bar.update(len(cands))
+                result["done"].append(dict(key=bkey, tried=0, pruned=pruned, rejected={"setup": 1},
+                                           errors=[f"setup: {type(e).__name__}: {str(e)[:200]}"]))
+                continue
+            best, default_ms, rejected, errors = None, None, {}, []
+            for i, params in enumerate(cands):
+                if deadline is not None and time.monotonic() > deadline:
+                    result["stopped"] = True
+                    log.warning("tune: budget spent; %s left for a later run (it resumes)", bkey)
+                    return result
+                ms, failure = _evaluate(case, params, device, candidate_timeout_s)
+                bar.update(1)
+                if failure is not None:
+                    rejected[failure[0]] = rejected.get(failure[0], 0) + 1
+                    errors.append(f"{failure[0]}: {failure[1][:200]} ({dataclasses.asdict(params)})")
+                    continue
+                if i == 0:
+                    default_ms = ms
+                if best is None or ms < best[0]:
+                    best = (ms, params)
+            row = dict(key=bkey, tried=len(cands), pruned=pruned, rejected=rejected, errors=errors[:5])
+            if best is None:
+                log.warning("tune: %s: no candidate passed the reference check; nothing cached", bkey)
+                result["done"].append(row)
+                continue
+            entry = dict(params=dataclasses.asdict(best[1]), ms=best[0], default_ms=default_ms, tried=len(cands),
+                         rejected=rejected, pruned=pruned)
+            entries[bkey] = entry
+            cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
+            result["done"].append({**row, **entry})
+    finally:
+        bar.close()
+    return result
+
+
+def describe(device=None) -> str:
+    """What lookups use on `device`: every folder in lookup order, and the entries of each file found."""
+    key = cache.device_key(device)
+    lines = [f"device key: {key}  (lookup: explicit params > ${cache.ENV_DIR} > user cache > shipped > default)"]
+    for source, path, data in cache.in_use(key):
+        if data is None:
+            lines.append(f"  {source:15} {path}: {'invalid (ignored)' if path.exists() else 'none'}")
+            continue
+        meta = data["meta"]
+        lines.append(f"  {source:15} {path}: {len(data['entries'])} entries (triton {meta.get('triton')}, torch "
+                     f"{meta.get('torch')}, {meta.get('date')}, git {str(meta.get('git_sha'))[:10]})")
+        for bkey, entry in sorted(data["entries"].items()):
+            gain = ""
+            if entry.get("ms") and entry.get("default_ms"):
+                gain = f"  {entry['default_ms'] / entry['ms']:.2f}x vs default"
+            params = ",".join(f"{k}={v}" for k, v in entry["params"].items())
+            lines.append(f"    {bkey}: {entry.get('ms', float('nan')):.4g} ms{gain}  {params}")
+    return "\n".join(lines)
+
+
+def ensure_tuned(device=None, *, suite: str = "paper", budget_s: float = 1800.0) -> str:
+    """What `nsa run` calls: report the config cache in use for `device`; on a GPU with none anywhere, tune
+    `suite` into the user cache first (within `budget_s`; a later run resumes). On a CPU it never tunes."""
+    key = cache.device_key(device)
+    found = [(source, path, data) for source, path, data in cache.in_use(key) if data is not None]
+    if found:
+        source, path, data = found[0]
+        return f"config cache for {key}: {path} ({source}, {len(data['entries'])} entries)"
+    if torch.device(device or "cpu").type != "cuda":
+        return (f"no config cache for {key}: default params (CPU: nothing tuned here; "
+                f"`nsa tune --suite smoke` exercises the tuner)")
+    result = tune(suite, device=device, budget_s=budget_s)
+    state = "budget spent, rerun to resume" if result["stopped"] else "complete"
+    return f"tuned {len(result['done'])} buckets of {suite} into {result['path']} ({state})"

@@ -1,0 +1,163 @@
+"""Search spaces: declared ranges of each family's forward-kernel params, pruned by named predicates.
+
+A candidate is the family's `default_params` for the shape with the declared fields replaced (fields not
+declared keep their default; the backward kernels' fields are not searched yet). Candidates the params
+dataclass itself rejects (powers of two, tl.dot's 16) are dropped and counted as "invalid".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import itertools
+import json
+
+import torch
+import triton
+
+from nsa.config import NSAConfig
+from nsa.tuner.cache import FAMILIES, Shape, params_class
+
+# Declared ranges per family (GPU). Each field must be a field of the family's params dataclass.
+SPACES = {
+    "compression": dict(fwd_block_m=[8, 16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
+                        fwd_num_stages=[1, 2, 3]),
+    "selection": dict(block_m=[1, 2, 4, 8, 16, 32], num_warps=[2, 4, 8]),
+    "selected": dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
+                     fwd_num_stages=[1, 2, 3]),
+    "window": dict(fwd_block_m=[16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
+                   fwd_num_stages=[1, 2, 3]),
+    "combine": dict(block_r=[8, 16, 32, 64], num_warps=[2, 4, 8]),
+}
+
+# The interpreter ignores warps and stages and pays per program: a few tile sizes only (CI runs these).
+INTERPRETER_SPACES = {
+    "compression": dict(fwd_block_n=[16, 64]),
+    "selection": dict(block_m=[8, 16]),
+    "selected": dict(fwd_block_n=[16, 32]),
+    "window": dict(fwd_block_n=[32, 64]),
+    "combine": dict(block_r=[16, 64]),
+}
+
+
+def space_hash() -> str:
+    """Identifies the declared spaces and predicates (stored in a cache's meta)."""
+    text = json.dumps([SPACES, INTERPRETER_SPACES, [name for name, _, _ in PREDICATES]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_for(family: str, shape: Shape, config: NSAConfig, num_heads: int, num_kv_heads: int):
+    """The family's untuned default for the shape (what NSAParams.resolve falls back to)."""
+    dtype = getattr(torch, shape.dtype)
+    kernels = {f: importlib.import_module(module) for f, (module, _) in FAMILIES.items()}
+    heads = (num_heads, num_kv_heads)
+    dk, dv = shape.head_dim, shape.head_dim_v
+    if family == "compression":
+        return kernels[family].default_params(*heads, dk, dv, dtype=dtype)
+    if family == "selection":
+        return kernels[family].default_params(*heads, dk, config, dtype=dtype)
+    if family == "selected":
+        return kernels[family].default_params(config, *heads, dk, dv, dtype=dtype)
+    if family == "window":
+        return kernels[family].default_params(*heads, dk, dv, config, dtype=dtype)
+    return kernels[family].default_params(dv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pruning predicates: (name, reason, keep(params, shape, device_props) -> bool). device_props None off GPU.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rows(params, shape: Shape) -> int:
+    if hasattr(params, "fwd_block_t"):
+        return max(16, triton.next_power_of_2(params.fwd_block_t * shape.group))
+    if hasattr(params, "fwd_block_m"):
+        return params.fwd_block_m * params.fwd_block_h
+    if hasattr(params, "block_h"):
+        return params.block_m * params.block_h
+    return params.block_r
+
+
+def _block_n(params) -> int:
+    return getattr(params, "fwd_block_n", 16)
+
+
+def _bytes(shape: Shape) -> int:
+    return torch.empty(0, dtype=getattr(torch, shape.dtype)).element_size()
+
+
+def _smem_ok(params, shape, props) -> bool:
+    if props is None or not hasattr(params, "fwd_block_n"):
+        return True
+    limit = getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024
+    dk, dv = (triton.next_power_of_2(max(16, d)) for d in (shape.head_dim, shape.head_dim_v))
+    stages = getattr(params, "fwd_num_stages", 1)
+    need = (_rows(params, shape) * dk + stages * params.fwd_block_n * (dk + dv)) * _bytes(shape)
+    return need <= limit
+
+
+def _registers_ok(params, shape, props) -> bool:
+    if props is None or not hasattr(params, "fwd_block_n"):
+        return True
+    dv = triton.next_power_of_2(max(16, shape.head_dim_v))
+    threads = 32 * params.fwd_num_warps
+    # fp32 accumulator rows x Dv plus the rows x block_n score tile, per thread; 255 registers is the ceiling.
+    per_thread = _rows(params, shape) * (dv + params.fwd_block_n) / threads
+    return per_thread <= 192
+
+
+PREDICATES = (
+    ("dot_dims", "tl.dot on a GPU needs M, N >= 16 (rows = positions x heads, and block_n)",
+     lambda p, s, d: (not hasattr(p, "fwd_block_n") or p.fwd_block_n >= 16) and
+     (hasattr(p, "block_r") or _rows(p, s) >= 16)),
+    ("heads_fit_group", "more heads per tile than the group (rounded to a power of two) is pure masked padding",
+     lambda p, s, d: getattr(p, "fwd_block_h", getattr(p, "block_h", 1)) <= max(1, triton.next_power_of_2(s.group))),
+    ("block_n_fits_selection_block", "a selected-attention key tile larger than l' only loads masked keys",
+     lambda p, s, d: not hasattr(p, "fwd_block_t") or p.fwd_block_n <= max(16, triton.next_power_of_2(s.slc_block))),
+    ("combine_covers_row", "combine's block_d is the row width (Dv rounded up); other widths only loop or mask",
+     lambda p, s, d: not hasattr(p, "block_r") or p.block_d == min(256, triton.next_power_of_2(s.head_dim_v))),
+    ("shared_memory", "q tile plus stages x K/V tiles must fit the device's shared memory per block",
+     _smem_ok),
+    ("registers", "accumulator + score tile above ~192 fp32 registers per thread spills",
+     _registers_ok),
+)
+
+
+def device_properties(device):
+    dev = torch.device(device)
+    return torch.cuda.get_device_properties(dev) if dev.type == "cuda" else None
+
+
+def search_space(family: str, shape: Shape, config: NSAConfig, num_heads: int, num_kv_heads: int, *, device="cpu",
+                 interpreter: bool | None = None, space: dict | None = None):
+    """(candidates, pruned): the default first, then every combination of the declared ranges that builds a
+    valid params object and passes every predicate; pruned counts the rest by predicate name."""
+    from nsa.kernels.runtime import interpreting
+    interpreter = interpreting() if interpreter is None else interpreter
+    space = space if space is not None else (INTERPRETER_SPACES if interpreter else SPACES)[family]
+    cls = params_class(family)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(space) - names
+    if unknown:
+        raise ValueError(f"search space of {family} names fields {sorted(unknown)} that {cls.__name__} lacks")
+    default = default_for(family, shape, config, num_heads, num_kv_heads)
+    props = device_properties(device)
+    candidates, seen, pruned = [default], {default}, {}
+    for values in itertools.product(*space.values()):
+        fields = dict(zip(space, values))
+        try:
+            cand = dataclasses.replace(default, **fields)
+        except (TypeError, ValueError):
+            pruned["invalid"] = pruned.get("invalid", 0) + 1
+            continue
+        if cand in seen:
+            continue
+        for name, _, keep in PREDICATES:
+            if not keep(cand, shape, props):
+                pruned[name] = pruned.get(name, 0) + 1
+                break
+        else:
+            seen.add(cand)
+            candidates.append(cand)
+    return candidates, pruned
