@@ -73,14 +73,18 @@ def _stage(family: str, problem, device, *, with_check: bool):
     hi = {name: t.to(ref_dtype) for name, t in x.items() if t is not None and t.is_floating_point()}
     cdt = compute_dtype(dtype)
     kernel = _kernel(family)
-    if family == "compression":
+
+    def against_reference(kernel_fn, reference_fn, names, *extra):
+        lo_args, hi_args = [x[n] for n in names] + list(extra), [hi[n] for n in names] + list(extra)
+
         def run(p):
-            return kernel.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], config, params=p)
+            return kernel_fn(*lo_args, config, params=p)
         if not with_check:
             return run, None
-        ref = reference.compressed_attention(hi["q"], hi["k_cmp"], hi["v_cmp"], config)
-        lo = reference.compressed_attention(x["q"], x["k_cmp"], x["v_cmp"], config)
-        return run, _close(ref, lo, cdt)
+        return run, _close(reference_fn(*hi_args, config), reference_fn(*lo_args, config), cdt)
+
+    if family == "compression":
+        return against_reference(kernel.compressed_attention, reference.compressed_attention, ("q", "k_cmp", "v_cmp"))
     if family == "selection":
         def run(p):
             return kernel.select_blocks(x["q"], x["k_cmp"], config, params=p)
@@ -96,22 +100,9 @@ def _stage(family: str, problem, device, *, with_check: bool):
     if family == "selected":
         # The kernel's own default selection: realistic block lists at any T, and cheap.
         idx = _kernel("selection").select_blocks(x["q"], x["k_cmp"], config)
-
-        def run(p):
-            return kernel.selected_attention(x["q"], x["k"], x["v"], idx, config, params=p)
-        if not with_check:
-            return run, None
-        ref = reference.selected_attention(hi["q"], hi["k"], hi["v"], idx, config)
-        lo = reference.selected_attention(x["q"], x["k"], x["v"], idx, config)
-        return run, _close(ref, lo, cdt)
+        return against_reference(kernel.selected_attention, reference.selected_attention, ("q", "k", "v"), idx)
     if family == "window":
-        def run(p):
-            return kernel.window_attention(x["q"], x["k"], x["v"], config, params=p)
-        if not with_check:
-            return run, None
-        ref = reference.window_attention(hi["q"], hi["k"], hi["v"], config)
-        lo = reference.window_attention(x["q"], x["k"], x["v"], config)
-        return run, _close(ref, lo, cdt)
+        return against_reference(kernel.window_attention, reference.window_attention, ("q", "k", "v"))
     if family == "combine":
         gen = torch.Generator().manual_seed(1)
         shape = (problem.batch, problem.seqlen, problem.num_heads, problem.head_dim_v)
