@@ -27,14 +27,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Tests set this to True: launchers then allocate outputs filled with NaN, so an unwritten element fails.
+# Tests set this to True: launchers then allocate outputs filled with NaN (integers: -2, never a valid block index
+# or the -1 padding), so an unwritten element fails.
 POISON_OUTPUTS = False
 
 
 def new_output(shape, *, dtype, device) -> torch.Tensor:
-    """An output buffer: uninitialised, or NaN-filled when POISON_OUTPUTS is set."""
+    """An output buffer: uninitialised, or poisoned when POISON_OUTPUTS is set."""
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -2, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

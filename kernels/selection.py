@@ -257,11 +257,7 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
     num_kv_heads = k_cmp.shape[1]
     group = num_heads // num_kv_heads
     n = config.slc_topn
-    shape = (total, num_kv_heads, n)
-    if runtime.POISON_OUTPUTS:
-        out = torch.full(shape, -2, dtype=torch.int32, device=q.device)
-    else:
-        out = torch.empty(shape, dtype=torch.int32, device=q.device)
+    out = runtime.new_output((total, num_kv_heads, n), dtype=torch.int32, device=q.device)
     if total == 0:
         return out
     if k_cmp.shape[0] == 0:  # no compressed keys: pass a valid pointer, every column is masked off

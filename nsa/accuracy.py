@@ -25,20 +25,23 @@ SELECTION_RTOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-3,
 
 
 def selection_mismatches(block_indices: torch.Tensor, importance: torch.Tensor, config: NSAConfig, *,
-                         seqlens, rtol: float = 1e-4) -> list[str]:
+                         seqlens=None, positions: torch.Tensor | None = None, rtol: float = 1e-4) -> list[str]:
     """Why `block_indices` [B, T, Hkv, n] is not a valid selection for `importance` [B, T, Hkv, Ns].
 
     Valid means (SPEC 1.4): ascending, -1 padded, min(n, t//l' + 1) causal blocks, forced blocks present, and
     every chosen free block at least as important as every free block left out, up to `rtol` of the row's
     largest importance (two near-equal blocks may swap under rounding). `seqlens` gives each row's
-    sequence-local position: a list of lengths per batch row (dense: [[T]] * B; varlen: [packed lengths]).
+    sequence-local position: a list of lengths per batch row (dense: [[T]] * B; varlen: [packed lengths]);
+    or give the positions [B, T] themselves (decoding: the last rows of each sequence).
     Returns human-readable problems, at most 10; empty when valid. Vectorised: fine at T = 16k.
     """
     n, ls = config.slc_topn, config.slc_block
     bi, imp = block_indices.long(), importance.double().to(block_indices.device)
     num_slc = imp.shape[-1]
-    pos = torch.stack([torch.cat([torch.arange(length) for length in row]) if row else torch.zeros(0, dtype=torch.long)
-                       for row in seqlens]).to(bi.device)  # [B, T]
+    if positions is None:
+        positions = torch.stack([torch.cat([torch.arange(length) for length in row]) if row
+                                 else torch.zeros(0, dtype=torch.long) for row in seqlens])
+    pos = positions.long().to(bi.device)  # [B, T]
     current = (pos // ls)[..., None, None]  # [B, T, 1, 1]
     want = torch.clamp(current + 1, max=n)
     slot = torch.arange(n, device=bi.device)

@@ -162,7 +162,7 @@ def measure(suite: Suite, problem: Problem, provider: Provider, settings: BenchS
         before = torch.cuda.memory_allocated(device) if is_cuda(device) else 0
         call, row["impl_detail"] = timed_call(provider, problem, device, seed)
         peak = _peak_memory_gib(call, device, before)
-        timing = time_call(call, device, settings.timer or default_timer(device))
+        timing = time_call(call, device, settings.timer or default_timer(device), cuda_graph=problem.op == "decode")
     except Exception as e:
         row["verdict"], row["error"] = _failure(e, "timing")
         return row

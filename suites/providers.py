@@ -128,10 +128,8 @@ def reference_result(problem: Problem, x: dict) -> torch.Tensor:
 
 
 class NSAKernels(Provider):
-    """nsa.kernels: `nsa_attention` for fwd/bwd, `nsa_decode` (issue 4) for decode, each used once it exists.
-
-    `nsa_decode` is called like the reference's: (q [B, 1, Hq, Dk], cache, g_cmp, g_slc, g_win, config).
-    """
+    """nsa.kernels: `nsa_attention` for fwd/bwd, `nsa_decode` for decode over an `nsa.kernels.KVCache` of the
+    problem's tensors: (q [B, 1, Hq, Dk], cache, g_cmp, g_slc, g_win, config)."""
 
     name = "nsa"
 
@@ -157,6 +155,8 @@ class NSAKernels(Provider):
         from nsa.kernels import runtime
         fn = _function_name(problem)
         where = ", Triton interpreter" if runtime.interpreting() else ""
+        if problem.op == "decode":  # the kernels read their own cache type, here over x's tensors
+            x = dict(x, cache=kernels.KVCache.from_tensors(x["k"], x["v"], x["k_cmp"], x["v_cmp"], problem.config))
         return Prepared(_attention_call(getattr(kernels, fn), problem, x),
                         f"nsa.kernels.{fn} (nsa {nsa_version()}, triton {triton.__version__}{where})")
 

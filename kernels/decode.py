@@ -1,0 +1,594 @@
+"""Decoding (SPEC 1.9) in Triton: the newest n tokens of each cached sequence attend to everything before them.
+
+Memory-bound by design. A *row* is one query token of one sequence and one kv head; its G query heads are the
+rows of every score tile (padded to 16 for `tl.dot`), so each key/value byte is read once per GQA group. Work
+is split across the machine when the batch is small (split-K), and every size the grid depends on comes from
+the cache's capacity, never from the lengths on the device: no host synchronisation, so a step can be captured
+in a CUDA graph. Five launches:
+
+1. `compressed_partials_kernel` (grid: cmp_splits x rows): each split attends to its share of the compressed
+   tokens the row sees, writes a partial (max, sum, unnormalised output) and the raw scores (fp32, log2 units)
+   that selection reuses instead of recomputing q.k_cmp.
+2. `block_importance_kernel` (grid: importance_splits x rows): merges the partials' log-sum-exp, turns the
+   scores into p_cmp summed over the group's heads and weighs them into selection-block importances (the
+   overlap weights of `nsa.kernels.selection`); forced blocks (initial, local) get +inf.
+3. `top_blocks_kernel` (grid: rows): running top-n over the importances, in chunks of `topn_chunk` blocks, with
+   the int64 keys of `nsa.kernels.selection` (ties to the lower index); block_indices ascending, -1 padded.
+4. `sparse_partials_kernel` (grid: (slc_splits + win_splits) x rows): split-K over the selected blocks and over
+   the sliding window, reading keys through the page table.
+5. `merge_branches_kernel` (grid: rows x G): merges each branch's partials and applies the gates.
+
+Merges load all of a row's splits at once: a loop over splits would be a chain of dependent loads, about half a
+microsecond each (the first version's merges made a 30 us floor at B=1 on an H200; see docs/performance.md).
+
+A token at position p of sequence b sits at row p % page_size of page block_table[b, p // page_size].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa.config import NSAConfig
+from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, expect_shape, resolve_scale
+from nsa.kernels import runtime
+from nsa.kernels.attention import nsa_attention
+from nsa.kernels.compression import LOG2E, _num_visible, head_dim_block
+from nsa.kernels.kv_cache import KVCache
+from nsa.kernels.selection import INDEX_BIAS, INDEX_BITS, NO_BLOCK, _sort_rows, chunk_width
+
+_NEG_LARGE = tl.constexpr(-1.0e30)  # a running max that starts finite, so no (-inf) - (-inf)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_position(seqlens, row, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
+    """(sequence, query token, kv head, position) of a row; the n queries are the sequence's last n tokens."""
+    hk = row % NUM_KV_HEADS
+    token = (row // NUM_KV_HEADS) % NUM_QUERIES
+    seq = row // (NUM_KV_HEADS * NUM_QUERIES)
+    pos = tl.load(seqlens + seq) - NUM_QUERIES + token
+    return seq, token, hk, pos
+
+
+@triton.jit
+def _load_queries(q, seq, token, hk, stride_qb, stride_qt, stride_qh, G: tl.constexpr, DK: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """The group's G query heads [BLOCK_H, BLOCK_DK] (rows >= G are zero)."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    ptrs = q + seq.to(tl.int64) * stride_qb + token * stride_qt + (hk * G + offs_h)[:, None] * stride_qh
+    return tl.load(ptrs + offs_dk[None, :], mask=(offs_h < G)[:, None] & (offs_dk < DK)[None, :], other=0.0)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, s, v_tile, PRECISION: tl.constexpr):
+    """One online-softmax step: scores s [BLOCK_H, BLOCK_N] (log2 units, -inf where masked), values v_tile."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _store_partial(part_o, part_m, part_l, split, row, num_rows, acc, l_i, m_i, G: tl.constexpr, DV: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Partial softmax state of one split: part_o [splits, rows, G, Dv], part_m/part_l [splits, rows, G]."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    base = (split * num_rows + row).to(tl.int64) * G
+    tl.store(part_m + base + offs_h, m_i, mask=offs_h < G)
+    tl.store(part_l + base + offs_h, l_i, mask=offs_h < G)
+    tl.store(part_o + (base + offs_h)[:, None] * DV + offs_dv[None, :], acc,
+             mask=(offs_h < G)[:, None] & (offs_dv < DV)[None, :])
+
+
+@triton.jit
+def _compressed_lse2(part_m, part_l, row, num_rows, G: tl.constexpr, SPLITS: tl.constexpr,
+                     SPLITS_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """[BLOCK_H] log-sum-exp (log2 units) of the compressed branch, from its SPLITS partials (the first ones);
+    +inf for a head that sees no compressed block. All splits in one load: no chain of dependent loads."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_h = tl.arange(0, BLOCK_H)
+    at = (offs_s[:, None] * num_rows + row).to(tl.int64) * G + offs_h[None, :]
+    ok = (offs_s < SPLITS)[:, None] & (offs_h < G)[None, :]
+    m_s = tl.load(part_m + at, mask=ok, other=_NEG_LARGE)
+    l_s = tl.load(part_l + at, mask=ok, other=0.0)
+    m_all = tl.max(m_s, 0)
+    l_all = tl.sum(l_s * tl.exp2(m_s - m_all[None, :]), 0)
+    return tl.where(l_all > 0.0, m_all + tl.log2(tl.where(l_all > 0.0, l_all, 1.0)), float("inf"))
+
+
+@triton.jit
+def _merge_branch(part_o, part_m, part_l, first, row, head, num_rows, G: tl.constexpr, DV: tl.constexpr,
+                  SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One head's output [BLOCK_DV] of a branch, merged from its splits [first, first + SPLITS) in one load
+    (0 when the branch sees nothing)."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < SPLITS
+    at = ((first + offs_s) * num_rows + row).to(tl.int64) * G + head
+    m_s = tl.load(part_m + at, mask=s_ok, other=_NEG_LARGE)
+    l_s = tl.load(part_l + at, mask=s_ok, other=0.0)
+    o_s = tl.load(part_o + at[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv < DV)[None, :],
+                  other=0.0)
+    weight = tl.exp2(m_s - tl.max(m_s, 0))
+    total = tl.sum(l_s * weight, 0)
+    return tl.sum(o_s * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+
+
+@triton.jit
+def compressed_partials_kernel(
+        q, k_cmp, v_cmp, seqlens, scores, part_o, part_m, part_l,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_sr, stride_sh, num_rows, scale_log2,
+        G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, CMP_BLOCK: tl.constexpr,
+        CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Split `program_id(0)` of the compressed attention of one row, and its raw scores."""
+    split = tl.program_id(0)
+    row = tl.program_id(1)
+    seq, token, hk, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
+    num_visible = _num_visible(pos, CMP_BLOCK, CMP_STRIDE)
+    per_split = tl.cdiv(tl.cdiv(num_visible, BLOCK_N), SPLITS) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, num_visible)
+
+    q_tile = _load_queries(q, seq, token, hk, stride_qb, stride_qt, stride_qh, G, DK, BLOCK_H, BLOCK_DK)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_cmp += seq.to(tl.int64) * stride_kb + hk * stride_kh
+    v_cmp += seq.to(tl.int64) * stride_vb + hk * stride_vh
+    scores += row.to(tl.int64) * stride_sr
+    m_i = tl.full([BLOCK_H], _NEG_LARGE, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k_t = tl.load(k_cmp + offs_n[None, :] * stride_kt + offs_dk[:, None],
+                      mask=n_ok[None, :] & (offs_dk < DK)[:, None], other=0.0)
+        s = tl.dot(q_tile, k_t, input_precision=PRECISION) * scale_log2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        tl.store(scores + offs_h[:, None] * stride_sh + offs_n[None, :], s,
+                 mask=(offs_h < G)[:, None] & n_ok[None, :])
+        v_tile = tl.load(v_cmp + offs_n[:, None] * stride_vt + offs_dv[None, :],
+                         mask=n_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v_tile, PRECISION)
+    _store_partial(part_o, part_m, part_l, split, row, num_rows, acc, l_i, m_i, G, DV, BLOCK_H, BLOCK_DV)
+
+
+@triton.jit
+def block_importance_kernel(
+        scores, part_m, part_l, seqlens, importance,
+        stride_sr, stride_sh, stride_ir, num_rows,
+        G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, CMP_BLOCK: tl.constexpr,
+        CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+        CMP_SPLITS: tl.constexpr, CMP_SPLITS_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
+        NPAD: tl.constexpr, RPAD: tl.constexpr):
+    """Importance of split `program_id(0)`'s share of the row's causal selection blocks."""
+    R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
+    BLOCK_C: tl.constexpr = NPAD * RPAD
+    split = tl.program_id(0)
+    row = tl.program_id(1)
+    _, _, _, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
+    num_visible = _num_visible(pos, CMP_BLOCK, CMP_STRIDE)
+    current = pos // SLC_BLOCK
+    per_split = tl.cdiv(tl.cdiv(current + 1, NPAD), SPLITS) * NPAD
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, current + 1)
+    if lo >= hi:
+        return
+
+    # p_cmp = exp2(score - lse2) with the compressed branch's log-sum-exp (log2 units; +inf: sees nothing).
+    lse2 = _compressed_lse2(part_m, part_l, row, num_rows, G, CMP_SPLITS, CMP_SPLITS_PAD, BLOCK_H)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < G
+    scores += row.to(tl.int64) * stride_sr + offs_h[:, None] * stride_sh
+    importance += row.to(tl.int64) * stride_ir
+    # Weights of a compressed block at offset r*d of its selection block: to that block and to the next one.
+    offs_rr = tl.arange(0, RPAD)
+    w_in = tl.minimum(CMP_BLOCK, SLC_BLOCK - offs_rr * CMP_STRIDE)
+    w_self = tl.where(offs_rr < R, w_in.to(tl.float32) / CMP_STRIDE, 0.0)
+    w_next = tl.where(offs_rr < R, (CMP_BLOCK - w_in).to(tl.float32) / CMP_STRIDE, 0.0)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_j = tl.arange(0, NPAD)
+    shift = ((offs_j[:, None] + 1) == offs_j[None, :]).to(tl.float32)  # [k, j]: block k spills into j = k+1
+    for j0 in range(lo, hi, NPAD):
+        cmp_idx = (j0 + offs_c // RPAD) * R + offs_c % RPAD
+        col_ok = (offs_c % RPAD < R) & (cmp_idx < num_visible)
+        s = tl.load(scores + cmp_idx[None, :], mask=h_ok[:, None] & col_ok[None, :], other=float("-inf"))
+        prob = tl.reshape(tl.sum(tl.exp2(s - lse2[:, None]), 0), [NPAD, RPAD])
+        spill = tl.sum(prob * w_next[None, :], 1)
+        imp = tl.sum(prob * w_self[None, :], 1) + tl.sum(spill[:, None] * shift, 0)
+        # What the compressed blocks of selection block j0 - 1 spill into j0 (that block is another chunk's).
+        prev_idx = (j0 - 1) * R + offs_rr
+        prev_ok = (j0 > 0) & (offs_rr < R) & (prev_idx < num_visible)
+        s_prev = tl.load(scores + prev_idx[None, :], mask=h_ok[:, None] & prev_ok[None, :], other=float("-inf"))
+        carry = tl.sum(tl.sum(tl.exp2(s_prev - lse2[:, None]), 0) * w_next, 0)
+        imp += tl.where(offs_j == 0, carry, 0.0)
+        blk = j0 + offs_j
+        forced = (blk < INIT_BLOCKS) | (current - blk < LOCAL_BLOCKS)
+        imp = tl.where(forced, float("inf"), imp)
+        tl.store(importance + blk, imp, mask=blk < hi)
+
+
+@triton.jit
+def top_blocks_kernel(
+        importance, seqlens, block_indices, stride_ir, stride_br,
+        NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
+        CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr):
+    """block_indices of one row: the top min(n, current + 1) blocks by importance, ascending, -1 padded."""
+    row = tl.program_id(0)
+    _, _, _, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
+    current = pos // SLC_BLOCK
+    importance += row.to(tl.int64) * stride_ir
+    offs = tl.arange(0, CHUNK)
+    best = tl.full([1, CHUNK], -1, dtype=tl.int64)
+    for j0 in range(0, current + 1, CHUNK):
+        blk = j0 + offs
+        ok = blk <= current
+        imp = tl.load(importance + blk, mask=ok, other=0.0)
+        low = (~blk & INDEX_BIAS).to(tl.int64)  # INDEX_BIAS - j: the lower index wins a tie
+        key = (imp.to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | low
+        key = tl.where(ok, key, -1)[None, :]
+        # Ascending against descending: the elementwise max is the top CHUNK of both, as one bitonic row.
+        best = tl.maximum(best, _sort_rows(key, 1, LOG_CHUNK, 0, False))
+        best = _sort_rows(best, 1, LOG_CHUNK, 1, True)
+    count = tl.minimum(current + 1, TOPN)
+    chosen = (~best & INDEX_BIAS).to(tl.int32)
+    chosen = tl.where(offs[None, :] < count, chosen, NO_BLOCK)
+    chosen = _sort_rows(chosen, 1, LOG_CHUNK, 0, False)
+    chosen = tl.where(chosen == NO_BLOCK, -1, chosen)
+    tl.store(block_indices + row.to(tl.int64) * stride_br + offs[None, :], chosen, mask=offs[None, :] < TOPN)
+
+
+@triton.jit
+def _attend_tokens(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, start, end, stride_kp, stride_kt,
+                   stride_vp, stride_vt, scale_log2, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the tokens [start, end) of one sequence (`table`: its page-table row; k_pages,
+    v_pages: at the kv head)."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t0 in range(start, end, BLOCK_N):
+        offs_n = t0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        page = tl.load(table + offs_n // page_size, mask=n_ok, other=0).to(tl.int64)
+        slot = offs_n % page_size
+        k_t = tl.load(k_pages + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_dk[:, None],
+                      mask=n_ok[None, :] & (offs_dk < DK)[:, None], other=0.0)
+        s = tl.dot(q_tile, k_t, input_precision=PRECISION) * scale_log2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        v_tile = tl.load(v_pages + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_dv[None, :],
+                         mask=n_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v_tile, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def sparse_partials_kernel(
+        q, k_pages, v_pages, block_table, seqlens, block_indices, part_o, part_m, part_l,
+        stride_qb, stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+        stride_bt, stride_br, page_size, num_rows, scale_log2,
+        G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr,
+        TOPN: tl.constexpr, WINDOW: tl.constexpr, CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr,
+        WIN_SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Split `program_id(0)` of the selected branch (the first SLC_SPLITS) or of the window branch (the rest)."""
+    SLOTS: tl.constexpr = (TOPN + SLC_SPLITS - 1) // SLC_SPLITS  # selected blocks per selected split
+    split = tl.program_id(0)
+    row = tl.program_id(1)
+    seq, token, hk, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
+    q_tile = _load_queries(q, seq, token, hk, stride_qb, stride_qt, stride_qh, G, DK, BLOCK_H, BLOCK_DK)
+    table = block_table + seq.to(tl.int64) * stride_bt
+    k_pages += hk * stride_kh
+    v_pages += hk * stride_vh
+    m_i = tl.full([BLOCK_H], _NEG_LARGE, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    if split < SLC_SPLITS:
+        for slot in range(split * SLOTS, tl.minimum((split + 1) * SLOTS, TOPN)):
+            blk = tl.load(block_indices + row.to(tl.int64) * stride_br + slot)
+            start = blk * SLC_BLOCK
+            end = tl.where(blk >= 0, tl.minimum(start + SLC_BLOCK, pos + 1), start)  # -1: no block
+            acc, l_i, m_i = _attend_tokens(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, start, end,
+                                           stride_kp, stride_kt, stride_vp, stride_vt, scale_log2, DK, DV, BLOCK_N,
+                                           BLOCK_DK, BLOCK_DV, PRECISION)
+    else:
+        first = tl.maximum(pos - WINDOW + 1, 0)
+        per_split = tl.cdiv(tl.cdiv(pos + 1 - first, BLOCK_N), WIN_SPLITS) * BLOCK_N
+        start = first + (split - SLC_SPLITS) * per_split
+        end = tl.minimum(start + per_split, pos + 1)
+        acc, l_i, m_i = _attend_tokens(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, start, end,
+                                       stride_kp, stride_kt, stride_vp, stride_vt, scale_log2, DK, DV, BLOCK_N,
+                                       BLOCK_DK, BLOCK_DV, PRECISION)
+    _store_partial(part_o, part_m, part_l, CMP_SPLITS + split, row, num_rows, acc, l_i, m_i, G, DV, BLOCK_H,
+                   BLOCK_DV)
+
+
+@triton.jit
+def merge_branches_kernel(
+        part_o, part_m, part_l, g_cmp, g_slc, g_win, o,
+        stride_gb, stride_gt, stride_gh, stride_ob, stride_ot, stride_oh, num_rows,
+        G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, DV: tl.constexpr,
+        CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, WIN_SPLITS: tl.constexpr, CMP_PAD: tl.constexpr,
+        SLC_PAD: tl.constexpr, WIN_PAD: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """o of one head of one row: g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, each merged from its splits."""
+    row = tl.program_id(0)
+    g = tl.program_id(1)
+    hk = row % NUM_KV_HEADS
+    token = (row // NUM_KV_HEADS) % NUM_QUERIES
+    seq = (row // (NUM_KV_HEADS * NUM_QUERIES)).to(tl.int64)
+    o_cmp = _merge_branch(part_o, part_m, part_l, 0, row, g, num_rows, G, DV, CMP_SPLITS, CMP_PAD, BLOCK_DV)
+    o_slc = _merge_branch(part_o, part_m, part_l, CMP_SPLITS, row, g, num_rows, G, DV, SLC_SPLITS, SLC_PAD,
+                          BLOCK_DV)
+    o_win = _merge_branch(part_o, part_m, part_l, CMP_SPLITS + SLC_SPLITS, row, g, num_rows, G, DV, WIN_SPLITS,
+                          WIN_PAD, BLOCK_DV)
+    head = hk * G + g
+    gate = seq * stride_gb + token * stride_gt + head * stride_gh
+    out = (tl.load(g_cmp + gate).to(tl.float32) * o_cmp + tl.load(g_slc + gate).to(tl.float32) * o_slc
+           + tl.load(g_win + gate).to(tl.float32) * o_win)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(o + seq * stride_ob + token * stride_ot + head * stride_oh + offs_dv, out.to(o.dtype.element_ty),
+             mask=offs_dv < DV)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch parameters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeParams:
+    """Launch parameters of one decode step (every size a power of two except the counts named *splits).
+
+    Attributes:
+        cmp_splits: programs sharing one row's compressed tokens (split-K).
+        cmp_block_n: compressed tokens per tile.
+        importance_splits: programs sharing one row's selection blocks when weighing importances.
+        topn_chunk: selection blocks per step of the running top-n (>= max(16, next_pow2(n))).
+        slc_splits: programs sharing one row's n selected blocks (each takes ceil(n / slc_splits) blocks).
+        win_splits: programs sharing one row's window.
+        block_n: keys per tile in the selected and window branches.
+        num_warps, num_stages: Triton launch options of the attention kernels.
+    """
+
+    cmp_splits: int = 8
+    cmp_block_n: int = 64
+    importance_splits: int = 8
+    topn_chunk: int = 256
+    slc_splits: int = 4
+    win_splits: int = 4
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        runtime.check_launch_params(self, counts=("num_stages", "splits"))
+        for name in ("cmp_block_n", "block_n"):
+            if getattr(self, name) < runtime.MIN_DOT:
+                raise ValueError(f"DecodeParams.{name} must be >= {runtime.MIN_DOT} (tl.dot on a GPU), got "
+                                 f"{getattr(self, name)}")
+
+
+def default_params(batch: int, num_queries: int, num_kv_heads: int, config: NSAConfig, capacity: int,
+                   device) -> DecodeParams:
+    """Splits that give about two programs per SM for the row count (the tuner searches better ones): a batch
+    of one sequence and 4 kv heads spreads each row over many programs, a batch of 16 over a few. Under the
+    interpreter (which pays per program) two splits each, enough to exercise the merges."""
+    if runtime.interpreting():
+        return DecodeParams(cmp_splits=2, cmp_block_n=16, importance_splits=2, topn_chunk=chunk_width(config),
+                            slc_splits=2, win_splits=2, block_n=16, num_warps=1, num_stages=1)
+    rows = batch * num_queries * num_kv_heads
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, 2 * sms // rows)
+    cmp_tiles = triton.cdiv(config.num_cmp_blocks(capacity), 64)
+    chunks = triton.cdiv(config.num_slc_blocks(capacity), chunk_width(config))
+    blocks = triton.next_power_of_2(config.num_slc_blocks(capacity))
+    return DecodeParams(cmp_splits=max(1, min(want, cmp_tiles)), importance_splits=max(1, min(want, chunks)),
+                        slc_splits=max(1, min(want, config.slc_topn)),
+                        win_splits=max(1, min(want, triton.cdiv(config.window, 64))),
+                        topn_chunk=max(chunk_width(config), min(256, blocks)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, scale: float,
+                   params: DecodeParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [B, n, Hq, Dv] and block_indices [B, n, Hkv, topn] int32 of the last n tokens of every sequence.
+
+    q and the gates are [B, n, Hq(, Dk)] in the kernels' dtype; the cache is read as it is.
+    """
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = cache.num_kv_heads, cache.head_dim_v
+    group = num_heads // num_kv_heads
+    rows = batch * num_queries * num_kv_heads
+    device = q.device
+    splits = params.cmp_splits + params.slc_splits + params.win_splits
+    part_o = torch.empty(splits, rows, group, head_dim_v, dtype=torch.float32, device=device)
+    part_m = torch.empty(splits, rows, group, dtype=torch.float32, device=device)
+    part_l = torch.empty(splits, rows, group, dtype=torch.float32, device=device)
+    scores = torch.empty(rows, group, max(cache.cmp_capacity, 1), dtype=torch.float32, device=device)
+    importance = torch.empty(rows, config.num_slc_blocks(cache.capacity), dtype=torch.float32, device=device)
+    block_indices = runtime.new_output((batch, num_queries, num_kv_heads, config.slc_topn), dtype=torch.int32,
+                                       device=device)
+    o = runtime.new_output((batch, num_queries, num_heads, head_dim_v), dtype=q.dtype, device=device)
+    k_pages, v_pages, k_cmp, v_cmp = (x.to(q.dtype) for x in (cache.k_pages, cache.v_pages, cache.k_cmp,
+                                                                cache.v_cmp))
+    block_h = max(runtime.MIN_DOT, triton.next_power_of_2(group))
+    sizes = dict(G=group, NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads)
+    tiles = dict(BLOCK_H=block_h, BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+                 PRECISION=runtime.dot_precision(q.dtype), DK=head_dim, DV=head_dim_v)
+    launch = dict(num_warps=params.num_warps, num_stages=params.num_stages)
+    scale_log2 = scale * LOG2E
+
+    compressed_partials_kernel[(params.cmp_splits, rows)](
+        q, k_cmp, v_cmp, cache.seqlens, scores, part_o, part_m, part_l,
+        q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
+        v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), scores.stride(0), scores.stride(1), rows, scale_log2,
+        CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SPLITS=params.cmp_splits,
+        BLOCK_N=params.cmp_block_n, **sizes, **tiles, **launch)
+    npad = chunk_width(config)
+    block_importance_kernel[(params.importance_splits, rows)](
+        scores, part_m, part_l, cache.seqlens, importance, scores.stride(0), scores.stride(1), importance.stride(0),
+        rows, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SLC_BLOCK=config.slc_block,
+        INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, CMP_SPLITS=params.cmp_splits,
+        CMP_SPLITS_PAD=triton.next_power_of_2(params.cmp_splits), SPLITS=params.importance_splits, BLOCK_H=block_h,
+        NPAD=npad,        RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride), **sizes, num_warps=4)
+    chunk = max(params.topn_chunk, npad)
+    top_blocks_kernel[(rows,)](
+        importance, cache.seqlens, block_indices, importance.stride(0), config.slc_topn,
+        NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads, SLC_BLOCK=config.slc_block, TOPN=config.slc_topn,
+        CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1, num_warps=4)
+    sparse_partials_kernel[(params.slc_splits + params.win_splits, rows)](
+        q, k_pages, v_pages, cache.block_table, cache.seqlens, block_indices, part_o, part_m, part_l,
+        q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), cache.block_table.stride(0), config.slc_topn,
+        cache.page_size, rows, scale_log2,
+        SLC_BLOCK=config.slc_block, TOPN=config.slc_topn, WINDOW=config.window, CMP_SPLITS=params.cmp_splits,
+        SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits, BLOCK_N=params.block_n, **sizes, **tiles,
+        **launch)
+    merge_branches_kernel[(rows, group)](
+        part_o, part_m, part_l, g_cmp, g_slc, g_win, o,
+        g_cmp.stride(0), g_cmp.stride(1), g_cmp.stride(2), o.stride(0), o.stride(1), o.stride(2), rows,
+        DV=head_dim_v, CMP_SPLITS=params.cmp_splits, SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits,
+        CMP_PAD=triton.next_power_of_2(params.cmp_splits), SLC_PAD=triton.next_power_of_2(params.slc_splits),
+        WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=head_dim_block(head_dim_v), **sizes,
+        num_warps=4)
+    return o, block_indices
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_decode_inputs(q, cache, g_cmp, g_slc, g_win, config: NSAConfig) -> None:
+    """Validate a decode step before any launch (no device synchronisation)."""
+    check_config(config)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be an nsa.kernels.KVCache, got {type(cache).__name__} (a reference "
+                        f"nsa.reference.KVCache goes to nsa.reference.nsa_decode)")
+    if config != cache.config:
+        raise ValueError(f"config {config} differs from the cache's {cache.config}")
+    check_float_tensors(dict(q=q, g_cmp=g_cmp, g_slc=g_slc, g_win=g_win), dict(q=4, g_cmp=3, g_slc=3, g_win=3))
+    batch, num_queries, num_heads, head_dim = q.shape
+    if batch != cache.batch_size or head_dim != cache.head_dim or num_heads % cache.num_kv_heads:
+        raise ValueError(f"q must be [B={cache.batch_size}, n, Hq, {cache.head_dim}] with Hq a multiple of "
+                         f"{cache.num_kv_heads} kv heads, got {tuple(q.shape)}")
+    for name, g in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)):
+        expect_shape(name, g, (batch, num_queries, num_heads), "(B, n, Hq)")
+    if q.device != cache.device:
+        raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
+    if min(cache.lengths) < num_queries:
+        raise ValueError(f"every sequence must hold the {num_queries} queried tokens, got lengths {cache.lengths}")
+    runtime.check_kernel_inputs(q, max(head_dim, cache.head_dim_v))
+
+
+def nsa_decode(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, *, scale=None,
+               return_block_indices=False, params: DecodeParams | None = None):
+    """Attention of each sequence's newest n tokens, already appended to `cache`, over all of its tokens.
+
+    Equal to the last n rows of `nsa_attention` over each sequence's S_b tokens (SPEC 1.9). n = 1 is plain
+    decoding, a few tokens speculative decoding, and a longer chunk a prefill that attends to a cache (see
+    `nsa_prefill`). Device work only (no host synchronisation): capturable in a CUDA graph together with
+    `cache.append`.
+
+    Args:
+        q: [B, n, Hq, Dk] queries of the last n tokens of every sequence (float16, bfloat16 or float32).
+        cache: an `nsa.kernels.KVCache` holding those tokens.
+        g_cmp, g_slc, g_win: [B, n, Hq] branch gates.
+        config: the cache's NSAConfig.
+        scale: softmax scale, Dk ** -0.5 by default.
+        return_block_indices: also return the selection.
+        params: DecodeParams, `default_params(...)` when None.
+    Returns:
+        o [B, n, Hq, Dv] in q's dtype (and block_indices [B, n, Hkv, topn] int32, ascending, -1 padded).
+
+    Example:
+        >>> cache.append(k_new, v_new)  # [B, 1, Hkv, D]
+        >>> o = nsa_decode(q_new, cache, g_cmp, g_slc, g_win, cfg)  # [B, 1, Hq, Dv]
+    """
+    check_decode_inputs(q, cache, g_cmp, g_slc, g_win, config)
+    scale = resolve_scale(scale, q.shape[-1])
+    if params is None:
+        params = default_params(q.shape[0], q.shape[1], cache.num_kv_heads, config, cache.capacity, q.device)
+    elif not isinstance(params, DecodeParams):
+        raise TypeError(f"params must be a DecodeParams, got {type(params).__name__}")
+    dtype = runtime.compute_dtype(q.dtype)
+    with torch.no_grad():
+        o, block_indices = nsa_decode_fwd(q.to(dtype), cache, g_cmp.to(dtype), g_slc.to(dtype), g_win.to(dtype),
+                                          config, scale, params)
+    o = o.to(q.dtype)
+    return (o, block_indices) if return_block_indices else o
+
+
+def nsa_prefill(q, k, v, g_cmp, g_slc, g_win, cache: KVCache, config: NSAConfig, *, scale=None, cu_seqlens=None,
+                decode_params: DecodeParams | None = None):
+    """Append a prompt, or the next chunk of one, to `cache` and return its attention output.
+
+    An empty cache takes whole prompts: their compressed keys/values come from the cache's compressors, the cache
+    is filled, and o is the training forward `nsa_attention` on the same tokens (dense [B, T] prompts, or B = 1
+    with FlashAttention's cu_seqlens, sequence i of the packed batch going to cache slot i). A cache that
+    already holds tokens takes a chunk of n tokens per sequence that attends to the cache plus itself, through
+    `nsa_decode` (so chunked prefill gives the rows the whole prompt would have).
+
+    Args:
+        q: [B, n, Hq, Dk]; k, v: [B, n, Hkv, Dk/Dv]; g_cmp, g_slc, g_win: [B, n, Hq].
+        cache: an `nsa.kernels.KVCache` with compressors mapping [N, T, Hkv, D] to [N, Tc(T), Hkv, D] (as
+            `nsa.reference.Compressor` does).
+        config: the cache's NSAConfig.
+        scale: softmax scale, Dk ** -0.5 by default.
+        cu_seqlens: int32 [N+1] for packed prompts into an empty cache of N sequences.
+        decode_params: DecodeParams of the chunk path.
+    Returns:
+        o [B, n, Hq, Dv] in q's dtype.
+
+    Example:
+        >>> cache = KVCache(B, Hkv, D, cfg, capacity=65536, k_compressor=kc, v_compressor=vc)
+        >>> o = nsa_prefill(q, k, v, g_cmp, g_slc, g_win, cache, cfg)  # prompt in, cache filled
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be an nsa.kernels.KVCache, got {type(cache).__name__}")
+    if any(cache.lengths):
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is only for prompts into an empty cache; a chunk is [B, n, ...]")
+        cache.append(k, v)
+        return nsa_decode(q, cache, g_cmp, g_slc, g_win, config, scale=scale, params=decode_params)
+    if cu_seqlens is None:
+        cache.check_tokens(k, v)
+        lengths = [k.shape[1]] * k.shape[0]
+    else:
+        check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1], k.device)
+        bounds = cu_seqlens.tolist()
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if cache.k_compressor is None or cache.v_compressor is None:
+        raise RuntimeError("this cache has no compressors, so it cannot take prompts")
+    tokens_k, tokens_v = k.flatten(0, 1), v.flatten(0, 1)
+    k_cmp, v_cmp = [], []
+    start = 0
+    for length in lengths:
+        k_cmp.append(cache.k_compressor(tokens_k[None, start:start + length])[0].to(k.dtype))
+        v_cmp.append(cache.v_compressor(tokens_v[None, start:start + length])[0].to(v.dtype))
+        start += length
+    k_cmp, v_cmp = torch.cat(k_cmp)[None], torch.cat(v_cmp)[None]
+    if cu_seqlens is None:
+        k_cmp = k_cmp.view(k.shape[0], -1, *k_cmp.shape[2:])
+        v_cmp = v_cmp.view(v.shape[0], -1, *v_cmp.shape[2:])
+    o = nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale=scale, cu_seqlens=cu_seqlens)
+    cache.write_prompts(tokens_k, tokens_v, k_cmp.flatten(0, 1), v_cmp.flatten(0, 1), lengths)
+    return o
