@@ -135,14 +135,26 @@ def test_decode_with_one_split_each_equals_many_splits():
     config = cfg(16, 8, 16, 4, 32)
     cache, seqs = filled_caches(config, [180, 60], 2, 16, 16, dtype=torch.float32, device="cpu", seed=3)
     q, gates = random_queries(2, 1, 4, 16, dtype=torch.float32, device="cpu", seed=3)
-    one = DecodeParams(cmp_splits=1, cmp_block_n=16, importance_splits=1, topn_chunk=16, slc_splits=1,
+    one = DecodeParams(cmp_splits=1, cmp_block_n=16, importance_splits=1, importance_chunk=16, slc_splits=1,
                        win_splits=1, block_n=16, num_warps=1, num_stages=1)
-    many = DecodeParams(cmp_splits=5, cmp_block_n=16, importance_splits=3, topn_chunk=32, slc_splits=3,
+    many = DecodeParams(cmp_splits=5, cmp_block_n=16, importance_splits=3, importance_chunk=32, slc_splits=3,
                         win_splits=3, block_n=16, num_warps=1, num_stages=1)
     o1, i1 = check_decode(q, cache, seqs, gates, config, params=one, exact_selection=True)
     o2, i2 = check_decode(q, cache, seqs, gates, config, params=many, exact_selection=True)
     assert torch.equal(i1, i2)
     torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+def test_exact_ties_go_to_the_lower_index():
+    """k_cmp = 0: every visible compression block gets the same probability, so selection blocks with the same
+    overlap pattern tie exactly and the rule alone decides."""
+    config = cfg(16, 8, 16, 4, 16)
+    cache, seqs = filled_caches(config, [230, 101], 2, 16, 16, dtype=torch.float32, device="cpu", seed=5)
+    cache.k_cmp.zero_()
+    seqs = [(k, v, torch.zeros_like(k_cmp), v_cmp) for k, v, k_cmp, v_cmp in seqs]
+    q, gates = random_queries(2, 2, 4, 16, dtype=torch.float32, device="cpu", seed=5)
+    check_decode(q, cache, seqs, gates, config, exact_selection=True)
 
 
 def grow_and_compare(config, prompts, steps, *, dtype, device, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -269,7 +281,7 @@ def test_decode_rejects_bad_inputs():
     with pytest.raises(ValueError, match="block_n"):
         DecodeParams(block_n=8)
     with pytest.raises(ValueError, match="power of two"):
-        DecodeParams(topn_chunk=100)
+        DecodeParams(importance_chunk=100)
 
 
 # ----------------------------------------------------------------------------------------------------------------
