@@ -42,8 +42,8 @@ class NSAParams:
         cached = {}
         if seqlen is not None and device is not None:
             from nsa.tuner import cache
-            shape = cache.Shape(seqlen, num_heads // num_kv_heads, head_dim, head_dim_v, config.slc_block,
-                                config.slc_topn, cache.dtype_name(dtype))
+            shape = cache.Shape(seqlen, num_heads // num_kv_heads, head_dim, head_dim_v, config.cmp_block,
+                                config.cmp_stride, config.slc_block, config.slc_topn, cache.dtype_name(dtype))
             key = cache.device_key(device)
             cached = {name: cache.lookup(name, shape, key) for name in cache.FAMILIES
                       if getattr(self, name) is None}

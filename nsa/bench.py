@@ -5,7 +5,7 @@ else checked against its oracle (`nsa.checking`), and only a pass is timed (`nsa
 recorded as `fail` with its error and never gets a time, so it can never be plotted as fast. Exceptions are
 recorded (`error`, or `oom` for out-of-memory, as the 128k problems may be), never raised, so one broken
 implementation does not stop the others. Rows go to a `ResultsStore` as they are made; rows already in it are
-skipped, which is how an interrupted run resumes.
+skipped, which is how an interrupted run resumes. Under torchrun `run_sharded` shares the rows between GPUs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import datetime
 import gc
 import platform
 import re
+import shutil
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -180,14 +182,25 @@ def measure(suite: Suite, problem: Problem, provider: Provider, settings: BenchS
     return row
 
 
+def pending(suite: Suite, providers: list[Provider], store: ResultsStore | None, settings: BenchSettings) -> list:
+    """(problem key, provider name) of every row of `suite` that `run_suite` would make, in its order."""
+    return [(problem.key, provider.name) for problem in suite.problems
+            if settings.ops is None or problem.op in settings.ops for provider in providers
+            if store is None or not store.has(suite.name, problem.key, provider.name)]
+
+
 def run_suite(suite: Suite, providers: list[Provider], store: ResultsStore | None, settings: BenchSettings, *,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, only=None) -> list[dict]:
     """Measure every (problem, provider) of `suite` not yet in `store`, adding each row as it is made.
 
     Returns the rows made by this call (rows found in the store are left as they are). Without a store
-    nothing is kept or skipped (`nsa check`). Progress bars go to stderr when it is a terminal.
+    nothing is kept or skipped (`nsa check`). `only`, a set of (problem key, provider name), restricts the run
+    to those rows (a rank's share). Progress bars go to stderr when it is a terminal.
     """
     problems = [p for p in suite.problems if settings.ops is None or p.op in settings.ops]
+    if only is not None:
+        only = set(only)
+        problems = [p for p in problems if any((p.key, provider.name) in only for provider in providers)]
     ceilings = None
     if not settings.check_only:
         ceilings = (store.environment() or {}).get("ceilings") if store else None
@@ -198,10 +211,86 @@ def run_suite(suite: Suite, providers: list[Provider], store: ResultsStore | Non
         for problem in problems:
             for provider in providers:
                 bar.set_postfix_str(f"{provider.name} {problem.key}", refresh=False)
-                if store is None or not store.has(suite.name, problem.key, provider.name):
+                mine = only is None or (problem.key, provider.name) in only
+                if mine and (store is None or not store.has(suite.name, problem.key, provider.name)):
                     row = measure(suite, problem, provider, settings, ceilings)
                     made.append(row)
                     if store is not None:
                         store.add(row)
                 bar.update()
     return made
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several GPUs: one process each under torchrun
+# ----------------------------------------------------------------------------------------------------------------
+
+SHARDS_DIR = "shards"
+
+
+def _shard_rows(root: Path) -> list[dict]:
+    """Every row of every rank's results folder under `root`."""
+    if not root.is_dir():
+        return []
+    return [row for folder in sorted(root.glob("rank*")) for row in ResultsStore(folder).rows]
+
+
+def _fold(store: ResultsStore, suites: list[Suite], providers: list[Provider], rows: list[dict]) -> list[dict]:
+    """Add to `store` the rows it lacks, in the order a one-process run makes them; returns those added."""
+    order = {(suite.name, problem.key, provider.name): n for n, (suite, problem, provider) in
+             enumerate((s, p, v) for s in suites for p in s.problems for v in providers)}
+    added = []
+    for row in sorted(rows, key=lambda r: order.get((r["suite"], r["problem"], r["impl"]), len(order))):
+        if not store.has(row["suite"], row["problem"], row["impl"]):
+            store.add(row)
+            added.append(row)
+    return added
+
+
+def run_sharded(suites: list[Suite], providers: list[Provider], folder, settings: BenchSettings, world, *,
+                progress: bool = True) -> list[dict]:
+    """`run_suite` for several suites shared between the ranks of `world` (`nsa.tuner.distributed.World`,
+    started; `settings.device` is this rank's), into one results folder.
+
+    Rank 0 opens `folder` (its environment, ceilings included, is measured there once) and plans every row not
+    yet in it; the rows are shared round-robin. Each rank writes its rows as it makes them to its own results
+    folder, `folder/shards/rank<k>` (same environment), so a rank that dies loses only the row in progress.
+    At the end rank 0 adds every rank's rows to `folder` in the order one process would have made them. When no
+    row is left the shard folders are deleted; otherwise the next run, with any number of ranks, takes their
+    rows in first. Returns the rows made (or taken in from shards) by this run, every rank's, on every rank.
+    """
+    folder = Path(folder)
+    root = folder / SHARDS_DIR
+    env = world.on_main(lambda: open_store(folder, settings.device).environment())
+    seen = world.all_gather(_shard_rows(root))  # hosts need not share a disk: each reads what it sees
+    kept = {}
+
+    def plan() -> list:
+        store = ResultsStore(folder)
+        kept.update(store=store, added=_fold(store, suites, providers, [r for rows in seen for r in rows]))
+        return [(s, key, impl) for s, suite in enumerate(suites)
+                for key, impl in pending(suite, providers, store, settings)]
+
+    items = world.on_main(plan)
+    mine = world.share(items)
+    shard = ResultsStore(root / f"rank{world.rank}")
+    if shard.environment() is None:
+        shard.write_environment(env)
+    made = []
+    for s, suite in enumerate(suites):
+        only = {(key, impl) for t, key, impl in mine if t == s}
+        if only:
+            made += run_suite(suite, providers, shard, settings, progress=progress and world.is_main, only=only)
+    gathered = world.gather(made)
+
+    def fold():
+        store = kept["store"]
+        added = kept["added"] + _fold(store, suites, providers, [r for rows in gathered for r in rows])
+        return added, all(store.has(suites[s].name, key, impl) for s, key, impl in items)
+
+    rows, complete = world.on_main(fold)
+    if complete:
+        shutil.rmtree(shard.folder, ignore_errors=True)
+        if world.is_main:
+            shutil.rmtree(root, ignore_errors=True)
+    return rows

@@ -38,6 +38,8 @@ def cmd_suites(args) -> int:
         if args.verbose:
             for problem in suite.problems:
                 print(f"    {problem.key}")
+    from nsa.suites.training import DESCRIPTION
+    print(f"{'train':8} (nsa run --suite train) {DESCRIPTION}")
     return 0
 
 
@@ -85,22 +87,33 @@ def _print_verdicts(rows) -> None:
         print(f"{row.verdict.upper()}: {row.suite} {row.impl} {row.problem}: {row.error}")
 
 
-def _bench(args, suite_names, *, check_only=False) -> int:
-    """Check (and unless check_only time) the suites; write results and the report unless check_only."""
-    from nsa.bench import CPU_TIMING_NOTE, BenchSettings, device_slug, open_store, run_suite
+def _bench(args, suite_names, *, check_only=False, world=None) -> int:
+    """Check (and unless check_only time) the suites; write results and the report unless check_only. With
+    `world` (several ranks under torchrun, started) the rows are shared between the ranks (`run_sharded`) and
+    rank 0 writes the results and the report."""
+    from nsa.bench import CPU_TIMING_NOTE, BenchSettings, device_slug, open_store, run_sharded, run_suite
+    from nsa.results import ResultsStore
     from nsa.reports import render_report
     from nsa.suites import get_providers, get_suite
     suites = [get_suite(name) for name in suite_names]
     providers = get_providers(args.providers)
     settings = BenchSettings(device=args.device, ops=tuple(args.ops) if args.ops else None, check_only=check_only,
                              check_max_tokens=args.check_tokens)
-    if _device_type(args.device) == "cpu" and not check_only:
+    main = world is None or world.is_main
+    if _device_type(args.device) == "cpu" and not check_only and main:
         print(f"NOTE: {CPU_TIMING_NOTE}")
     out = None if check_only else Path(args.out or Path("nsa-results") / device_slug(args.device))
-    store = None if check_only else open_store(out, args.device)
-    rows = []
-    for suite in suites:
-        rows += run_suite(suite, providers, store, settings)
+    if world is not None and world.size > 1 and not check_only:
+        rows = run_sharded(suites, providers, out, settings, world)
+        if not main:
+            return 0  # rank 0 says how it went: a rank exiting non-zero first would make torchrun stop it
+        store = ResultsStore(out)
+        print(f"{world.size} ranks shared the rows")
+    else:
+        store = None if check_only else open_store(out, args.device)
+        rows = []
+        for suite in suites:
+            rows += run_suite(suite, providers, store, settings)
     _print_verdicts(rows)
     if store is not None and store.csv_path.exists():
         print(f"results: {store.csv_path}")
@@ -110,7 +123,15 @@ def _bench(args, suite_names, *, check_only=False) -> int:
 
 def cmd_bench(args) -> int:
     code = _rerun_in_interpreter(args)
-    return code if code is not None else _bench(args, [args.suite])
+    if code is not None:
+        return code
+    from nsa.tuner.distributed import World
+    world = World.from_env()  # under torchrun: one rank per GPU, the suite's rows shared between them
+    if world.size == 1:
+        return _bench(args, [args.suite])
+    with world.started(args.device) as device:
+        args.device = device
+        return _bench(args, [args.suite], world=world)
 
 
 def cmd_check(args) -> int:
@@ -122,6 +143,9 @@ def cmd_run(args) -> int:
     code = _rerun_in_interpreter(args)
     if code is not None:
         return code
+    if args.suite and "train" in args.suite:  # issue 9: trains models, not a benchmark problem set
+        from nsa.suites.training.cli import run_from_args
+        return run_from_args(args)
     if _device_type(args.device) == "cpu":
         print("CPU run: the smoke suite, kernels in the Triton interpreter; timings here mean nothing")
         suites = args.suite or ["smoke"]
@@ -139,11 +163,19 @@ def cmd_tune(args) -> int:
     code = _rerun_in_interpreter(args)
     if code is not None:
         return code
+    from nsa.tuner.distributed import World
     from nsa.tuner.search import tune
-    if _device_type(args.device) == "cpu":
+    world = World.from_env()  # under torchrun: one rank per GPU, the candidates shared between them
+    if _device_type(args.device) == "cpu" and world.is_main:
         print("CPU tune: kernels in the Triton interpreter, timed by perf_counter; it exercises the tuner, the "
               "timings say nothing about a GPU")
-    result = tune(args.suite, families=args.families, device=args.device, out=args.out, budget_s=args.budget_s)
+    with world.started(args.device) as device:
+        result = tune(args.suite, families=args.families, device=device, out=args.out, budget_s=args.budget_s,
+                      world=world, progress=world.is_main)
+    if not world.is_main:
+        return 0  # rank 0 says how it went: a rank exiting non-zero first would make torchrun stop it
+    if result.get("ranks", 1) > 1:
+        print(f"{result['ranks']} ranks shared the candidates")
     print(f"cache: {result['path']}")
     for key in result["skipped"]:
         print(f"{key}: already tuned (skipped)")
@@ -158,7 +190,24 @@ def cmd_tune(args) -> int:
                 print(f"    {error}")
     if result["stopped"]:
         print("budget spent: run the same command again to resume")
+    elif not result.get("complete", True):
+        print("some candidates were not evaluated (a rank stopped): run the same command again to resume")
     return 1 if any("ms" not in row for row in result["done"]) else 0
+
+
+def cmd_cache_merge(args) -> int:
+    from nsa.tuner.merge import merge_into
+    try:
+        path, data, merged = merge_into(args.files, args.out)
+    except ValueError as e:  # not a cache file, or caches of different cards
+        print(f"nsa cache merge: {e}", file=sys.stderr)
+        return 1
+    extra = " (and the file already there)" if len(merged) > len(args.files) else ""
+    print(f"merged {len(args.files)} caches{extra} of {data['meta']['device']}: {len(data['entries'])} entries "
+          f"into {path}")
+    for key, entry in sorted(data["entries"].items()):
+        print(f"  {key}: {entry.get('ms')} ms from {entry['source']['file']}")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -189,8 +238,8 @@ def _add_bench_options(parser, *, suite_required: bool, check_only: bool = False
     if suite_required:
         parser.add_argument("--suite", required=True, choices=list(SUITES), help="the suite to run")
     else:
-        parser.add_argument("--suite", type=_comma_list(list(SUITES)), metavar="NAME[,NAME...]",
-                            help="suites to run (default: paper on a GPU, smoke on a CPU)")
+        parser.add_argument("--suite", type=_comma_list([*SUITES, "train"]), metavar="NAME[,NAME...]",
+                            help="suites to run (default: paper on a GPU, smoke on a CPU; train: the training suite)")
     parser.add_argument("--ops", type=_comma_list(OPS), metavar="OP[,OP...]",
                         help=f"only these ops ({', '.join(OPS)}; default: all of the suite's)")
     parser.add_argument("--providers", type=_comma_list(list(PROVIDERS)), metavar="NAME[,NAME...]",
@@ -225,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="check and time one suite, write results and the report",
                            description="Run every problem of a suite with every provider: check it against its "
                            "oracle, time it only if it passed, write results.csv and environment.json to the "
-                           "results folder (resuming), and render the report. On a CPU, timings mean nothing.")
+                           "results folder (resuming), and render the report. On a CPU, timings mean nothing. "
+                           "Under torchrun (`torchrun --nproc-per-node N -m nsa bench ...`) the rows are shared "
+                           "between the GPUs and rank 0 writes the one results folder and report.")
     _add_bench_options(bench, suite_required=True)
     bench.set_defaults(func=cmd_bench)
 
@@ -234,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "suites (default: paper). Without a GPU: the smoke suite, kernels in the Triton "
                          "interpreter, whose timings mean nothing. Prints where the report is.")
     _add_bench_options(run, suite_required=False)
+    from nsa.suites.training.cli import add_train_options
+    add_train_options(run)
     run.set_defaults(func=cmd_run)
 
     check_ = sub.add_parser("check", help="correctness verdicts of one suite, no timing",
@@ -247,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="For each kernel family and shape bucket of a suite, check every candidate "
                           "of the search space against the reference, time the ones that pass, and write the "
                           "fastest to the device's config cache (atomically after each bucket; a rerun resumes). "
-                          "On a CPU: the Triton interpreter with a CPU timer (exercises the machinery only).")
+                          "On a CPU: the Triton interpreter with a CPU timer (exercises the machinery only). "
+                          "Under torchrun (`torchrun --nproc-per-node N -m nsa tune ...`) each rank takes a share "
+                          "of the candidates on its GPU and rank 0 writes the one cache.")
     tune.add_argument("--suite", default="smoke", choices=list(SUITES), help="problems to tune for (default: smoke)")
     tune.add_argument("--families", type=_comma_list(list(FAMILIES)), metavar="NAME[,NAME...]",
                       help=f"kernel families (default: all of {', '.join(FAMILIES)})")
@@ -258,6 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                       help="torch device (default: cuda when available, else cpu: Triton interpreter)")
     tune.set_defaults(func=cmd_tune)
+
+    cache_ = sub.add_parser("cache", help="config caches: merge the caches of one card",
+                            description="Work on config cache files (see `nsa tune`).")
+    actions = cache_.add_subparsers(dest="action", required=True, metavar="ACTION")
+    merge = actions.add_parser("merge", help="merge caches of one card: the fastest entry per bucket",
+                               description="Merge config caches tuned on the same card (one device key) in "
+                               "different runs: for each bucket the entry with the smallest time wins, and keeps "
+                               "its source (file, date, git sha, versions). Caches of different cards are refused "
+                               "(exit status 1). A file already at the output is merged in too.")
+    merge.add_argument("files", nargs="+", metavar="CACHE.json", help="cache files to merge")
+    merge.add_argument("--out", metavar="DIR|FILE.json", help="where to write: a .json path, else the folder of "
+                       "<device-key>.json (default: the user cache, $XDG_CACHE_HOME/nsa/configs)")
+    merge.set_defaults(func=cmd_cache_merge)
 
     report = sub.add_parser("report", help="render the report of a results folder",
                             description="Render report.html and plots/*.png from a results folder's results.csv "

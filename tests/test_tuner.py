@@ -16,7 +16,7 @@ from nsa.tuner import cache, search, spaces
 window_module = importlib.import_module("nsa.kernels.window_attention")
 kernels_run = pytest.mark.skipif(not runtime.interpreting() and not torch.cuda.is_available(),
                                  reason="needs TRITON_INTERPRET=1 (CPU) or a GPU")
-SMOKE_SHAPE = cache.Shape(128, 2, 16, 16, 16, 3, "float32")
+SMOKE_SHAPE = cache.Shape(128, 2, 16, 16, 16, 8, 16, 3, "float32")
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_device_key_cpu_and_config_path(tmp_path):
 
 def test_bucket_key_rounds_t_to_nearest_power_of_two():
     assert cache.t_bucket(128) == 128 and cache.t_bucket(100) == 128 and cache.t_bucket(6000) == 8192
-    assert cache.bucket_key("window", SMOKE_SHAPE) == "window|T=128|G=2|Dk=16|Dv=16|ls=16|n=3|float32"
+    assert cache.bucket_key("window", SMOKE_SHAPE) == "window|T=128|G=2|Dk=16|Dv=16|l=16|d=8|ls=16|n=3|float32"
 
 
 def test_search_space_default_first_and_named_pruning():
@@ -84,7 +84,7 @@ def test_tune_smoke_tiny_space_writes_checked_entries(tmp_path):
                   "search_space"):
         assert field in meta
     assert meta["device"] == "cpu-interpreter" and meta["search_space"] == spaces.space_hash()
-    keys = {"window|T=128|G=2|Dk=16|Dv=16|ls=16|n=3|float32", "combine|T=128|G=2|Dk=16|Dv=16|ls=16|n=3|float32"}
+    keys = {f"{family}|T=128|G=2|Dk=16|Dv=16|l=16|d=8|ls=16|n=3|float32" for family in ("window", "combine")}
     assert set(data["entries"]) == keys and {row["key"] for row in result["done"]} == keys
     for entry in data["entries"].values():
         assert entry["ms"] > 0 and entry["default_ms"] >= entry["ms"] and entry["rejected"] == {}
@@ -151,12 +151,14 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
 def test_write_reload_lookup_nearest_bucket(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "env"))
     far = dataclasses.replace(SMOKE_SHAPE, seqlen=8192)
-    write_cache(tmp_path / "env", {cache.bucket_key("combine", dataclasses.replace(SMOKE_SHAPE, seqlen=1024)):
+    write_cache(tmp_path / "env", {cache.bucket_key("combine", dataclasses.replace(SMOKE_SHAPE, seqlen=512)):
                                    combine_entry(64), cache.bucket_key("combine", far): combine_entry(32)})
     with caplog.at_level(logging.INFO, logger="nsa.tuner"):
         assert cache.lookup("combine", SMOKE_SHAPE, "cpu-interpreter") == CombineParams(64, 16, 4)
     assert any("nearest T bucket" in r.message for r in caplog.records)
     assert cache.lookup("combine", dataclasses.replace(SMOKE_SHAPE, seqlen=5000), "cpu-interpreter").block_r == 32
+    # More than MAX_T_RATIO from every tuned T: the heuristic, not params tuned for another length.
+    assert cache.lookup("combine", dataclasses.replace(SMOKE_SHAPE, seqlen=65536), "cpu-interpreter") is None
     # Everything but T must match: another group size misses, with one warning per key.
     other = dataclasses.replace(SMOKE_SHAPE, group=4)
     caplog.clear()

@@ -6,8 +6,10 @@ Lookup order, said once (used by `NSAParams.resolve` for every family whose para
     > shipped (nsa/tuner/configs) > the family's `default_params` heuristic.
 
 The first of those folders whose file for this device has an entry for the family and shape wins. Within a
-file the bucket must match exactly on everything but T (family, G, Dk, Dv, l', n, dtype); T is bucketed to the
-nearest power of two, and when that T bucket is absent the entry with the nearest log2 T is used.
+file the bucket must match exactly on everything but T (family, G, Dk, Dv, l, d, l', n, dtype); T is bucketed to the
+nearest power of two, and when that T bucket is absent the entry with the nearest log2 T is used, if it lies within
+a factor of MAX_T_RATIO (params tuned for 1k tokens say little about 64k: a partial cache falls back to the
+heuristic there instead).
 
 A file that cannot be read, is not this format, or was written for another device warns once and is ignored;
 an entry whose params the kernels reject warns once and is skipped. Loaded files and lookups are cached per
@@ -130,6 +132,8 @@ class Shape:
     group: int
     head_dim: int
     head_dim_v: int
+    cmp_block: int
+    cmp_stride: int
     slc_block: int
     slc_topn: int
     dtype: str  # compute dtype name, e.g. "bfloat16"
@@ -146,13 +150,13 @@ def t_bucket(seqlen: int) -> int:
 
 def bucket_key(family: str, shape: Shape) -> str:
     return (f"{family}|T={t_bucket(shape.seqlen)}|G={shape.group}|Dk={shape.head_dim}|Dv={shape.head_dim_v}"
-            f"|ls={shape.slc_block}|n={shape.slc_topn}|{shape.dtype}")
+            f"|l={shape.cmp_block}|d={shape.cmp_stride}|ls={shape.slc_block}|n={shape.slc_topn}|{shape.dtype}")
 
 
 def _split_key(key: str) -> tuple[str, int] | None:
     """(key with T removed, T) or None when the key is not ours."""
     parts = key.split("|")
-    if len(parts) != 8 or not parts[1].startswith("T="):
+    if len(parts) != 10 or not parts[1].startswith("T="):
         return None
     try:
         return "|".join(parts[:1] + parts[2:]), int(parts[1][2:])
@@ -160,8 +164,12 @@ def _split_key(key: str) -> tuple[str, int] | None:
         return None
 
 
+MAX_T_RATIO = 4
+
+
 def nearest_entry(entries: dict, key: str) -> tuple[str, dict] | None:
-    """The exact entry, else the one equal but for T with the nearest log2 T (ties to the larger T)."""
+    """The exact entry, else the one equal but for T with the nearest log2 T within a factor MAX_T_RATIO (ties to
+    the larger T)."""
     if key in entries:
         return key, entries[key]
     rest, t = _split_key(key)
@@ -171,6 +179,8 @@ def nearest_entry(entries: dict, key: str) -> tuple[str, dict] | None:
         if split is None or split[0] != rest:
             continue
         dist = (abs(math.log2(split[1]) - math.log2(t)), -split[1])
+        if dist[0] > math.log2(MAX_T_RATIO):
+            continue
         if best is None or dist < best[0]:
             best = (dist, other, entry)
     return None if best is None else (best[1], best[2])
@@ -236,6 +246,26 @@ def load_file(path: Path, device: str) -> dict | None:
             _warn_once(f"file:{path}", f"nsa config cache {path} ignored: {problem}")
             data = None
     _files[cache_key] = data
+    return data
+
+
+def read_file(path, device: str | None = None) -> dict:
+    """A cache file's contents for the tools that own one file (`nsa tune` resuming, `nsa cache merge`):
+    ValueError naming the file and the reason when it is not a cache (for `device`, when given, else for the
+    device its meta names). Lookups use `load_file`, which warns and ignores instead."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable: {e}") from e
+    if device is None:
+        meta = data.get("meta") if isinstance(data, dict) else None
+        device = meta.get("device") if isinstance(meta, dict) else None
+        if not isinstance(device, str):
+            raise ValueError(f"{path}: its meta names no device")
+    problem = validate(data, device)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return data
 
 

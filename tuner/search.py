@@ -8,6 +8,9 @@ after the call returns: a hung kernel is not interrupted). Long problems are che
 row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
 forward kernel (backward params keep their defaults for now). After each bucket the cache file is rewritten
 atomically; buckets already in it are skipped, so an interrupted run resumes.
+
+Under torchrun (several GPUs, one process each) the candidates themselves are shared between the ranks and rank
+0 writes the one cache, in the same format: see `_tune_sharded` and `nsa.tuner.distributed`.
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ def problem_shape(problem) -> cache.Shape:
     from nsa.kernels.runtime import compute_dtype
     from nsa.suites.problem import DTYPES
     return cache.Shape(problem.seqlen, problem.num_heads // problem.num_kv_heads, problem.head_dim,
-                       problem.head_dim_v, problem.config.slc_block, problem.config.slc_topn,
+                       problem.head_dim_v, problem.config.cmp_block, problem.config.cmp_stride,
+                       problem.config.slc_block, problem.config.slc_topn,
                        cache.dtype_name(compute_dtype(DTYPES[problem.dtype])))
 
 
@@ -178,10 +182,10 @@ def make_meta(device) -> dict:
 def _read_existing(path: Path, device_key: str) -> dict:
     if not path.exists():
         return {}
-    data = json.loads(path.read_text())
-    problem = cache.validate(data, device_key)
-    if problem:
-        raise ValueError(f"{path} is not a config cache for {device_key} ({problem}); move it away or pick --out")
+    try:
+        data = cache.read_file(path, device_key)
+    except ValueError as e:
+        raise ValueError(f"not a config cache for {device_key}: {e}; move it away or pick --out") from None
     if data["meta"].get("search_space") != spaces.space_hash():
         log.warning("tune: %s was searched over other spaces (hash %s, now %s); its buckets are kept and skipped: "
                     "delete them to search again", path, data["meta"].get("search_space"), spaces.space_hash())
@@ -206,12 +210,46 @@ def _evaluate(case: Case, params, device, timeout_s: float):
     return timing.median_ms, None
 
 
+def _summarize(bkey: str, outcomes: list, pruned: dict) -> tuple[dict, dict | None]:
+    """(row, cache entry or None) of a bucket from its candidates' outcomes, in candidate order, each
+    (params as a dict, ms or None, (kind, message) or None): the fastest right candidate wins (the first on a
+    tie) and the first candidate, the default, gives default_ms."""
+    best, default_ms, rejected, errors = None, None, {}, []
+    for i, (params, ms, failure) in enumerate(outcomes):
+        if failure is not None:
+            kind, message = failure
+            rejected[kind] = rejected.get(kind, 0) + 1
+            errors.append(f"{kind}: {message[:200]} ({params})")
+            continue
+        if i == 0:
+            default_ms = ms
+        if best is None or ms < best[0]:
+            best = (ms, params)
+    row = dict(key=bkey, tried=len(outcomes), pruned=pruned, rejected=rejected, errors=errors[:5])
+    if best is None:
+        log.warning("tune: %s: no candidate passed the reference check; nothing cached", bkey)
+        return row, None
+    entry = dict(params=best[1], ms=best[0], default_ms=default_ms, tried=len(outcomes), rejected=rejected,
+                 pruned=pruned)
+    return {**row, **entry}, entry
+
+
+def shard_folder(path) -> Path:
+    """Where the ranks of a sharded tune keep their finished candidates: `<device-key>.shards/` beside the cache
+    file (the loader never reads it)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.shards")
+
+
 def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float | None = None,
-         candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, progress: bool = True) -> dict:
+         candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, progress: bool = True, world=None) -> dict:
     """Tune every (family, bucket) of `suite` on `device` into `out` (a folder; the user cache by default).
 
     Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "stopped":
     True when the budget ran out}. Each row: key, params, ms, default_ms, tried, rejected {kind: count}, errors.
+
+    With `world` (a `nsa.tuner.distributed.World` of several ranks, started) the candidates are shared between
+    the ranks, see `_tune_sharded`; so they are too when a shard folder of an interrupted sharded run is there.
     """
     from tqdm.auto import tqdm
 
@@ -221,6 +259,10 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     families = list(families or cache.FAMILIES)
     key = cache.device_key(device)
     path = cache.config_path(key, out if out is not None else cache.user_dir())
+    if (world is not None and world.size > 1) or shard_folder(path).exists():
+        from nsa.tuner.distributed import World
+        return _tune_sharded(suite, families, device, path, world or World(), budget_s=budget_s,
+                             candidate_timeout_s=candidate_timeout_s, progress=progress)
     entries = _read_existing(path, key)
     todo, skipped = [], []
     for family, bkey, problem in buckets(suite, families):
@@ -244,34 +286,137 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
                 result["done"].append(dict(key=bkey, tried=0, pruned=pruned, rejected={"setup": 1},
                                            errors=[f"setup: {type(e).__name__}: {str(e)[:200]}"]))
                 continue
-            best, default_ms, rejected, errors = None, None, {}, []
-            for i, params in enumerate(cands):
+            outcomes = []
+            for params in cands:
                 if deadline is not None and time.monotonic() > deadline:
                     result["stopped"] = True
                     log.warning("tune: budget spent; %s left for a later run (it resumes)", bkey)
                     return result
                 ms, failure = _evaluate(case, params, device, candidate_timeout_s)
                 bar.update(1)
-                if failure is not None:
-                    rejected[failure[0]] = rejected.get(failure[0], 0) + 1
-                    errors.append(f"{failure[0]}: {failure[1][:200]} ({dataclasses.asdict(params)})")
-                    continue
-                if i == 0:
-                    default_ms = ms
-                if best is None or ms < best[0]:
-                    best = (ms, params)
-            row = dict(key=bkey, tried=len(cands), pruned=pruned, rejected=rejected, errors=errors[:5])
-            if best is None:
-                log.warning("tune: %s: no candidate passed the reference check; nothing cached", bkey)
-                result["done"].append(row)
-                continue
-            entry = dict(params=dataclasses.asdict(best[1]), ms=best[0], default_ms=default_ms, tried=len(cands),
-                         rejected=rejected, pruned=pruned)
-            entries[bkey] = entry
-            cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
-            result["done"].append({**row, **entry})
+                outcomes.append((dataclasses.asdict(params), ms, failure))
+            row, entry = _summarize(bkey, outcomes, pruned)
+            if entry is not None:
+                entries[bkey] = entry
+                cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
+            result["done"].append(row)
     finally:
         bar.close()
+    return result
+
+
+def _record(bkey: str, index: int, params, ms, failure) -> dict:
+    """A shard file's record of one candidate, through JSON so the copy in memory equals the one read back."""
+    return json.loads(json.dumps(dict(key=bkey, index=index, params=dataclasses.asdict(params), ms=ms,
+                                      failure=failure)))
+
+
+def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candidate_timeout_s, progress) -> dict:
+    """`tune` over the ranks of `world`: the work is (family, bucket, candidate), shared round-robin.
+
+    1. Every rank reads the shard files it can see (`shard_folder(path)`; hosts need not share a disk) and rank 0
+       gathers them. Rank 0 reads the cache, and plans: every candidate of every bucket not in the cache, less
+       those some shard already holds (records whose params differ from today's candidate, and setup failures,
+       are redone).
+    2. Each rank evaluates its share of the plan (`World.share`) on its GPU, appending every outcome to its own
+       shard file as it finishes, so a rank that dies loses only the candidate in progress.
+    3. Rank 0 gathers the outcomes and folds every bucket whose candidates are all known into the one cache file,
+       through the single-GPU writer and `_summarize`: the same format and the same choice. When nothing is left
+       the shard files are deleted; otherwise (a budget, a dead rank) they stay and the next run resumes.
+
+    Returns `tune`'s dict (the same on every rank), plus "complete" (nothing left to do) and "ranks".
+    """
+    from tqdm.auto import tqdm
+
+    from nsa.tuner.distributed import ShardLog, read_shards, remove_shards
+    key = cache.device_key(device)
+    shards = shard_folder(path)
+    seen = world.all_gather(read_shards(shards))
+    kept = {}  # rank 0's state between planning and folding: the cache's entries and the known outcomes
+
+    def plan() -> dict:
+        entries = _read_existing(path, key)
+        skipped, todo, items, known = [], [], [], {}
+        records = [record for rank_records in seen for record in rank_records]
+        for family, bkey, problem in buckets(suite, families):
+            if bkey in entries:
+                skipped.append(bkey)
+                continue
+            cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
+                                                problem.num_kv_heads, device=device)
+            want = {i: _record(bkey, i, c, None, None)["params"] for i, c in enumerate(cands)}
+            for record in records:  # a setup failure (inputs out of memory, ...) is not the candidate's: retried
+                i, failure = record.get("index"), record.get("failure") or [None]
+                same = record.get("key") == bkey and i in want and record.get("params") == want[i]
+                if same and failure[0] != "setup":
+                    known.setdefault((bkey, i), record)
+            items += [(len(todo), i) for i in range(len(cands)) if (bkey, i) not in known]
+            todo.append((family, bkey, problem, cands, pruned))
+        kept.update(entries=entries, known=known)
+        return dict(skipped=skipped, buckets=todo, items=items)
+
+    work = world.on_main(plan)
+    mine = world.share(work["items"])
+    shard = ShardLog(shards, world.rank)
+    made, stopped = [], False
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    bar = tqdm(total=len(mine), desc=f"tune {key} rank {world.rank}/{world.size}", unit="cand",
+               disable=not progress or not world.is_main)
+    current, case, setup_error = None, None, None
+    try:
+        for b, i in mine:
+            if deadline is not None and time.monotonic() > deadline:
+                stopped = True
+                log.warning("tune: rank %d: budget spent; %d candidates left for a later run (it resumes)",
+                            world.rank, len(mine) - len(made))
+                break
+            family, bkey, problem, cands, _ = work["buckets"][b]
+            if b != current:
+                current, case, setup_error = b, None, None  # drop the last bucket's inputs first
+                bar.set_postfix_str(bkey)
+                try:
+                    case = build_case(family, problem, device)
+                except Exception as e:  # as in `tune`: recorded against each of this rank's candidates
+                    log.warning("tune: %s: could not set up the problem: %s: %s", bkey, type(e).__name__, e)
+                    setup_error = ("setup", f"{type(e).__name__}: {str(e)[:200]}")
+            if setup_error is not None:
+                ms, failure = None, setup_error
+            else:
+                ms, failure = _evaluate(case, cands[i], device, candidate_timeout_s)
+            record = _record(bkey, i, cands[i], ms, failure)
+            shard.append(record)
+            made.append(record)
+            bar.update(1)
+    finally:
+        bar.close()
+    case = None
+    gathered = world.gather((made, stopped))
+
+    def fold() -> dict:
+        entries, known = kept["entries"], kept["known"]
+        for rank_made, _ in gathered:
+            for record in rank_made:
+                known.setdefault((record["key"], record["index"]), record)
+        rows, complete, changed = [], True, False
+        for _, bkey, _, cands, pruned in work["buckets"]:
+            outcomes = [known.get((bkey, i)) for i in range(len(cands))]
+            if any(o is None for o in outcomes):
+                complete = False
+                continue
+            row, entry = _summarize(bkey, [(o["params"], o["ms"], o["failure"]) for o in outcomes], pruned)
+            rows.append(row)
+            if entry is not None:
+                entries[bkey], changed = entry, True
+        if changed:
+            cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
+        return dict(path=str(path), done=rows, skipped=work["skipped"],
+                    stopped=any(rank_stopped for _, rank_stopped in gathered), complete=complete, ranks=world.size)
+
+    result = world.on_main(fold)
+    if result["complete"]:
+        remove_shards(shards, world.rank)
+        if world.is_main:
+            remove_shards(shards)
     return result
 
 
