@@ -259,26 +259,22 @@ def top_blocks_kernel(
 
 
 @triton.jit
-def _attend_tokens(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, start, end, stride_kp, stride_kt,
-                   stride_vp, stride_vt, scale_log2, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over the tokens [start, end) of one sequence (`table`: its page-table row; k_pages,
-    v_pages: at the kv head)."""
+def _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, positions, valid, stride_kp,
+                      stride_kt, stride_vp, stride_vt, scale_log2, DK: tl.constexpr, DV: tl.constexpr,
+                      BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over the tokens at `positions` [BLOCK_N] of one sequence where `valid` (`table`:
+    its page-table row; k_pages, v_pages: at the kv head)."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for t0 in range(start, end, BLOCK_N):
-        offs_n = t0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
-        page = tl.load(table + offs_n // page_size, mask=n_ok, other=0).to(tl.int64)
-        slot = offs_n % page_size
-        k_t = tl.load(k_pages + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_dk[:, None],
-                      mask=n_ok[None, :] & (offs_dk < DK)[:, None], other=0.0)
-        s = tl.dot(q_tile, k_t, input_precision=PRECISION) * scale_log2
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        v_tile = tl.load(v_pages + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_dv[None, :],
-                         mask=n_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v_tile, PRECISION)
-    return acc, l_i, m_i
+    page = tl.load(table + positions // page_size, mask=valid, other=0).to(tl.int64)
+    slot = positions % page_size
+    k_t = tl.load(k_pages + page[None, :] * stride_kp + slot[None, :] * stride_kt + offs_dk[:, None],
+                  mask=valid[None, :] & (offs_dk < DK)[:, None], other=0.0)
+    s = tl.dot(q_tile, k_t, input_precision=PRECISION) * scale_log2
+    s = tl.where(valid[None, :], s, float("-inf"))
+    v_tile = tl.load(v_pages + page[:, None] * stride_vp + slot[:, None] * stride_vt + offs_dv[None, :],
+                     mask=valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    return _softmax_step(acc, l_i, m_i, s, v_tile, PRECISION)
 
 
 @triton.jit
@@ -303,21 +299,29 @@ def sparse_partials_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
     if split < SLC_SPLITS:
-        for slot in range(split * SLOTS, tl.minimum((split + 1) * SLOTS, TOPN)):
-            blk = tl.load(block_indices + row.to(tl.int64) * stride_br + slot)
-            start = blk * SLC_BLOCK
-            end = tl.where(blk >= 0, tl.minimum(start + SLC_BLOCK, pos + 1), start)  # -1: no block
-            acc, l_i, m_i = _attend_tokens(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, start, end,
-                                           stride_kp, stride_kt, stride_vp, stride_vt, scale_log2, DK, DV, BLOCK_N,
-                                           BLOCK_DK, BLOCK_DV, PRECISION)
+        # The split's blocks as one run of SLOTS * l' tokens, each token finding its block in the index row: no
+        # loop-carried chain from one block's index to the next block's loads, so tiles pipeline.
+        block_row = block_indices + row.to(tl.int64) * stride_br
+        for t0 in range(0, SLOTS * SLC_BLOCK, BLOCK_N):
+            offs_n = t0 + tl.arange(0, BLOCK_N)
+            slot = split * SLOTS + offs_n // SLC_BLOCK
+            in_split = (offs_n < SLOTS * SLC_BLOCK) & (slot < TOPN)
+            blk = tl.load(block_row + slot, mask=in_split, other=-1)
+            positions = blk * SLC_BLOCK + offs_n % SLC_BLOCK
+            valid = in_split & (blk >= 0) & (positions <= pos)
+            acc, l_i, m_i = _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, positions,
+                                              valid, stride_kp, stride_kt, stride_vp, stride_vt, scale_log2, DK, DV,
+                                              BLOCK_DK, BLOCK_DV, PRECISION)
     else:
         first = tl.maximum(pos - WINDOW + 1, 0)
         per_split = tl.cdiv(tl.cdiv(pos + 1 - first, BLOCK_N), WIN_SPLITS) * BLOCK_N
         start = first + (split - SLC_SPLITS) * per_split
         end = tl.minimum(start + per_split, pos + 1)
-        acc, l_i, m_i = _attend_tokens(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, start, end,
-                                       stride_kp, stride_kt, stride_vp, stride_vt, scale_log2, DK, DV, BLOCK_N,
-                                       BLOCK_DK, BLOCK_DV, PRECISION)
+        for t0 in range(start, end, BLOCK_N):
+            positions = t0 + tl.arange(0, BLOCK_N)
+            acc, l_i, m_i = _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, positions,
+                                              positions < end, stride_kp, stride_kt, stride_vp, stride_vt,
+                                              scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
     _store_partial(part_o, part_m, part_l, CMP_SPLITS + split, row, num_rows, acc, l_i, m_i, G, DV, BLOCK_H,
                    BLOCK_DV)
 
