@@ -24,7 +24,9 @@ class NativeSparseAttention(nn.Module):
             tensors when they are available, the reference elsewhere.
 
     forward(x [B, T, hidden], cu_seqlens=None) -> [B, T, hidden] for training and prefill;
-    new_cache(batch_size) and step(x [B, n, hidden], cache) for decoding, token by token.
+    new_cache(batch_size, capacity=...) and step(x [B, n, hidden], cache) for decoding: the prompt, then a token
+    (or a few) at a time. With the kernels the cache is an `nsa.kernels.KVCache` (fixed capacity, optionally
+    paged) and a step is capturable in a CUDA graph; with the reference, an `nsa.reference.KVCache`.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -54,34 +56,52 @@ class NativeSparseAttention(nn.Module):
         gates = torch.sigmoid(self.gate_proj(x)).view(batch, seqlen, 3, self.num_heads).unbind(dim=2)
         return q, k, v, gates
 
-    def _attention_impl(self, x):
-        if self.backend == "reference" or (self.backend == "auto" and not x.is_cuda):
-            return reference.nsa_attention
+    def _uses_kernels(self, device: torch.device) -> bool:
+        if self.backend == "reference" or (self.backend == "auto" and device.type != "cuda"):
+            return False
         from nsa import kernels
         if not hasattr(kernels, "nsa_attention"):
             if self.backend == "kernels":
                 raise RuntimeError("backend='kernels' but nsa.kernels.nsa_attention is not available")
-            return reference.nsa_attention
-        return kernels.nsa_attention
+            return False
+        return True
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v, (g_cmp, g_slc, g_win) = self._project(x)
         k_cmp = self.k_compressor(k, cu_seqlens)
         v_cmp = self.v_compressor(v, cu_seqlens)
-        o = self._attention_impl(x)(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, self.config, cu_seqlens=cu_seqlens)
+        if self._uses_kernels(x.device):
+            from nsa.kernels import nsa_attention
+        else:
+            nsa_attention = reference.nsa_attention
+        o = nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, self.config, cu_seqlens=cu_seqlens)
         return self.o_proj(o.flatten(2))
 
-    def new_cache(self, batch_size: int, *, dtype=None, device=None) -> reference.KVCache:
-        """An empty KV cache for `batch_size` sequences, compressing with this layer's compressors."""
+    def new_cache(self, batch_size: int, *, capacity: int | None = None, dtype=None, device=None,
+                  page_size: int | None = None):
+        """An empty KV cache for `batch_size` sequences, compressing with this layer's compressors: an
+        `nsa.kernels.KVCache` of `capacity` tokens per sequence (paged with `page_size`) where the kernels run,
+        else an `nsa.reference.KVCache` (which grows without a capacity)."""
         weight = self.k_proj.weight
-        return reference.KVCache(batch_size, self.num_kv_heads, self.head_dim, self.config,
-                                 head_dim_v=self.head_dim_v, k_compressor=self.k_compressor,
-                                 v_compressor=self.v_compressor, dtype=dtype or weight.dtype,
-                                 device=device or weight.device)
+        dtype, device = dtype or weight.dtype, torch.device(device or weight.device)
+        sizes = dict(head_dim_v=self.head_dim_v, k_compressor=self.k_compressor, v_compressor=self.v_compressor,
+                     dtype=dtype, device=device)
+        if not self._uses_kernels(device):
+            return reference.KVCache(batch_size, self.num_kv_heads, self.head_dim, self.config, **sizes)
+        if capacity is None:
+            raise ValueError("new_cache: the kernels' cache needs capacity= (the most tokens one sequence holds)")
+        from nsa.kernels import KVCache
+        return KVCache(batch_size, self.num_kv_heads, self.head_dim, self.config, capacity=capacity,
+                       page_size=page_size, **sizes)
 
-    def step(self, x: torch.Tensor, cache: reference.KVCache) -> torch.Tensor:
-        """Decode n new tokens per sequence: x [B, n, hidden] -> [B, n, hidden], appending them to `cache`."""
+    def step(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """Decode n new tokens per sequence: x [B, n, hidden] -> [B, n, hidden], appending them to `cache` (the
+        first step into an empty kernels cache is the prompt's prefill)."""
         q, k, v, (g_cmp, g_slc, g_win) = self._project(x)
-        cache.append(k, v)
-        o = reference.nsa_decode(q, cache, g_cmp, g_slc, g_win, self.config)
+        if isinstance(cache, reference.KVCache):
+            cache.append(k, v)
+            o = reference.nsa_decode(q, cache, g_cmp, g_slc, g_win, self.config)
+        else:
+            from nsa.kernels import nsa_prefill
+            o = nsa_prefill(q, k, v, g_cmp, g_slc, g_win, cache, self.config)
         return self.o_proj(o.flatten(2))

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import nsa
+from nsa import kernels
 from nsa import NSAConfig, NativeSparseAttention
+from nsa.kernels import runtime
 from nsa.reference import Compressor
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, slc_block=8, slc_topn=3, window=6)
@@ -44,6 +46,23 @@ def test_module_step_matches_forward():
         cache = layer.new_cache(2)
         steps = [layer.step(x[:, :10], cache)] + [layer.step(x[:, t:t + 1], cache) for t in range(10, 25)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not runtime.interpreting(), reason="CPU tests run the kernels in TRITON_INTERPRET=1")
+@pytest.mark.parametrize("page_size", [None, 8])
+def test_module_steps_through_the_kernels_cache(page_size):
+    """backend='kernels': new_cache gives an nsa.kernels.KVCache; prefill then token steps equal forward."""
+    torch.manual_seed(3)
+    layer = NativeSparseAttention(16, num_heads=4, num_kv_heads=2, head_dim=16, config=CFG, backend="kernels")
+    x = torch.randn(2, 30, 16)
+    with torch.no_grad():
+        full = layer(x)
+        with pytest.raises(ValueError, match="capacity"):
+            layer.new_cache(2)
+        cache = layer.new_cache(2, capacity=32, page_size=page_size)
+        assert isinstance(cache, kernels.KVCache)
+        steps = [layer.step(x[:, :21], cache)] + [layer.step(x[:, t:t + 1], cache) for t in range(21, 30)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
 def test_module_varlen_matches_separate_sequences():
