@@ -20,6 +20,14 @@ FLA_CONFIG = NSAConfig(cmp_block=64, cmp_stride=64, slc_block=64, slc_topn=16, w
 PAPER_SHAPE = dict(num_heads=64, num_kv_heads=4, head_dim=128, head_dim_v=128, dtype="bfloat16")
 # 1k .. 64k, and 128k, which runs where memory allows (an out-of-memory row is recorded as such).
 PAPER_SEQLENS = tuple(1024 * 2**i for i in range(8))
+# Full-size shapes the kernel families' GPU tests check at the paper config: the paper's heads, MHA, an odd T with
+# G=2, and a packed batch. id: (seqlen or None, packed seqlens or None, Hq, Hkv, D).
+GPU_CHECK_SHAPES = {
+    "paper-T16384-Hq64-Hkv4-D128": (16384, None, 64, 4, 128),
+    "paper-T4096-G1-H8-D128": (4096, None, 8, 8, 128),
+    "paper-T4093-G2-H16-D128": (4093, None, 16, 8, 128),
+    "paper-varlen-G16-D128": (None, [1000, 31, 4097, 2000], 32, 2, 128),
+}
 
 
 @dataclasses.dataclass(frozen=True)

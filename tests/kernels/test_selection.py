@@ -20,6 +20,7 @@ from nsa.kernels.selection import SelectionParams, default_params, select_blocks
 from nsa.problems import random_inputs
 from nsa.reference import block_importance
 from nsa.reference import select_blocks as reference_select_blocks
+from nsa.suites.catalog import GPU_CHECK_SHAPES
 
 
 @pytest.fixture(autouse=True)
@@ -168,21 +169,13 @@ def test_checker_catches_corrupted_selections():
 # GPU (fp16/bf16 at full size); the importance reference runs on the GPU in float64 from the upcast inputs.
 # ----------------------------------------------------------------------------------------------------------------
 
-GPU_CASES = {
-    # id: (seqlen or None, seqlens or None, Hq, Hkv, D)
-    "paper-T16384-Hq64-Hkv4-D128": (16384, None, 64, 4, 128),
-    "paper-T4096-G1-H8-D128": (4096, None, 8, 8, 128),
-    "paper-T4093-G2-H16-D128": (4093, None, 16, 8, 128),
-    "paper-varlen-G16-D128": (None, [1000, 31, 4097, 2000], 32, 2, 128),
-}
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
+@pytest.mark.parametrize("case", list(GPU_CHECK_SHAPES), ids=list(GPU_CHECK_SHAPES))
 def test_select_blocks_gpu(case, dtype):
-    seqlen, seqlens, hq, hkv, d = GPU_CASES[case]
+    seqlen, seqlens, hq, hkv, d = GPU_CHECK_SHAPES[case]
     config = NSAConfig()  # l=32, d=16, l'=64, n=16
     x = random_inputs(config, batch=1, seqlen=seqlen, seqlens=seqlens, num_heads=hq, num_kv_heads=hkv,
                       head_dim=d, dtype=dtype, device="cuda", seed=21)
