@@ -234,6 +234,9 @@ def test_ensure_tuned_on_cpu_only_reports(tmp_path):
     assert "no config cache for cpu-interpreter" in search.ensure_tuned("cpu")
     write_cache(cache.user_dir(), {cache.bucket_key("combine", SMOKE_SHAPE): combine_entry(16)})
     assert "1 entries" in search.ensure_tuned("cpu")
+    have, missing = search.covered_buckets("smoke", "cpu-interpreter")
+    assert cache.bucket_key("combine", SMOKE_SHAPE) in have and missing and not set(have) & set(missing)
+    assert f"{len(have)} of {len(have) + len(missing)} smoke buckets" in search.ensure_tuned("cpu", suite="smoke")
     assert "user" in search.describe("cpu") and "combine|T=128" in search.describe("cpu")
 
 

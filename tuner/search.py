@@ -242,8 +242,10 @@ def shard_folder(path) -> Path:
 
 
 def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float | None = None,
-         candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, progress: bool = True, world=None) -> dict:
-    """Tune every (family, bucket) of `suite` on `device` into `out` (a folder; the user cache by default).
+         candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, progress: bool = True, world=None,
+         skip=frozenset()) -> dict:
+    """Tune every (family, bucket) of `suite` on `device` into `out` (a folder; the user cache by default),
+    except the bucket keys in `skip`.
 
     Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "stopped":
     True when the budget ran out}. Each row: key, params, ms, default_ms, tried, rejected {kind: count}, errors.
@@ -266,7 +268,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     entries = _read_existing(path, key)
     todo, skipped = [], []
     for family, bkey, problem in buckets(suite, families):
-        if bkey in entries:
+        if bkey in entries or bkey in skip:
             skipped.append(bkey)
             continue
         cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
@@ -440,17 +442,30 @@ def describe(device=None) -> str:
     return "\n".join(lines)
 
 
+def covered_buckets(suite, device_key: str) -> tuple[list[str], list[str]]:
+    """(keys of `suite`'s buckets some cache file in the lookup order holds exactly, keys none does)."""
+    from nsa.suites import get_suite
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    files = [data["entries"] for _, _, data in cache.in_use(device_key) if data is not None]
+    keys = list(dict.fromkeys(bkey for _, bkey, _ in buckets(suite, list(cache.FAMILIES))))
+    have = [k for k in keys if any(k in entries for entries in files)]
+    return have, [k for k in keys if k not in have]
+
+
 def ensure_tuned(device=None, *, suite: str = "paper", budget_s: float = 1800.0) -> str:
-    """What `nsa run` calls: report the config cache in use for `device`; on a GPU with none anywhere, tune
-    `suite` into the user cache first (within `budget_s`; a later run resumes). On a CPU it never tunes."""
+    """What `nsa run` calls: report the config caches in use for `device`; on a GPU, first tune the buckets of
+    `suite` that no cache holds into the user cache (within `budget_s`; a later run resumes), so a partial
+    shipped cache is completed rather than trusted. On a CPU it never tunes."""
     key = cache.device_key(device)
     found = [(source, path, data) for source, path, data in cache.in_use(key) if data is not None]
-    if found:
-        source, path, data = found[0]
-        return f"config cache for {key}: {path} ({source}, {len(data['entries'])} entries)"
-    if torch.device(device or "cpu").type != "cuda":
-        return (f"no config cache for {key}: default params (CPU: nothing tuned here; "
-                f"`nsa tune --suite smoke` exercises the tuner)")
-    result = tune(suite, device=device, budget_s=budget_s)
+    have, missing = covered_buckets(suite, key)
+    files = "; ".join(f"{path} ({source}, {len(data['entries'])} entries)" for source, path, data in found)
+    status = f"config cache for {key}: {files or 'none'}; {len(have)} of {len(have) + len(missing)} {suite} buckets"
+    if not missing or torch.device(device or "cpu").type != "cuda":
+        if not found and torch.device(device or "cpu").type != "cuda":
+            return (f"no config cache for {key}: default params (CPU: nothing tuned here; "
+                    f"`nsa tune --suite smoke` exercises the tuner)")
+        return status
+    result = tune(suite, device=device, budget_s=budget_s, skip=set(have))
     state = "budget spent, rerun to resume" if result["stopped"] else "complete"
-    return f"tuned {len(result['done'])} buckets of {suite} into {result['path']} ({state})"
+    return f"{status}; tuned {len(result['done'])} more into {result['path']} ({state})"
