@@ -502,6 +502,8 @@ def check_decode_inputs(q, cache, g_cmp, g_slc, g_win, config: NSAConfig) -> Non
         expect_shape(name, g, (batch, num_queries, num_heads), "(B, n, Hq)")
     if q.device != cache.device:
         raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
+    if q.dtype != cache.dtype:  # the kernels would otherwise convert the whole cache on every step
+        raise ValueError(f"q is {q.dtype} but the cache holds {cache.dtype}")
     if config.num_slc_blocks(cache.capacity) > MAX_SELECTION_BLOCKS:
         raise ValueError(f"decode holds a row's selection blocks in registers: at most {MAX_SELECTION_BLOCKS}, "
                          f"the cache's capacity {cache.capacity} has {config.num_slc_blocks(cache.capacity)}")

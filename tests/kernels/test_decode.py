@@ -271,6 +271,8 @@ def test_decode_rejects_bad_inputs():
         nsa_decode(q[:1], cache, *(g[:1] for g in gates), config)
     with pytest.raises(ValueError, match="multiple"):
         nsa_decode(q[:, :, :3], cache, *(g[:, :, :3] for g in gates), config)
+    with pytest.raises(ValueError, match="cache holds"):
+        nsa_decode(q.half(), cache, *(g.half() for g in gates), config)
     with pytest.raises(ValueError, match="g_slc"):
         nsa_decode(q, cache, gates[0], gates[1][:, :, :2], gates[2], config)
     q4, gates4 = random_queries(2, 4, 4, 16, dtype=torch.float32, device="cpu", seed=0)
