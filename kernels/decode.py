@@ -396,10 +396,14 @@ def default_params(batch: int, num_queries: int, num_kv_heads: int, config: NSAC
     """Splits that give about two programs per SM for the row count (the tuner searches better ones): a batch
     of one sequence and 4 kv heads spreads each row over many programs, a batch of 16 over a few. Under the
     interpreter (which pays per program) two splits each, enough to exercise the merges."""
+    return default_params_for_rows(batch * num_queries * num_kv_heads, config, capacity, device)
+
+
+def default_params_for_rows(rows: int, config: NSAConfig, capacity: int, device) -> DecodeParams:
+    """`default_params` by the step's rows (B x n x Hkv), all it depends on: the tuner's untuned candidate."""
     if runtime.interpreting():
         return DecodeParams(cmp_splits=2, cmp_block_n=16, importance_splits=2, importance_chunk=16,
                             slc_splits=2, win_splits=2, block_n=16, num_warps=1, num_stages=1)
-    rows = batch * num_queries * num_kv_heads
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, 2 * sms // rows)
     cmp_tiles = triton.cdiv(config.num_cmp_blocks(capacity), 64)
@@ -407,6 +411,23 @@ def default_params(batch: int, num_queries: int, num_kv_heads: int, config: NSAC
     return DecodeParams(cmp_splits=max(1, min(want, cmp_tiles)), importance_splits=max(1, min(want, chunks)),
                         slc_splits=max(1, min(want, config.slc_topn)),
                         win_splits=max(1, min(want, triton.cdiv(config.window, 64))))
+
+
+def resolve_params(q_shape, num_kv_heads: int, head_dim_v: int, config: NSAConfig, capacity: int, dtype,
+                   device) -> DecodeParams:
+    """What `nsa_decode` runs without params: the device's tuned entry for the step's bucket (T = the cache's
+    capacity, rows = B x n x Hkv; lookup order and nearest-bucket rule in `nsa.tuner.cache`), else
+    `default_params`. Host values only, no device read (a step stays capturable in a CUDA graph); a bad cache
+    file warns once and is ignored by the lookup.
+
+    q_shape: (B, n, Hq, Dk); dtype: the kernels' compute dtype."""
+    from nsa.tuner import cache
+    batch, num_queries, num_heads, head_dim = q_shape
+    rows = batch * num_queries * num_kv_heads
+    shape = cache.Shape(capacity, num_heads // num_kv_heads, head_dim, head_dim_v, config.cmp_block,
+                        config.cmp_stride, config.slc_block, config.slc_topn, cache.dtype_name(dtype), rows=rows)
+    return (cache.lookup("decode", shape, cache.device_key(device))
+            or default_params_for_rows(rows, config, capacity, device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -528,7 +549,8 @@ def nsa_decode(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, *, sca
         config: the cache's NSAConfig.
         scale: softmax scale, Dk ** -0.5 by default.
         return_block_indices: also return the selection.
-        params: DecodeParams, `default_params(...)` when None.
+        params: DecodeParams; when None, the device's tuned ones for this bucket, else `default_params(...)`
+            (see `resolve_params`).
     Returns:
         o [B, n, Hq, Dv] in q's dtype (and block_indices [B, n, Hkv, topn] int32, ascending, -1 padded).
 
@@ -538,11 +560,12 @@ def nsa_decode(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, *, sca
     """
     check_decode_inputs(q, cache, g_cmp, g_slc, g_win, config)
     scale = resolve_scale(scale, q.shape[-1])
+    dtype = runtime.compute_dtype(q.dtype)
     if params is None:
-        params = default_params(q.shape[0], q.shape[1], cache.num_kv_heads, config, cache.capacity, q.device)
+        params = resolve_params(tuple(q.shape), cache.num_kv_heads, cache.head_dim_v, config, cache.capacity, dtype,
+                                q.device)
     elif not isinstance(params, DecodeParams):
         raise TypeError(f"params must be a DecodeParams, got {type(params).__name__}")
-    dtype = runtime.compute_dtype(q.dtype)
     with torch.no_grad():
         o, block_indices = nsa_decode_fwd(q.to(dtype), cache, g_cmp.to(dtype), g_slc.to(dtype), g_win.to(dtype),
                                           config, scale, params)

@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_options(check_, suite_required=True, check_only=True)
     check_.set_defaults(func=cmd_check)
 
-    from nsa.tuner.cache import FAMILIES
+    from nsa.tuner.cache import ALL_FAMILIES as FAMILIES
     tune = sub.add_parser("tune", help="search the kernels' params for this device into its config cache",
                           description="For each kernel family and shape bucket of a suite, check every candidate "
                           "of the search space against the reference, time the ones that pass, and write the "

@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +245,168 @@ def test_cli_tune_show(capsys):
     from nsa.cli import main
     assert main(["tune", "--show", "--device", "cpu"]) == 0
     assert "device key: cpu-interpreter" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode: its own family, keys with the step's rows (B x n x Hkv), timed as CUDA-graph replays
+# ----------------------------------------------------------------------------------------------------------------
+
+decode_module = importlib.import_module("nsa.kernels.decode")
+SMOKE_CONFIG = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=3, window=32)
+# The untuned decode params (and so the candidates) depend on the device; these tests pin the interpreter's.
+interpreter_only = pytest.mark.skipif(not runtime.interpreting(), reason="needs TRITON_INTERPRET=1")
+INTERPRETER_DECODE = decode_module.DecodeParams(cmp_splits=2, cmp_block_n=16, importance_splits=2,
+                                                importance_chunk=16, slc_splits=2, win_splits=2, block_n=16,
+                                                num_warps=1, num_stages=1)
+
+
+def decode_problem():
+    from nsa.suites import get_suite
+    (problem,) = [p for p in get_suite("smoke").problems if p.op == "decode"]
+    return problem  # B=2, T=100, Hq/Hkv 2/1: rows 2
+
+
+def decode_entry(**fields):
+    return {"params": dataclasses.asdict(dataclasses.replace(INTERPRETER_DECODE, **fields)), "ms": 1.0,
+            "default_ms": 2.0}
+
+
+def double_cache(x):
+    """A float64 reference cache of the problem's tensors."""
+    from nsa.suites.problem import cache_of
+    return cache_of({name: x[name].double() for name in ("k", "v", "k_cmp", "v_cmp")}, SMOKE_CONFIG)
+
+
+def decode_shape(seqlen=128, rows=2):
+    return dataclasses.replace(SMOKE_SHAPE, seqlen=seqlen, rows=rows)
+
+
+def test_decode_keys_carry_rows_and_training_keys_stay_as_they_were():
+    assert cache.bucket_key("decode", decode_shape(rows=12)) == \
+        "decode|T=128|G=2|Dk=16|Dv=16|l=16|d=8|ls=16|n=3|rows=16|float32"
+    assert cache.bucket_key("window", decode_shape()) == cache.bucket_key("window", SMOKE_SHAPE)
+    with pytest.raises(ValueError, match="rows"):
+        cache.bucket_key("decode", SMOKE_SHAPE)
+    good = {cache.bucket_key("combine", SMOKE_SHAPE): combine_entry(16),
+            cache.bucket_key("decode", decode_shape()): decode_entry()}
+    assert cache.validate({"meta": {"device": "d"}, "entries": good}, "d") is None
+    window_key = cache.bucket_key("window", SMOKE_SHAPE)
+    for bad in (window_key.replace("|float32", "|rows=2|float32"), window_key.replace("window", "decode"),
+                cache.bucket_key("decode", decode_shape()).replace("rows=2", "rows=0")):
+        assert "unknown entry key" in cache.validate({"meta": {"device": "d"}, "entries": {bad: decode_entry()}}, "d")
+    shipped = cache.config_path("nvidia-h200", Path(cache.__file__).parent / "configs")
+    assert cache.read_file(shipped, "nvidia-h200")["entries"]  # the shipped cache still loads
+
+
+def test_decode_lookup_nearest_rows_then_t(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path))
+    write_cache(tmp_path, {cache.bucket_key("decode", decode_shape(rows=4)): decode_entry(slc_splits=1),
+                           cache.bucket_key("decode", decode_shape(rows=64)): decode_entry(slc_splits=3)})
+
+    def slc_splits(rows, seqlen=128):
+        found = cache.lookup("decode", decode_shape(seqlen, rows), "cpu-interpreter")
+        return found and found.slc_splits
+    # B=1 and B=16 of 4 kv heads are separate buckets; within a factor 4 the nearest rows wins, a tie the larger.
+    assert [slc_splits(r) for r in (4, 8, 16, 32, 256)] == [1, 1, 3, 3, 3]
+    assert slc_splits(1024) is None and slc_splits(4, seqlen=4096) is None  # beyond the rows / T factor
+    assert slc_splits(3, seqlen=256) == 1  # rows 3 -> bucket 4, T within a factor
+
+
+@interpreter_only
+def test_decode_search_space_default_is_what_nsa_decode_runs():
+    problem = decode_problem()
+    shape = search.problem_shape(problem)
+    assert shape.rows == 2 and shape.seqlen == 100
+    cands, pruned = spaces.search_space("decode", shape, SMOKE_CONFIG, 2, 1)
+    untuned = decode_module.resolve_params((2, 1, 2, 16), 1, 16, SMOKE_CONFIG, 100, torch.float32, "cpu")
+    assert cands[0] == untuned == decode_module.default_params(2, 1, 1, SMOKE_CONFIG, 100, "cpu") == \
+        INTERPRETER_DECODE
+    assert len(cands) == 3 and pruned == {}
+    # The GPU ranges at T=100 (one compressed / importance tile, n=3 selected blocks, 2 window tiles) all ask for
+    # more splits than there is work: only the default is left. At 64k, most of the ranges are searched.
+    gpu, gpu_pruned = spaces.search_space("decode", shape, SMOKE_CONFIG, 2, 1, interpreter=False)
+    assert set(gpu_pruned) == {"splits_fit_tiles"} and len(gpu) == 1
+    long = dataclasses.replace(shape, seqlen=65536)
+    gpu, _ = spaces.search_space("decode", long, SMOKE_CONFIG, 2, 1, interpreter=False)
+    assert 1 < len(gpu) <= 1 + 3 * 2 * 3 * 2
+
+
+def test_decode_buckets_only_from_decode_problems():
+    from nsa.suites import get_suite
+    rows = search.buckets(get_suite("smoke"), list(cache.ALL_FAMILIES))
+    decode = [(family, key, problem.op) for family, key, problem in rows if family == "decode"]
+    assert decode == [("decode", "decode|T=128|G=2|Dk=16|Dv=16|l=16|d=8|ls=16|n=3|rows=2|float32", "decode")]
+    assert all(problem.op != "decode" for family, _, problem in rows if family != "decode")
+    paper = [key for _, key, _ in search.buckets(get_suite("paper"), ["decode"])]
+    assert len(paper) == 16 and {k.split("|")[9] for k in paper} == {"rows=4", "rows=64"}  # B=1 and B=16
+
+
+@interpreter_only
+def test_tune_decode_smoke_checked_graph_timed_and_covered(tmp_path, monkeypatch):
+    graph_flags, real_time_call = [], search.time_call
+
+    def recording_time_call(fn, device, **kw):
+        graph_flags.append(kw.get("cuda_graph"))
+        return real_time_call(fn, device, **kw)
+
+    monkeypatch.setattr(search, "time_call", recording_time_call)
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path))
+    result = search.tune("smoke", families=["decode"], device="cpu", out=tmp_path, progress=False)
+    (row,) = result["done"]
+    assert row["rejected"] == {} and row["tried"] == 3 and graph_flags == [True] * 3
+    entry = json.loads((tmp_path / "cpu-interpreter.json").read_text())["entries"][row["key"]]
+    assert decode_module.DecodeParams(**entry["params"]) and entry["default_ms"] >= entry["ms"] > 0
+    have, missing = search.covered_buckets("smoke", "cpu-interpreter")
+    assert have == [row["key"]] and row["key"] not in missing
+    assert "decode|T=128" in search.describe("cpu")
+
+
+@interpreter_only
+def test_wrong_decode_candidates_rejected(tmp_path, monkeypatch):
+    real = decode_module.nsa_decode
+
+    def wrong(*args, params, **kw):
+        o, idx = real(*args, params=params, **kw)
+        if params.slc_splits == 3:
+            return o + 1.0, idx
+        if params.slc_splits == 1:
+            return o, torch.full_like(idx, -1)  # a selection that misses every block
+        return o, idx
+
+    monkeypatch.setattr(decode_module, "nsa_decode", wrong)
+    result = search.tune("smoke", families=["decode"], device="cpu", out=tmp_path, progress=False)
+    (row,) = result["done"]
+    assert row["rejected"] == {"wrong": 2}
+    assert any("relative error" in e for e in row["errors"]) and any("causal blocks" in e for e in row["errors"])
+    assert row["params"] == dataclasses.asdict(INTERPRETER_DECODE)
+
+
+@interpreter_only
+def test_nsa_decode_runs_with_cached_params_and_ignores_a_corrupt_cache(tmp_path, monkeypatch):
+    from nsa import reference
+    from nsa.kernels import KVCache, nsa_decode
+    from nsa.suites.problem import make_inputs
+    problem = decode_problem()
+    x = make_inputs(problem, device="cpu", seed=0)
+    kv = KVCache.from_tensors(x["k"], x["v"], x["k_cmp"], x["v_cmp"], SMOKE_CONFIG)
+    gates = (x["g_cmp"], x["g_slc"], x["g_win"])
+    used, real_fwd = [], decode_module.nsa_decode_fwd
+
+    def recording_fwd(*args):
+        used.append(args[-1])
+        return real_fwd(*args)
+
+    monkeypatch.setattr(decode_module, "nsa_decode_fwd", recording_fwd)
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "env"))
+    tuned = decode_entry(cmp_splits=1, importance_splits=1, slc_splits=3, win_splits=1)
+    write_cache(tmp_path / "env", {cache.bucket_key("decode", decode_shape()): tuned})
+    o = nsa_decode(x["q"], kv, *gates, SMOKE_CONFIG)
+    assert dataclasses.asdict(used[-1]) == tuned["params"]
+    ref = reference.nsa_decode(x["q"].double(), double_cache(x), *(g.double() for g in gates), SMOKE_CONFIG)
+    assert (o.double() - ref).abs().max() < 1e-4
+    # A corrupt file warns once and the step runs on the heuristic.
+    cache.config_path("cpu-interpreter", tmp_path / "env").write_text("{not json")
+    cache.clear_cache()
+    with pytest.warns(RuntimeWarning, match="ignored"):
+        nsa_decode(x["q"], kv, *gates, SMOKE_CONFIG)
+    assert used[-1] == INTERPRETER_DECODE

@@ -1,6 +1,7 @@
 """Config caches: one JSON file per device, `{"meta": {...}, "entries": {"<family>|<bucket>": {...}}}`.
 
-Lookup order, said once (used by `NSAParams.resolve` for every family whose params were not passed):
+Lookup order, said once (used by `NSAParams.resolve` for every family whose params were not passed, and by
+`nsa_decode` without params):
 
     explicit argument > $NSA_CONFIG_DIR > user cache ($XDG_CACHE_HOME/nsa/configs, else ~/.cache/nsa/configs)
     > shipped (nsa/tuner/configs) > the family's `default_params` heuristic.
@@ -10,6 +11,14 @@ file the bucket must match exactly on everything but T (family, G, Dk, Dv, l, d,
 nearest power of two, and when that T bucket is absent the entry with the nearest log2 T is used, if it lies within
 a factor of MAX_T_RATIO (params tuned for 1k tokens say little about 64k: a partial cache falls back to the
 heuristic there instead).
+
+Decode (`nsa_decode`, the DECODE_FAMILIES) is looked up by `nsa.kernels.decode.resolve_params` and its keys carry
+one more part before the dtype, `rows=R`: the rows of a step, B x n x Hkv (sequences x new tokens x kv heads),
+bucketed like T. Rows, not B, because the rows are what the decode grid and its split heuristic scale with (B=1 and
+B=16 want very different splits; so do 4 and 8 kv heads at one B). T is the cache's capacity, the size every
+buffer and grid of a step comes from. An absent bucket takes the entry nearest in log2 T + log2 rows, each within
+its factor (MAX_T_RATIO, MAX_ROWS_RATIO; ties to the larger rows, then the larger T). Training keys keep their
+ten parts, so existing files load unchanged.
 
 A file that cannot be read, is not this format, or was written for another device warns once and is ignored;
 an entry whose params the kernels reject warns once and is skipped. Loaded files and lookups are cached per
@@ -36,6 +45,8 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
 ENV_DIR = "NSA_CONFIG_DIR"
 
 # family -> (kernel module, params class). Imported lazily: nsa.kernels imports this module.
+# FAMILIES are the fields of `nsa.kernels.NSAParams` (its `resolve` looks up each of them); decode has its own
+# params and its own lookup, and keys with a rows part. ALL_FAMILIES is what the tuner searches and files hold.
 FAMILIES = {
     "compression": ("nsa.kernels.compression", "CompressionParams"),
     "selection": ("nsa.kernels.selection", "SelectionParams"),
@@ -43,10 +54,14 @@ FAMILIES = {
     "window": ("nsa.kernels.window_attention", "WindowAttentionParams"),
     "combine": ("nsa.kernels.combine", "CombineParams"),
 }
+DECODE_FAMILIES = {
+    "decode": ("nsa.kernels.decode", "DecodeParams"),
+}
+ALL_FAMILIES = {**FAMILIES, **DECODE_FAMILIES}
 
 
 def params_class(family: str):
-    module, name = FAMILIES[family]
+    module, name = ALL_FAMILIES[family]
     return getattr(importlib.import_module(module), name)
 
 
@@ -137,6 +152,7 @@ class Shape:
     slc_block: int
     slc_topn: int
     dtype: str  # compute dtype name, e.g. "bfloat16"
+    rows: int | None = None  # decode only: rows of a step, B x n x Hkv (see the module doc)
 
 
 def dtype_name(dtype) -> str:
@@ -144,43 +160,62 @@ def dtype_name(dtype) -> str:
 
 
 def t_bucket(seqlen: int) -> int:
-    """Nearest power of two (in log2) to T."""
+    """Nearest power of two (in log2) to T (and to a decode step's rows)."""
     return 1 << max(0, round(math.log2(max(1, seqlen))))
 
 
 def bucket_key(family: str, shape: Shape) -> str:
+    """`family|T=..|G=..|Dk=..|Dv=..|l=..|d=..|ls=..|n=..|dtype`; decode families add `|rows=..` before the dtype."""
+    rows = ""
+    if family in DECODE_FAMILIES:
+        if shape.rows is None:
+            raise ValueError(f"a {family} bucket needs the shape's rows (B x n x Hkv)")
+        rows = f"|rows={t_bucket(shape.rows)}"
     return (f"{family}|T={t_bucket(shape.seqlen)}|G={shape.group}|Dk={shape.head_dim}|Dv={shape.head_dim_v}"
-            f"|l={shape.cmp_block}|d={shape.cmp_stride}|ls={shape.slc_block}|n={shape.slc_topn}|{shape.dtype}")
+            f"|l={shape.cmp_block}|d={shape.cmp_stride}|ls={shape.slc_block}|n={shape.slc_topn}{rows}|{shape.dtype}")
 
 
-def _split_key(key: str) -> tuple[str, int] | None:
-    """(key with T removed, T) or None when the key is not ours."""
+def _split_key(key: str) -> tuple[str, int, int | None] | None:
+    """(key with T and rows removed, T, rows or None) or None when the key is not ours: ten parts, or eleven with
+    `rows=` before the dtype; T and rows >= 1."""
     parts = key.split("|")
+    rows = None
+    if len(parts) == 11 and parts[9].startswith("rows="):
+        rows, parts = parts[9][5:], parts[:9] + parts[10:]
     if len(parts) != 10 or not parts[1].startswith("T="):
         return None
     try:
-        return "|".join(parts[:1] + parts[2:]), int(parts[1][2:])
+        t, rows = int(parts[1][2:]), None if rows is None else int(rows)
     except ValueError:
         return None
+    if t < 1 or (rows is not None and rows < 1):  # log2 of them must not raise in a lookup
+        return None
+    return "|".join(parts[:1] + parts[2:]), t, rows
 
 
 MAX_T_RATIO = 4
+MAX_ROWS_RATIO = 4
 
 
 def nearest_entry(entries: dict, key: str) -> tuple[str, dict] | None:
-    """The exact entry, else the one equal but for T with the nearest log2 T within a factor MAX_T_RATIO (ties to
-    the larger T)."""
+    """The exact entry, else the one equal but for T (and rows) with the nearest log2 T (plus log2 rows) within a
+    factor MAX_T_RATIO (and MAX_ROWS_RATIO); ties to the larger rows, then the larger T."""
     if key in entries:
         return key, entries[key]
-    rest, t = _split_key(key)
+    split = _split_key(key)
+    if split is None:
+        return None
+    rest, t, rows = split
     best = None
     for other, entry in entries.items():
         split = _split_key(other)
-        if split is None or split[0] != rest:
+        if split is None or split[0] != rest or (split[2] is None) != (rows is None):
             continue
-        dist = (abs(math.log2(split[1]) - math.log2(t)), -split[1])
-        if dist[0] > math.log2(MAX_T_RATIO):
+        dt = abs(math.log2(split[1]) - math.log2(t))
+        drows = 0.0 if rows is None else abs(math.log2(split[2]) - math.log2(rows))
+        if dt > math.log2(MAX_T_RATIO) or drows > math.log2(MAX_ROWS_RATIO):
             continue
+        dist = (dt + drows, -(split[2] or 0), -split[1])
         if best is None or dist < best[0]:
             best = (dist, other, entry)
     return None if best is None else (best[1], best[2])
@@ -222,7 +257,8 @@ def validate(data, device: str) -> str | None:
     if meta_device != device:
         return f"written for device {meta_device!r}, not {device!r}"
     for key, entry in data["entries"].items():
-        if _split_key(key) is None or key.split("|")[0] not in FAMILIES:
+        split, family = _split_key(key), key.split("|")[0]
+        if split is None or family not in ALL_FAMILIES or (split[2] is not None) != (family in DECODE_FAMILIES):
             return f"unknown entry key {key!r}"
         if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
             return f"entry {key!r} has no params dict"
@@ -291,7 +327,7 @@ def lookup(family: str, shape: Shape, device: str):
         except (TypeError, ValueError) as e:
             _warn_once(f"entry:{path}:{hit_key}", f"nsa config cache {path}: entry {hit_key} ignored: {e}")
             continue
-        near = "" if hit_key == key else f" (nearest T bucket for {key})"
+        near = "" if hit_key == key else f" (nearest T{'/rows' if shape.rows else ''} bucket for {key})"
         log.info("nsa config: %s from %s %s%s", hit_key, source, path, near)
         break
     if found is None:

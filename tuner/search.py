@@ -1,8 +1,10 @@
 """`nsa tune`: search each kernel family's params per shape bucket, correctness first, into a config cache.
 
-For each (family, bucket) of a suite's fwd/bwd problems, every candidate of `spaces.search_space` runs once and
+For each (family, bucket) of a suite's problems (fwd/bwd problems: the training families; decode problems: the
+decode family, bucketed by the step's rows too), every candidate of `spaces.search_space` runs once and
 is compared with the reference stage (float64 on CPU, fp32 on GPU); only then is it timed (nsa.timing: CUDA
-events with L2 flushed on a GPU, perf_counter on a CPU). A wrong result, an exception (compile error), an OOM or
+events with L2 flushed on a GPU, perf_counter on a CPU; a decode step as CUDA-graph replays, the way serving runs
+it: its microseconds would otherwise be launch overhead). A wrong result, an exception (compile error), an OOM or
 a candidate slower than `candidate_timeout_s` is recorded and skipped, never cached (the timeout is judged
 after the call returns: a hung kernel is not interrupted). Long problems are checked at up to 8192 tokens per
 row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
@@ -40,17 +42,18 @@ DEFAULT_CANDIDATE_TIMEOUT_S = 120.0
 
 
 def _kernel(family: str):
-    return importlib.import_module(cache.FAMILIES[family][0])
+    return importlib.import_module(cache.ALL_FAMILIES[family][0])
 
 
 @dataclasses.dataclass
 class Case:
     """One family on one problem: check(run_check(params)) says why it is wrong (None when right);
-    run_time(params) is what gets timed."""
+    run_time(params) is what gets timed (captured in a CUDA graph and replayed when cuda_graph)."""
 
     run_check: object
     check: object
     run_time: object
+    cuda_graph: bool = False
 
 
 def _close(ref, lo, dtype):
@@ -67,6 +70,8 @@ def _stage(family: str, problem, device, *, with_check: bool):
     check is None unless with_check (the reference is only computed then)."""
     from nsa.kernels.runtime import compute_dtype
     from nsa.suites.problem import DTYPES
+    if family in cache.DECODE_FAMILIES:
+        return _decode_stage(problem, device, with_check=with_check)
     config: NSAConfig = problem.config
     dtype = DTYPES[problem.dtype]
     x = random_inputs(config, batch=problem.batch, seqlen=problem.seqlen, num_heads=problem.num_heads,
@@ -119,7 +124,74 @@ def _stage(family: str, problem, device, *, with_check: bool):
         ref = reference.combine_branches(*(t.to(ref_dtype) for t in outs + gates))
         lo = reference.combine_branches(*outs, *gates)
         return run, _close(ref, lo, cdt)
-    raise KeyError(f"unknown kernel family {family!r}; known: {', '.join(cache.FAMILIES)}")
+    raise KeyError(f"unknown kernel family {family!r}; known: {', '.join(cache.ALL_FAMILIES)}")
+
+
+def _decode_stage(problem, device, *, with_check: bool):
+    """`_stage` of decode: nsa_decode over a kernels KVCache of the problem's tensors (`make_inputs`, seed 0),
+    output (o, block_indices). The check is the reference's decode step on the problem's reference cache, stage
+    by stage as `nsa.reference.nsa_decode` composes it: the selection must be valid for the reference importances
+    (near-ties may swap in 16-bit on a GPU, SELECTION_RTOL), and o must match the reference output given the
+    kernel's own selection, within twice the error of the same computation in the problem's dtype."""
+    from nsa.inputs import resolve_scale
+    from nsa.kernels import KVCache
+    from nsa.kernels.runtime import compute_dtype
+    from nsa.reference.compression import compressed_attention_rows, compressed_probs_rows
+    from nsa.reference.selected_attention import selected_attention_rows
+    from nsa.reference.selection import block_importance_rows
+    from nsa.reference.window_attention import window_attention_rows
+    from nsa.suites.problem import DTYPES, make_inputs
+    config: NSAConfig = problem.config
+    dtype = DTYPES[problem.dtype]
+    x = make_inputs(problem, device=device, seed=0)
+    kv = KVCache.from_tensors(x["k"], x["v"], x["k_cmp"], x["v_cmp"], config)
+    gates = [x["g_cmp"], x["g_slc"], x["g_win"]]
+    kernel = _kernel("decode")
+
+    def run(p):
+        return kernel.nsa_decode(x["q"], kv, *gates, config, params=p, return_block_indices=True)
+    if not with_check:
+        return run, None
+    ref_dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
+    scale = resolve_scale(None, problem.head_dim)
+    ref_cache = x["cache"]
+    pos = torch.tensor([problem.seqlen - 1], device=device)  # every sequence holds T tokens, the new one last
+
+    def sequence(b, t_dtype):
+        """Sequence b of the reference cache, its query and gates, in t_dtype."""
+        seq = (ref_cache.keys[b], ref_cache.values[b], ref_cache.k_cmp[b], ref_cache.v_cmp[b], x["q"][b])
+        return [t.to(t_dtype) for t in seq], [g[b].to(t_dtype) for g in gates]
+
+    def reference_output(block_indices, t_dtype):
+        rows = []
+        for b in range(problem.batch):
+            (k, v, k_cmp, v_cmp, q), (g_cmp, g_slc, g_win) = sequence(b, t_dtype)
+            rows.append(reference.combine_branches(
+                compressed_attention_rows(q, pos, k_cmp, v_cmp, config, scale),
+                selected_attention_rows(q, pos, k, v, block_indices[b].long(), config, scale),
+                window_attention_rows(q, pos, k, v, config, scale), g_cmp, g_slc, g_win))
+        return torch.stack(rows)
+
+    importance = []
+    for b in range(problem.batch):
+        (_, _, k_cmp, _, q), _ = sequence(b, ref_dtype)
+        probs = compressed_probs_rows(q, pos, k_cmp, config, scale)
+        importance.append(block_importance_rows(probs, pos, problem.num_kv_heads, config))
+    importance, positions = torch.stack(importance), pos.expand(problem.batch, 1)
+    judged = {}  # selection -> verdict on o: candidates mostly agree on the selection, the reference runs once
+
+    def check(out):
+        o, block_indices = out
+        bad = selection_mismatches(block_indices, importance, config, positions=positions,
+                                   rtol=SELECTION_RTOL[dtype])
+        if bad:
+            return "; ".join(bad[:2])
+        memo = (tuple(block_indices.shape), block_indices.cpu().numpy().tobytes())
+        if memo not in judged:
+            judged[memo] = _close(reference_output(block_indices, ref_dtype), reference_output(block_indices, dtype),
+                                  compute_dtype(dtype))
+        return judged[memo](o)
+    return run, check
 
 
 def build_case(family: str, problem, device, max_check_tokens: int = DEFAULT_MAX_TOKENS) -> Case:
@@ -128,27 +200,34 @@ def build_case(family: str, problem, device, max_check_tokens: int = DEFAULT_MAX
     small = problem.shortened(max_check_tokens)
     run_small, check = _stage(family, small, device, with_check=True)
     run_full = run_small if small == problem else _stage(family, problem, device, with_check=False)[0]
-    return Case(run_check=run_small, check=check, run_time=run_full)
+    return Case(run_check=run_small, check=check, run_time=run_full, cuda_graph=family in cache.DECODE_FAMILIES)
 
 
 def problem_shape(problem) -> cache.Shape:
+    """The bucket shape of `problem`; a decode problem's rows are B x Hkv (one new token per sequence)."""
     from nsa.kernels.runtime import compute_dtype
     from nsa.suites.problem import DTYPES
     return cache.Shape(problem.seqlen, problem.num_heads // problem.num_kv_heads, problem.head_dim,
                        problem.head_dim_v, problem.config.cmp_block, problem.config.cmp_stride,
                        problem.config.slc_block, problem.config.slc_topn,
-                       cache.dtype_name(compute_dtype(DTYPES[problem.dtype])))
+                       cache.dtype_name(compute_dtype(DTYPES[problem.dtype])),
+                       rows=problem.batch * problem.num_kv_heads if problem.op == "decode" else None)
 
 
 def buckets(suite, families) -> list[tuple[str, str, object]]:
-    """(family, bucket key, representative problem) for every fwd/bwd problem of the suite, first one per key."""
+    """(family, bucket key, representative problem) for the suite's problems, first one per key: fwd/bwd problems
+    give the training families' buckets, decode problems the decode families'."""
     out, seen = [], set()
     for problem in suite.problems:
-        if problem.op not in ("fwd", "bwd"):
+        if problem.op == "decode":
+            wanted = [family for family in families if family in cache.DECODE_FAMILIES]
+        elif problem.op in ("fwd", "bwd"):
+            wanted = [family for family in families if family not in cache.DECODE_FAMILIES]
+        else:
             continue
         if problem.seqlens is not None:  # tuned on the dense equivalent: same T bucket
             problem = dataclasses.replace(problem, seqlens=None, batch=1)
-        for family in families:
+        for family in wanted:
             key = cache.bucket_key(family, problem_shape(problem))
             if key not in seen:
                 seen.add(key)
@@ -199,7 +278,7 @@ def _evaluate(case: Case, params, device, timeout_s: float):
         why = case.check(case.run_check(params))
         if why is not None:
             return None, ("wrong", why)
-        timing = time_call(lambda: case.run_time(params), device)
+        timing = time_call(lambda: case.run_time(params), device, cuda_graph=case.cuda_graph)
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
         return None, ("oom", str(e).splitlines()[0])
@@ -258,7 +337,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     from nsa.suites import get_suite
     suite = get_suite(suite) if isinstance(suite, str) else suite
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    families = list(families or cache.FAMILIES)
+    families = list(families or cache.ALL_FAMILIES)
     key = cache.device_key(device)
     path = cache.config_path(key, out if out is not None else cache.user_dir())
     if (world is not None and world.size > 1) or shard_folder(path).exists():
@@ -447,7 +526,7 @@ def covered_buckets(suite, device_key: str) -> tuple[list[str], list[str]]:
     from nsa.suites import get_suite
     suite = get_suite(suite) if isinstance(suite, str) else suite
     files = [data["entries"] for _, _, data in cache.in_use(device_key) if data is not None]
-    keys = list(dict.fromkeys(bkey for _, bkey, _ in buckets(suite, list(cache.FAMILIES))))
+    keys = list(dict.fromkeys(bkey for _, bkey, _ in buckets(suite, list(cache.ALL_FAMILIES))))
     have = [k for k in keys if any(k in entries for entries in files)]
     return have, [k for k in keys if k not in have]
 

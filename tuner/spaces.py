@@ -3,6 +3,9 @@
 A candidate is the family's `default_params` for the shape with the declared fields replaced (fields not
 declared keep their default; the backward kernels' fields are not searched yet). Candidates the params
 dataclass itself rejects (powers of two, tl.dot's 16) are dropped and counted as "invalid".
+
+Decode searches the split-K of its launches, which is what depends on the GPU and the step's rows; its launches
+run one after another, so the splits of each mostly act alone, and the ranges stay short (a product of them).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import triton
 
 from nsa.config import NSAConfig
-from nsa.tuner.cache import FAMILIES, Shape, params_class
+from nsa.tuner.cache import ALL_FAMILIES, Shape, params_class
 
 # Declared ranges per family (GPU). Each field must be a field of the family's params dataclass.
 SPACES = {
@@ -29,6 +32,9 @@ SPACES = {
     "window": dict(fwd_block_m=[16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
                    fwd_num_stages=[1, 2, 3]),
     "combine": dict(block_r=[8, 16, 32, 64], num_warps=[2, 4, 8]),
+    # 3 x 2 x 3 x 2 = 36 besides the default, fewer for short caches (splits_fit_tiles): a whole paper-suite
+    # decode tune stays a few minutes. An H200 sweep at 64k found the splits of one launch within a few percent.
+    "decode": dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8]),
 }
 
 # The interpreter ignores warps and stages and pays per program: a few tile sizes only (CI runs these).
@@ -38,6 +44,8 @@ INTERPRETER_SPACES = {
     "selected": dict(fwd_block_n=[16, 32]),
     "window": dict(fwd_block_n=[32, 64]),
     "combine": dict(block_r=[16, 64]),
+    # With the default (2 splits each): 3 candidates, one with a non-power-of-two split count (padded merges).
+    "decode": dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3]),
 }
 
 
@@ -47,11 +55,15 @@ def space_hash() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def default_for(family: str, shape: Shape, config: NSAConfig, num_heads: int, num_kv_heads: int):
-    """The family's untuned default for the shape (what NSAParams.resolve falls back to)."""
+def default_for(family: str, shape: Shape, config: NSAConfig, num_heads: int, num_kv_heads: int, device=None):
+    """The family's untuned default for the shape (what NSAParams.resolve, or nsa_decode, falls back to; decode's
+    depends on the device's SM count: `device`, the current CUDA device by default)."""
     dtype = getattr(torch, shape.dtype)
-    kernels = {f: importlib.import_module(module) for f, (module, _) in FAMILIES.items()}
+    kernels = {f: importlib.import_module(module) for f, (module, _) in ALL_FAMILIES.items()}
     heads = (num_heads, num_kv_heads)
+    if family == "decode":
+        device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        return kernels[family].default_params_for_rows(shape.rows, config, shape.seqlen, device)
     dk, dv = shape.head_dim, shape.head_dim_v
     if family == "compression":
         return kernels[family].default_params(*heads, dk, dv, dtype=dtype)
@@ -65,11 +77,14 @@ def default_for(family: str, shape: Shape, config: NSAConfig, num_heads: int, nu
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pruning predicates: (name, reason, keep(params, shape, device_props) -> bool). device_props None off GPU.
+# Pruning predicates: (name, reason, keep(params, shape, device_props, config) -> bool); device_props None off
+# GPU.
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _rows(params, shape: Shape) -> int:
+    if hasattr(params, "cmp_splits"):  # decode: the group's heads, padded to tl.dot's 16 by the launcher
+        return max(16, triton.next_power_of_2(shape.group))
     if hasattr(params, "fwd_block_t"):
         return max(16, triton.next_power_of_2(params.fwd_block_t * shape.group))
     if hasattr(params, "fwd_block_m"):
@@ -87,7 +102,7 @@ def _bytes(shape: Shape) -> int:
     return torch.empty(0, dtype=getattr(torch, shape.dtype)).element_size()
 
 
-def _smem_ok(params, shape, props) -> bool:
+def _smem_ok(params, shape, props, config) -> bool:
     if props is None or not hasattr(params, "fwd_block_n"):
         return True
     limit = getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024
@@ -97,7 +112,7 @@ def _smem_ok(params, shape, props) -> bool:
     return need <= limit
 
 
-def _registers_ok(params, shape, props) -> bool:
+def _registers_ok(params, shape, props, config) -> bool:
     if props is None or not hasattr(params, "fwd_block_n"):
         return True
     dv = triton.next_power_of_2(max(16, shape.head_dim_v))
@@ -107,20 +122,36 @@ def _registers_ok(params, shape, props) -> bool:
     return per_thread <= 192
 
 
+def _decode_splits_fit(params, shape: Shape, props, config: NSAConfig) -> bool:
+    """Every split of every decode launch gets at least one tile of work in a full cache of T tokens."""
+    if not hasattr(params, "cmp_splits"):
+        return True
+    tiles = (triton.cdiv(config.num_cmp_blocks(shape.seqlen), params.cmp_block_n),
+             triton.cdiv(config.num_slc_blocks(shape.seqlen), params.importance_chunk),
+             min(config.slc_topn, config.num_slc_blocks(shape.seqlen)),
+             triton.cdiv(min(config.window, shape.seqlen), params.block_n))
+    splits = (params.cmp_splits, params.importance_splits, params.slc_splits, params.win_splits)
+    return all(s <= max(1, t) for s, t in zip(splits, tiles))
+
+
 PREDICATES = (
     ("dot_dims", "tl.dot on a GPU needs M, N >= 16 (rows = positions x heads, and block_n)",
-     lambda p, s, d: (not hasattr(p, "fwd_block_n") or p.fwd_block_n >= 16) and
+     lambda p, s, d, c: (not hasattr(p, "fwd_block_n") or p.fwd_block_n >= 16) and
      (hasattr(p, "block_r") or _rows(p, s) >= 16)),
     ("heads_fit_group", "more heads per tile than the group (rounded to a power of two) is pure masked padding",
-     lambda p, s, d: getattr(p, "fwd_block_h", getattr(p, "block_h", 1)) <= max(1, triton.next_power_of_2(s.group))),
+     lambda p, s, d, c: getattr(p, "fwd_block_h", getattr(p, "block_h", 1))
+     <= max(1, triton.next_power_of_2(s.group))),
     ("block_n_fits_selection_block", "a selected-attention key tile larger than l' only loads masked keys",
-     lambda p, s, d: not hasattr(p, "fwd_block_t") or p.fwd_block_n <= max(16, triton.next_power_of_2(s.slc_block))),
+     lambda p, s, d, c: not hasattr(p, "fwd_block_t")
+     or p.fwd_block_n <= max(16, triton.next_power_of_2(s.slc_block))),
     ("combine_covers_row", "combine's block_d is the row width (Dv rounded up); other widths only loop or mask",
-     lambda p, s, d: not hasattr(p, "block_r") or p.block_d == min(256, triton.next_power_of_2(s.head_dim_v))),
+     lambda p, s, d, c: not hasattr(p, "block_r") or p.block_d == min(256, triton.next_power_of_2(s.head_dim_v))),
     ("shared_memory", "q tile plus stages x K/V tiles must fit the device's shared memory per block",
      _smem_ok),
     ("registers", "accumulator + score tile above ~192 fp32 registers per thread spills",
      _registers_ok),
+    ("splits_fit_tiles", "a decode split with no tile of work in a full cache is an idle program and a partial "
+     "to merge", _decode_splits_fit),
 )
 
 
@@ -141,7 +172,7 @@ def search_space(family: str, shape: Shape, config: NSAConfig, num_heads: int, n
     unknown = set(space) - names
     if unknown:
         raise ValueError(f"search space of {family} names fields {sorted(unknown)} that {cls.__name__} lacks")
-    default = default_for(family, shape, config, num_heads, num_kv_heads)
+    default = default_for(family, shape, config, num_heads, num_kv_heads, device)
     props = device_properties(device)
     candidates, seen, pruned = [default], {default}, {}
     for values in itertools.product(*space.values()):
@@ -154,7 +185,7 @@ def search_space(family: str, shape: Shape, config: NSAConfig, num_heads: int, n
         if cand in seen:
             continue
         for name, _, keep in PREDICATES:
-            if not keep(cand, shape, props):
+            if not keep(cand, shape, props, config):
                 pruned[name] = pruned.get(name, 0) + 1
                 break
         else:
