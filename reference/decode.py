@@ -7,9 +7,9 @@ import torch
 from nsa.config import NSAConfig
 from nsa.inputs import FLOAT_DTYPES, resolve_scale
 from nsa.reference.attention import combine_branches
-from nsa.reference.compression import compressed_attention_rows
+from nsa.reference.compression import compressed_attention_rows, compressed_probs_rows
 from nsa.reference.selected_attention import selected_attention_rows
-from nsa.reference.selection import select_blocks_from_keys_rows
+from nsa.reference.selection import block_importance_rows, select_blocks_rows
 from nsa.reference.window_attention import window_attention_rows
 
 
@@ -84,6 +84,23 @@ class KVCache:
             self.extend(b, k[b], v[b])
 
 
+def decode_rows(q_rows, pos, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config: NSAConfig, scale: float, *,
+                block_indices=None):
+    """One sequence's rows at positions `pos` ([C]) over its keys k, v [S, Hkv, D] and compressed k_cmp, v_cmp:
+    (o [C, Hq, Dv], block_indices [C, Hkv, n] int32, importance [C, Hkv, Ns]). q_rows [C, Hq, Dk], gates [C, Hq].
+
+    With block_indices given, o is the output for that selection: how a fast kernel's output is judged when its
+    selection legally swaps near-tied blocks (the importance says whether it did)."""
+    probs = compressed_probs_rows(q_rows, pos, k_cmp, config, scale)
+    importance = block_importance_rows(probs, pos, k.shape[1], config)
+    if block_indices is None:
+        block_indices = select_blocks_rows(importance, pos, config)
+    o = combine_branches(compressed_attention_rows(q_rows, pos, k_cmp, v_cmp, config, scale),
+                         selected_attention_rows(q_rows, pos, k, v, block_indices, config, scale),
+                         window_attention_rows(q_rows, pos, k, v, config, scale), g_cmp, g_slc, g_win)
+    return o, block_indices.to(torch.int32), importance
+
+
 def nsa_decode(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, *, scale=None,
                return_block_indices=False):
     """Attention of each sequence's newest tokens, already appended to `cache`, over all of its tokens.
@@ -109,11 +126,9 @@ def nsa_decode(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, *, sca
     outputs, selections = [], []
     for b, (k, v, k_cmp, v_cmp) in enumerate(zip(cache.keys, cache.values, cache.k_cmp, cache.v_cmp)):
         pos = torch.arange(k.shape[0] - n, k.shape[0], device=q.device)
-        block_indices = select_blocks_from_keys_rows(q[b], pos, k_cmp, config, scale)
-        o_cmp = compressed_attention_rows(q[b], pos, k_cmp, v_cmp, config, scale)
-        o_slc = selected_attention_rows(q[b], pos, k, v, block_indices, config, scale)
-        o_win = window_attention_rows(q[b], pos, k, v, config, scale)
-        outputs.append(combine_branches(o_cmp, o_slc, o_win, g_cmp[b], g_slc[b], g_win[b]))
+        o, block_indices, _ = decode_rows(q[b], pos, k, v, k_cmp, v_cmp, g_cmp[b], g_slc[b], g_win[b], config,
+                                          scale)
+        outputs.append(o)
         selections.append(block_indices)
     o = torch.stack(outputs)
     return (o, torch.stack(selections)) if return_block_indices else o

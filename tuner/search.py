@@ -129,17 +129,14 @@ def _stage(family: str, problem, device, *, with_check: bool):
 
 def _decode_stage(problem, device, *, with_check: bool):
     """`_stage` of decode: nsa_decode over a kernels KVCache of the problem's tensors (`make_inputs`, seed 0),
-    output (o, block_indices). The check is the reference's decode step on the problem's reference cache, stage
-    by stage as `nsa.reference.nsa_decode` composes it: the selection must be valid for the reference importances
+    output (o, block_indices). The check is the reference's decode step (`nsa.reference.decode.decode_rows`) on the
+    problem's reference cache: the selection must be valid for the reference importances
     (near-ties may swap in 16-bit on a GPU, SELECTION_RTOL), and o must match the reference output given the
     kernel's own selection, within twice the error of the same computation in the problem's dtype."""
     from nsa.inputs import resolve_scale
     from nsa.kernels import KVCache
     from nsa.kernels.runtime import compute_dtype
-    from nsa.reference.compression import compressed_attention_rows, compressed_probs_rows
-    from nsa.reference.selected_attention import selected_attention_rows
-    from nsa.reference.selection import block_importance_rows
-    from nsa.reference.window_attention import window_attention_rows
+    from nsa.reference.decode import decode_rows
     from nsa.suites.problem import DTYPES, make_inputs
     config: NSAConfig = problem.config
     dtype = DTYPES[problem.dtype]
@@ -157,27 +154,18 @@ def _decode_stage(problem, device, *, with_check: bool):
     ref_cache = x["cache"]
     pos = torch.tensor([problem.seqlen - 1], device=device)  # every sequence holds T tokens, the new one last
 
-    def sequence(b, t_dtype):
-        """Sequence b of the reference cache, its query and gates, in t_dtype."""
-        seq = (ref_cache.keys[b], ref_cache.values[b], ref_cache.k_cmp[b], ref_cache.v_cmp[b], x["q"][b])
-        return [t.to(t_dtype) for t in seq], [g[b].to(t_dtype) for g in gates]
+    def reference_rows(b, t_dtype, block_indices=None):
+        """Sequence b's decode row by the reference, from its cache, query and gates in t_dtype."""
+        q, k, v, k_cmp, v_cmp = (t.to(t_dtype) for t in (x["q"][b], ref_cache.keys[b], ref_cache.values[b],
+                                                          ref_cache.k_cmp[b], ref_cache.v_cmp[b]))
+        return decode_rows(q, pos, k, v, k_cmp, v_cmp, *(g[b].to(t_dtype) for g in gates), config, scale,
+                           block_indices=block_indices)
 
     def reference_output(block_indices, t_dtype):
-        rows = []
-        for b in range(problem.batch):
-            (k, v, k_cmp, v_cmp, q), (g_cmp, g_slc, g_win) = sequence(b, t_dtype)
-            rows.append(reference.combine_branches(
-                compressed_attention_rows(q, pos, k_cmp, v_cmp, config, scale),
-                selected_attention_rows(q, pos, k, v, block_indices[b].long(), config, scale),
-                window_attention_rows(q, pos, k, v, config, scale), g_cmp, g_slc, g_win))
-        return torch.stack(rows)
+        return torch.stack([reference_rows(b, t_dtype, block_indices[b].long())[0] for b in range(problem.batch)])
 
-    importance = []
-    for b in range(problem.batch):
-        (_, _, k_cmp, _, q), _ = sequence(b, ref_dtype)
-        probs = compressed_probs_rows(q, pos, k_cmp, config, scale)
-        importance.append(block_importance_rows(probs, pos, problem.num_kv_heads, config))
-    importance, positions = torch.stack(importance), pos.expand(problem.batch, 1)
+    importance = torch.stack([reference_rows(b, ref_dtype)[2] for b in range(problem.batch)])
+    positions = pos.expand(problem.batch, 1)
     judged = {}  # selection -> verdict on o: candidates mostly agree on the selection, the reference runs once
 
     def check(out):

@@ -15,11 +15,7 @@ from nsa import NSAConfig, reference
 from nsa.accuracy import SELECTION_RTOL, allowed_error, assert_close, selection_mismatches
 from nsa.inputs import resolve_scale
 from nsa.kernels import DecodeParams, KVCache, nsa_attention, nsa_decode, nsa_prefill, runtime
-from nsa.reference.attention import combine_branches
-from nsa.reference.compression import compressed_attention_rows, compressed_probs_rows
-from nsa.reference.selected_attention import selected_attention_rows
-from nsa.reference.selection import block_importance_rows, select_blocks_rows
-from nsa.reference.window_attention import window_attention_rows
+from nsa.reference.decode import decode_rows
 
 needs_interpreter = pytest.mark.skipif(not runtime.interpreting(),
                                        reason="CPU tests run the kernels in TRITON_INTERPRET=1")
@@ -61,17 +57,14 @@ def reference_decode(q, seqs, gates, config, *, block_indices=None, dtype=torch.
     n = q.shape[1]
     scale = resolve_scale(None, q.shape[-1])
     outs, chosen, importances, positions = [], [], [], []
-    for b, (k, v, k_cmp, v_cmp) in enumerate(seqs):
-        qb = q[b].to(dtype)
-        k, v, k_cmp, v_cmp = (x.to(dtype) for x in (k, v, k_cmp, v_cmp))
+    for b, seq in enumerate(seqs):
+        k, v, k_cmp, v_cmp = (x.to(dtype) for x in seq)
         pos = torch.arange(k.shape[0] - n, k.shape[0], device=q.device)
-        imp = block_importance_rows(compressed_probs_rows(qb, pos, k_cmp, config, scale), pos, k.shape[1], config)
-        idx = select_blocks_rows(imp, pos, config) if block_indices is None else block_indices[b].long()
-        o = combine_branches(compressed_attention_rows(qb, pos, k_cmp, v_cmp, config, scale),
-                             selected_attention_rows(qb, pos, k, v, idx, config, scale),
-                             window_attention_rows(qb, pos, k, v, config, scale), *(g[b].to(dtype) for g in gates))
+        given = None if block_indices is None else block_indices[b].long()
+        o, idx, imp = decode_rows(q[b].to(dtype), pos, k, v, k_cmp, v_cmp, *(g[b].to(dtype) for g in gates), config,
+                                  scale, block_indices=given)
         outs.append(o)
-        chosen.append(idx.int())
+        chosen.append(idx)
         importances.append(imp)
         positions.append(pos)
     return torch.stack(outs), torch.stack(chosen), importances, positions
