@@ -345,9 +345,9 @@ def test_decode_buckets_only_from_decode_problems():
 def test_tune_decode_smoke_checked_graph_timed_and_covered(tmp_path, monkeypatch):
     graph_flags, real_time_call = [], search.time_call
 
-    def recording_time_call(fn, device, **kw):
+    def recording_time_call(fn, device, *args, **kw):
         graph_flags.append(kw.get("cuda_graph"))
-        return real_time_call(fn, device, **kw)
+        return real_time_call(fn, device, *args, **kw)
 
     monkeypatch.setattr(search, "time_call", recording_time_call)
     monkeypatch.setenv(cache.ENV_DIR, str(tmp_path))
