@@ -52,11 +52,15 @@ MAX_SELECTION_BLOCKS = MAX_TOPN_WARPS * 32 * 64
 
 
 @triton.jit
+def _row_coords(row, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
+    """(sequence, query token, kv head) of a row: rows are ordered sequence-major, then token, then kv head."""
+    return row // (NUM_KV_HEADS * NUM_QUERIES), (row // NUM_KV_HEADS) % NUM_QUERIES, row % NUM_KV_HEADS
+
+
+@triton.jit
 def _row_position(seqlens, row, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
     """(sequence, query token, kv head, position) of a row; the n queries are the sequence's last n tokens."""
-    hk = row % NUM_KV_HEADS
-    token = (row // NUM_KV_HEADS) % NUM_QUERIES
-    seq = row // (NUM_KV_HEADS * NUM_QUERIES)
+    seq, token, hk = _row_coords(row, NUM_QUERIES, NUM_KV_HEADS)
     pos = tl.load(seqlens + seq) - NUM_QUERIES + token
     return seq, token, hk, pos
 
@@ -336,9 +340,8 @@ def merge_branches_kernel(
     """o of one head of one row: g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, each merged from its splits."""
     row = tl.program_id(0)
     g = tl.program_id(1)
-    hk = row % NUM_KV_HEADS
-    token = (row // NUM_KV_HEADS) % NUM_QUERIES
-    seq = (row // (NUM_KV_HEADS * NUM_QUERIES)).to(tl.int64)
+    seq, token, hk = _row_coords(row, NUM_QUERIES, NUM_KV_HEADS)
+    seq = seq.to(tl.int64)
     o_cmp = _merge_branch(part_o, part_m, part_l, 0, row, g, num_rows, G, DV, CMP_SPLITS, CMP_PAD, BLOCK_DV)
     o_slc = _merge_branch(part_o, part_m, part_l, CMP_SPLITS, row, g, num_rows, G, DV, SLC_SPLITS, SLC_PAD,
                           BLOCK_DV)
@@ -605,26 +608,21 @@ def nsa_prefill(q, k, v, g_cmp, g_slc, g_win, cache: KVCache, config: NSAConfig,
             raise ValueError("cu_seqlens is only for prompts into an empty cache; a chunk is [B, n, ...]")
         cache.append(k, v)
         return nsa_decode(q, cache, g_cmp, g_slc, g_win, config, scale=scale, params=decode_params)
+    if cache.k_compressor is None or cache.v_compressor is None:
+        raise RuntimeError("this cache has no compressors, so it cannot take prompts")
     if cu_seqlens is None:
         cache.check_tokens(k, v)
         lengths = [k.shape[1]] * k.shape[0]
+        k_cmp, v_cmp = cache.k_compressor(k), cache.v_compressor(v)  # the whole batch in one call
     else:
         check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1], k.device)
         bounds = cu_seqlens.tolist()
         lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-    if cache.k_compressor is None or cache.v_compressor is None:
-        raise RuntimeError("this cache has no compressors, so it cannot take prompts")
-    tokens_k, tokens_v = k.flatten(0, 1), v.flatten(0, 1)
-    k_cmp, v_cmp = [], []
-    start = 0
-    for length in lengths:
-        k_cmp.append(cache.k_compressor(tokens_k[None, start:start + length])[0].to(k.dtype))
-        v_cmp.append(cache.v_compressor(tokens_v[None, start:start + length])[0].to(v.dtype))
-        start += length
-    k_cmp, v_cmp = torch.cat(k_cmp)[None], torch.cat(v_cmp)[None]
-    if cu_seqlens is None:
-        k_cmp = k_cmp.view(k.shape[0], -1, *k_cmp.shape[2:])
-        v_cmp = v_cmp.view(v.shape[0], -1, *v_cmp.shape[2:])
+
+        def packed(compress, x):  # the compressors take no cu_seqlens: one packed sequence at a time
+            return torch.cat([compress(x[:, start:end])[0] for start, end in zip(bounds[:-1], bounds[1:])])[None]
+        k_cmp, v_cmp = packed(cache.k_compressor, k), packed(cache.v_compressor, v)
+    k_cmp, v_cmp = k_cmp.to(k.dtype), v_cmp.to(v.dtype)
     o = nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config, scale=scale, cu_seqlens=cu_seqlens)
-    cache.write_prompts(tokens_k, tokens_v, k_cmp.flatten(0, 1), v_cmp.flatten(0, 1), lengths)
+    cache.write_prompts(k.flatten(0, 1), v.flatten(0, 1), k_cmp.flatten(0, 1), v_cmp.flatten(0, 1), lengths)
     return o

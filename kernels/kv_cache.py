@@ -71,7 +71,6 @@ class KVCache:
         self.page_size = sizes["page_size"]
         pages_per_seq = -(-capacity // self.page_size)
         if block_table is None:
-            num_pages = batch_size * pages_per_seq if num_pages is None else num_pages
             block_table = torch.arange(batch_size * pages_per_seq, dtype=torch.int32, device=device)
             block_table = block_table.view(batch_size, pages_per_seq)
         else:
@@ -81,8 +80,9 @@ class KVCache:
                                  f"{getattr(block_table, 'dtype', None)} {tuple(getattr(block_table, 'shape', ()))}")
             pages_per_seq = block_table.shape[1]
             block_table = block_table.to(device).contiguous()
-            num_pages = int(block_table.max()) + 1 if num_pages is None else num_pages
-        if int(block_table.max()) >= num_pages or int(block_table.min()) < 0:
+        low, high = int(block_table.min()), int(block_table.max())  # read back once, at construction
+        num_pages = high + 1 if num_pages is None else num_pages
+        if low < 0 or high >= num_pages:
             raise ValueError(f"block_table entries must lie in [0, num_pages={num_pages})")
         self.block_table = block_table
         self.capacity = pages_per_seq * self.page_size
