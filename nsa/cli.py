@@ -212,9 +212,13 @@ def cmd_cache_merge(args) -> int:
 
 def cmd_report(args) -> int:
     from nsa.reports import render_report
+    from nsa.results import merge_folders
     try:
+        if args.add:
+            added = merge_folders(args.results, args.add)
+            print(f"added {added} rows from {len(args.add)} folders to {args.results}")
         print(f"report: {render_report(args.results).resolve()}")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"nsa report: {e}", file=sys.stderr)
         return 1
     return 0
@@ -331,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Render report.html and plots/*.png from a results folder's results.csv "
                             "and environment.json (nothing is measured).")
     report.add_argument("results", metavar="RESULTS_DIR", help="a folder written by nsa bench or nsa run")
+    report.add_argument("--add", nargs="+", metavar="DIR", help="first add the rows of these results folders (the "
+                        "parts of one job run on several cards of one kind, e.g. `--ops fwd` on one GPU and "
+                        "`--ops bwd` on another) to RESULTS_DIR")
     report.set_defaults(func=cmd_report)
     return parser
 

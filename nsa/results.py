@@ -94,3 +94,36 @@ class ResultsStore:
     def write_environment(self, environment: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.environment_path, json.dumps(environment, indent=2, default=str) + "\n")
+
+
+def merge_folders(target, sources) -> int:
+    """Add the rows of the results folders `sources` to `target` (created if new; a row it has is kept): the
+    parts of one job run on several cards of one kind, e.g. one op per GPU so that each problem's baselines
+    still ran on the same card as nsa. Folders from another GPU are refused. The environment is the first
+    folder's, and lists every part's environment (its card index and measured ceilings) under "parts".
+    Returns the number of rows added."""
+    store = ResultsStore(target)
+    parts = [ResultsStore(folder) for folder in sources]
+    for part in parts:
+        if not part.csv_path.exists():
+            raise FileNotFoundError(f"{part.folder} has no {RESULTS_CSV}")
+    environments = [env for env in [store.environment(), *(p.environment() for p in parts)] if env]
+    gpus = {env.get("gpu") for env in environments} | {row["gpu"] for p in [store, *parts] for row in p.rows}
+    if len(gpus) > 1:
+        raise ValueError(f"these folders hold results of different GPUs ({', '.join(sorted(map(str, gpus)))}): "
+                         "a report compares implementations on one kind of card")
+    before = len(store.rows)
+    for part in parts:
+        for row in part.rows:
+            if not store.has(*(row[k] for k in KEY)):
+                store.rows.append(row)
+                store._done.add(tuple(row[k] for k in KEY))
+    if environments:
+        merged = dict(environments[0])
+        merged["parts"] = merged.get("parts", []) + [
+            {"folder": str(p.folder), **{k: v for k, v in (p.environment() or {}).items() if k != "parts"}}
+            for p in parts]
+        store.write_environment(merged)
+    store.folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(store.csv_path, store.table().to_csv(index=False))
+    return len(store.rows) - before

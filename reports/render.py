@@ -193,6 +193,11 @@ def _environment_html(environment: dict) -> str:
         rows.append((label, version or "not available"))
     for key, value in environment.get("ceilings", {}).items():
         rows.append((f"ceiling: {key}", f"{value:.4g}" if isinstance(value, float) else value))
+    for part in environment.get("parts", []):  # folders merged by `nsa report --add`: each ran on its own card
+        ceilings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in part.get("ceilings", {}).items())
+        rows.append((f"part {part.get('folder')}", f"device={part.get('device')}, created={part.get('created')}, "
+                     f"{ceilings}"))
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table class='env'>{body}</table>"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,9 @@ class FlaParallelNSA(Provider):
             importlib.import_module("fla.ops.nsa").parallel_nsa
         except Exception as e:
             return f"fla.ops.nsa.parallel_nsa does not import: {type(e).__name__}: {e}"
+        if FLA_CONFIG.window and importlib.util.find_spec("flash_attn") is None:
+            # fla-core (0.6.0) computes the sliding-window branch with flash_attn_func, and calls None without it
+            return "fla-core parallel_nsa runs its sliding window through the flash-attn package, not installed here"
         return None
 
     def prepare(self, problem, x):

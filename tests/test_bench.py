@@ -146,6 +146,18 @@ def test_registry(monkeypatch):
         assert "CUDA" in PROVIDERS[name].unavailable("cpu")
 
 
+def test_fla_nsa_without_flash_attn_is_unavailable(monkeypatch):
+    """fla-core 0.6.0 imports without flash-attn but then calls None for its sliding window: say so up front."""
+    import importlib
+    import types
+    real_import, real_find_spec = importlib.import_module, importlib.util.find_spec
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: types.SimpleNamespace(parallel_nsa=print)
+                        if name == "fla.ops.nsa" else real_import(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn"
+                        else real_find_spec(name, *a))
+    assert "flash-attn package" in PROVIDERS["fla-nsa"].unavailable("cuda")
+
+
 @pytest.mark.parametrize("problem", TINY.problems, ids=lambda p: p.op)
 def test_sdpa_flash_on_cpu_passes_its_check(problem):
     provider = PROVIDERS["sdpa-flash"]

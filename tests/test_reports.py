@@ -125,3 +125,25 @@ def test_headless_chromium_shows_the_plots(results, tmp_path):
                    capture_output=True, timeout=120, check=True)
     colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 200, "the screenshot looks blank: no plot rendered"
+
+
+def test_report_add_merges_the_parts_of_one_card(tmp_path, capsys):
+    fwd, bwd = fake_results(tmp_path / "fwd"), fake_results(tmp_path / "bwd")
+    for store, op in ((ResultsStore(fwd), "fwd"), (ResultsStore(bwd), "bwd")):  # each part keeps one op
+        store.rows = [row for row in store.rows if row["op"] == op]
+        store.add(store.rows.pop())
+    target = tmp_path / "paper"
+    assert main(["report", str(target), "--add", str(fwd), str(bwd)]) == 0
+    table, environment = load(target)
+    assert set(table["op"]) == {"fwd", "bwd"}
+    assert len(table) == len(ResultsStore(fwd).rows) + len(ResultsStore(bwd).rows)
+    assert [part["folder"] for part in environment["parts"]] == [str(fwd), str(bwd)]
+    assert "part " in (target / "report.html").read_text()
+    assert main(["report", str(target), "--add", str(fwd)]) == 0  # again: nothing new
+    assert "added 0 rows" in capsys.readouterr().out
+
+    other = fake_results(tmp_path / "other")
+    store = ResultsStore(other)
+    store.write_environment({**store.environment(), "gpu": "NVIDIA H100 80GB HBM3"})
+    assert main(["report", str(target), "--add", str(other)]) == 1
+    assert "different GPUs" in capsys.readouterr().err
