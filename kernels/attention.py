@@ -39,25 +39,26 @@ class NSAParams:
         are given and it has an entry for the shape (lookup order in `nsa.tuner.cache`), else the family's
         default for the shape and compute dtype."""
         heads = (num_heads, num_kv_heads)
-        cached = {}
-        if seqlen is not None and device is not None:
-            from nsa.tuner import cache
-            shape = cache.Shape(seqlen, num_heads // num_kv_heads, head_dim, head_dim_v, config.cmp_block,
-                                config.cmp_stride, config.slc_block, config.slc_topn, cache.dtype_name(dtype))
-            key = cache.device_key(device)
-            cached = {name: cache.lookup(name, shape, key) for name in cache.FAMILIES
-                      if getattr(self, name) is None}
-        return NSAParams(
-            compression=self.compression or cached.get("compression") or compression.default_params(
-                *heads, head_dim, head_dim_v, dtype=dtype),
-            selection=self.selection or cached.get("selection") or selection.default_params(
-                *heads, head_dim, config, dtype=dtype),
-            selected=self.selected or cached.get("selected") or selected_attention.default_params(
-                config, *heads, head_dim, head_dim_v, dtype=dtype),
-            window=self.window or cached.get("window") or window_attention.default_params(
-                *heads, head_dim, head_dim_v, config, dtype=dtype),
-            combine=self.combine or cached.get("combine") or combine.default_params(head_dim_v),
-        )
+        defaults = dict(
+            compression=lambda: compression.default_params(*heads, head_dim, head_dim_v, dtype=dtype),
+            selection=lambda: selection.default_params(*heads, head_dim, config, dtype=dtype),
+            selected=lambda: selected_attention.default_params(config, *heads, head_dim, head_dim_v, dtype=dtype),
+            window=lambda: window_attention.default_params(*heads, head_dim, head_dim_v, config, dtype=dtype),
+            combine=lambda: combine.default_params(head_dim_v))
+        given = {name: getattr(self, name) for name in defaults if getattr(self, name) is not None}
+        if seqlen is None or device is None:
+            return NSAParams(**{name: given.get(name) or make() for name, make in defaults.items()})
+        from nsa.tuner import cache
+        shape = cache.Shape(seqlen, num_heads // num_kv_heads, head_dim, head_dim_v, config.cmp_block,
+                            config.cmp_stride, config.slc_block, config.slc_topn, cache.dtype_name(dtype))
+        key = cache.device_key(device)
+        resolved = dict(given)
+        for name, make in defaults.items():
+            if name not in given:  # the forward fields of the family's entry, the backward ones of <name>_bwd's
+                backward = next((b for b, fwd in cache.BACKWARD_FAMILIES.items() if fwd == name), None)
+                resolved[name] = cache.with_backward(cache.lookup(name, shape, key) or make(),
+                                                     backward and cache.lookup(backward, shape, key))
+        return NSAParams(**resolved)
 
 
 def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config: NSAConfig, *, scale=None,

@@ -410,3 +410,35 @@ def test_nsa_decode_runs_with_cached_params_and_ignores_a_corrupt_cache(tmp_path
     with pytest.warns(RuntimeWarning, match="ignored"):
         nsa_decode(x["q"], kv, *gates, SMOKE_CONFIG)
     assert used[-1] == INTERPRETER_DECODE
+
+
+@kernels_run
+def test_backward_family_checks_every_gradient_and_only_its_fields_are_used(tmp_path, monkeypatch):
+    compression_module = importlib.import_module("nsa.kernels.compression")
+    real = compression_module.compressed_attention_bwd
+
+    def wrong_dk_for_narrow_tiles(*args):
+        dq, dk, dv = real(*args)
+        return (dq, dk * 2, dv) if args[-1].dkdv_block_n == 16 else (dq, dk, dv)
+
+    monkeypatch.setattr(compression_module, "compressed_attention_bwd", wrong_dk_for_narrow_tiles)
+    result = search.tune("smoke", families=["compression", "compression_bwd"], device="cpu", out=tmp_path,
+                         progress=False)
+    rows = {row["key"].split("|")[0]: row for row in result["done"]}
+    assert rows["compression"]["rejected"] == {}  # forward candidates all keep the default backward tiles
+    assert rows["compression_bwd"]["rejected"] == {"wrong": 1}
+    assert rows["compression_bwd"]["errors"][0].startswith("wrong: dk_cmp: relative error")
+    entries = json.loads((tmp_path / "cpu-interpreter.json").read_text())["entries"]
+    assert entries[cache.bucket_key("compression_bwd", SMOKE_SHAPE)]["params"]["dkdv_block_n"] == 64
+
+    # resolve: forward fields from the family's entry, backward fields from <family>_bwd's
+    fwd = dataclasses.replace(spaces.default_for("compression", SMOKE_SHAPE, NSAConfig(), 2, 1), fwd_block_n=16,
+                              dkdv_block_n=16)
+    bwd = dataclasses.replace(fwd, fwd_block_n=64, dkdv_block_n=32, dq_num_warps=8)
+    write_cache(tmp_path, {cache.bucket_key(name, SMOKE_SHAPE): {"params": dataclasses.asdict(p), "ms": 1.0}
+                           for name, p in (("compression", fwd), ("compression_bwd", bwd))})
+    cache.clear_cache()
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path))
+    config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=3, window=32)
+    got = NSAParams().resolve(config, 2, 1, 16, 16, torch.float32, seqlen=128, device="cpu").compression
+    assert (got.fwd_block_n, got.dkdv_block_n, got.dq_num_warps) == (16, 32, 8)

@@ -54,15 +54,27 @@ FAMILIES = {
     "window": ("nsa.kernels.window_attention", "WindowAttentionParams"),
     "combine": ("nsa.kernels.combine", "CombineParams"),
 }
+# The backward kernels of a family, searched (and timed) apart from its forward: an entry of `<family>_bwd` holds the
+# same params class, and only its fields without the `fwd_` prefix are used (`with_backward`).
+BACKWARD_FAMILIES = {"compression_bwd": "compression", "selected_bwd": "selected", "window_bwd": "window"}
 DECODE_FAMILIES = {
     "decode": ("nsa.kernels.decode", "DecodeParams"),
 }
-ALL_FAMILIES = {**FAMILIES, **DECODE_FAMILIES}
+ALL_FAMILIES = {**FAMILIES, **{name: FAMILIES[fwd] for name, fwd in BACKWARD_FAMILIES.items()}, **DECODE_FAMILIES}
 
 
 def params_class(family: str):
     module, name = ALL_FAMILIES[family]
     return getattr(importlib.import_module(module), name)
+
+
+def with_backward(params, backward):
+    """`params` (a family's forward winner or default) with the backward kernels' fields of `backward` (the
+    `<family>_bwd` entry, same class), or `params` itself when there is no such entry."""
+    if backward is None:
+        return params
+    return dataclasses.replace(params, **{f.name: getattr(backward, f.name) for f in dataclasses.fields(params)
+                                          if not f.name.startswith("fwd_")})
 
 
 # ----------------------------------------------------------------------------------------------------------------

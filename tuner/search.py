@@ -8,8 +8,9 @@ it: its microseconds would otherwise be launch overhead). A wrong result, an exc
 a candidate slower than `candidate_timeout_s` is recorded and skipped, never cached (the timeout is judged
 after the call returns: a hung kernel is not interrupted). Long problems are checked at up to 8192 tokens per
 row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
-forward kernel (backward params keep their defaults for now). After each bucket the cache file is rewritten
-atomically; buckets already in it are skipped, so an interrupted run resumes.
+forward kernel; for a `<family>_bwd` family, the family's forward and backward with only the backward kernels'
+params varied (the forward at its default), checked on every gradient. After each bucket the cache file is
+rewritten atomically; buckets already in it are skipped, so an interrupted run resumes.
 
 Under torchrun (several GPUs, one process each) the candidates themselves are shared between the ranks and rank
 0 writes the one cache, in the same format: see `_tune_sharded` and `nsa.tuner.distributed`.
@@ -59,6 +60,12 @@ class Case:
     cuda_graph: bool = False
 
 
+def _gradients(fn, inputs, grad_out):
+    """The gradients of sum(fn(*inputs) * grad_out) with respect to each input (fn's forward runs too)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+
 def _close(ref, lo, dtype):
     allowed = allowed_error(ref, lo, dtype)
 
@@ -83,16 +90,33 @@ def _stage(family: str, problem, device, *, with_check: bool):
     ref_dtype = torch.float64 if torch.device(device).type == "cpu" else torch.float32
     hi = {name: t.to(ref_dtype) for name, t in x.items() if t is not None and t.is_floating_point()}
     cdt = compute_dtype(dtype)
+    backward = family in cache.BACKWARD_FAMILIES
+    family = cache.BACKWARD_FAMILIES.get(family, family)
     kernel = _kernel(family)
 
     def against_reference(kernel_fn, reference_fn, names, *extra):
-        lo_args, hi_args = [x[n] for n in names] + list(extra), [hi[n] for n in names] + list(extra)
+        """The forward's output; for a backward family the gradients of `names` (forward and backward run)."""
+        lo, hi_args = [x[n] for n in names], [hi[n] for n in names]
+        if not backward:
+            def run(p):
+                return kernel_fn(*lo, *extra, config, params=p)
+            if not with_check:
+                return run, None
+            return run, _close(reference_fn(*hi_args, *extra, config), reference_fn(*lo, *extra, config), cdt)
+        shape = (problem.batch, problem.seqlen, problem.num_heads, problem.head_dim_v)
+        grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
 
         def run(p):
-            return kernel_fn(*lo_args, config, params=p)
+            return _gradients(lambda *t: kernel_fn(*t, *extra, config, params=p), lo, grad_out)
         if not with_check:
             return run, None
-        return run, _close(reference_fn(*hi_args, config), reference_fn(*lo_args, config), cdt)
+        exact = _gradients(lambda *t: reference_fn(*t, *extra, config), hi_args, grad_out.to(ref_dtype))
+        same = _gradients(lambda *t: reference_fn(*t, *extra, config), lo, grad_out)
+        checks = [(name, _close(e, s, cdt)) for name, e, s in zip(names, exact, same)]
+
+        def check(grads):
+            return next((f"d{name}: {why}" for (name, close), g in zip(checks, grads) if (why := close(g))), None)
+        return run, check
 
     if family == "compression":
         return against_reference(kernel.compressed_attention, reference.compressed_attention, ("q", "k_cmp", "v_cmp"))

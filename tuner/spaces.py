@@ -1,8 +1,10 @@
-"""Search spaces: declared ranges of each family's forward-kernel params, pruned by named predicates.
+"""Search spaces: declared ranges of each family's kernel params, pruned by named predicates.
 
 A candidate is the family's `default_params` for the shape with the declared fields replaced (fields not
-declared keep their default; the backward kernels' fields are not searched yet). Candidates the params
-dataclass itself rejects (powers of two, tl.dot's 16) are dropped and counted as "invalid".
+declared keep their default). A family searches its forward kernel's fields; `<family>_bwd` (BACKWARD_FAMILIES)
+searches the same params class's backward fields, from the same default. Candidates the params dataclass itself
+rejects (powers of two, tl.dot's 16) are dropped and counted as "invalid"; the predicates prune forward tiles
+only (a backward tile that does not fit fails to compile, and is recorded as an error).
 
 Decode searches the split-K of its launches, which is what depends on the GPU and the step's rows; its launches
 run one after another, so the splits of each mostly act alone, and the ranges stay short (a product of them).
@@ -20,7 +22,7 @@ import torch
 import triton
 
 from nsa.config import NSAConfig
-from nsa.tuner.cache import ALL_FAMILIES, Shape, params_class
+from nsa.tuner.cache import ALL_FAMILIES, BACKWARD_FAMILIES, Shape, params_class
 
 # Declared ranges per family (GPU). Each field must be a field of the family's params dataclass.
 SPACES = {
@@ -32,6 +34,11 @@ SPACES = {
     "window": dict(fwd_block_m=[16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
                    fwd_num_stages=[1, 2, 3]),
     "combine": dict(block_r=[8, 16, 32, 64], num_warps=[2, 4, 8]),
+    # Backward kernels (timed with their family's forward at its default, which every candidate shares). Short
+    # products: the dk/dv and dq kernels of a family run one after the other and mostly act alone.
+    "compression_bwd": dict(dkdv_block_n=[32, 64, 128], dkdv_num_warps=[4, 8], dq_num_warps=[4, 8]),
+    "selected_bwd": dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096]),
+    "window_bwd": dict(dkdv_block_m=[8, 16, 32], dq_block_m=[8, 16, 32]),
     # 3 x 2 x 3 x 2 = 36 besides the default, fewer for short caches (splits_fit_tiles): a whole paper-suite
     # decode tune stays a few minutes. An H200 sweep at 64k found the splits of one launch within a few percent.
     "decode": dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8]),
@@ -44,6 +51,9 @@ INTERPRETER_SPACES = {
     "selected": dict(fwd_block_n=[16, 32]),
     "window": dict(fwd_block_n=[32, 64]),
     "combine": dict(block_r=[16, 64]),
+    "compression_bwd": dict(dkdv_block_n=[16, 64]),
+    "selected_bwd": dict(dkdv_chunk=[64, 4096]),
+    "window_bwd": dict(dkdv_block_n=[16, 64]),
     # With the default (2 splits each): 3 candidates, one with a non-power-of-two split count (padded merges).
     "decode": dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3]),
 }
@@ -59,6 +69,7 @@ def default_for(family: str, shape: Shape, config: NSAConfig, num_heads: int, nu
     """The family's untuned default for the shape (what NSAParams.resolve, or nsa_decode, falls back to; decode's
     depends on the device's SM count: `device`, the current CUDA device by default)."""
     dtype = getattr(torch, shape.dtype)
+    family = BACKWARD_FAMILIES.get(family, family)  # a backward search starts from the family's default
     kernels = {f: importlib.import_module(module) for f, (module, _) in ALL_FAMILIES.items()}
     heads = (num_heads, num_kv_heads)
     if family == "decode":
