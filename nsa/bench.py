@@ -19,13 +19,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from nsa.checking import DEFAULT_MAX_TOKENS, check
 from nsa.results import COLUMNS, ResultsStore
 from nsa.suites import Suite, config_label, make_inputs
 from nsa.suites.problem import Problem
 from nsa.suites.providers import Provider, nsa_version
+from nsa.progress import progress_bar
 from nsa.timing import TimerSettings, default_timer, is_cuda, measure_ceilings, time_call
 from nsa.work import op_work
 
@@ -195,7 +195,7 @@ def run_suite(suite: Suite, providers: list[Provider], store: ResultsStore | Non
 
     Returns the rows made by this call (rows found in the store are left as they are). Without a store
     nothing is kept or skipped (`nsa check`). `only`, a set of (problem key, provider name), restricts the run
-    to those rows (a rank's share). Progress bars go to stderr when it is a terminal.
+    to those rows (a rank's share). Progress goes to stderr (`nsa.progress`).
     """
     problems = [p for p in suite.problems if settings.ops is None or p.op in settings.ops]
     if only is not None:
@@ -206,8 +206,7 @@ def run_suite(suite: Suite, providers: list[Provider], store: ResultsStore | Non
         ceilings = (store.environment() or {}).get("ceilings") if store else None
         ceilings = ceilings or measure_ceilings(settings.device)
     made = []
-    with tqdm(total=len(problems) * len(providers), desc=suite.name, unit="row",
-              disable=None if progress else True) as bar:
+    with progress_bar(total=len(problems) * len(providers), desc=suite.name, unit="row", enabled=progress) as bar:
         for problem in problems:
             for provider in providers:
                 bar.set_postfix_str(f"{provider.name} {problem.key}", refresh=False)

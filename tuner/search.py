@@ -348,7 +348,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     With `world` (a `nsa.tuner.distributed.World` of several ranks, started) the candidates are shared between
     the ranks, see `_tune_sharded`; so they are too when a shard folder of an interrupted sharded run is there.
     """
-    from tqdm.auto import tqdm
+    from nsa.progress import progress_bar
 
     from nsa.suites import get_suite
     suite = get_suite(suite) if isinstance(suite, str) else suite
@@ -371,7 +371,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
         todo.append((family, bkey, problem, cands, pruned))
     result = dict(path=str(path), done=[], skipped=skipped, stopped=False)
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    bar = tqdm(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", disable=not progress)
+    bar = progress_bar(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", enabled=progress)
     try:
         for family, bkey, problem, cands, pruned in todo:
             bar.set_postfix_str(bkey)
@@ -423,7 +423,7 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candi
 
     Returns `tune`'s dict (the same on every rank), plus "complete" (nothing left to do) and "ranks".
     """
-    from tqdm.auto import tqdm
+    from nsa.progress import progress_bar
 
     from nsa.tuner.distributed import ShardLog, read_shards, remove_shards
     key = cache.device_key(device)
@@ -457,8 +457,8 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candi
     shard = ShardLog(shards, world.rank)
     made, stopped = [], False
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    bar = tqdm(total=len(mine), desc=f"tune {key} rank {world.rank}/{world.size}", unit="cand",
-               disable=not progress or not world.is_main)
+    bar = progress_bar(total=len(mine), desc=f"tune {key} rank {world.rank}/{world.size}", unit="cand",
+                       enabled=progress and world.is_main)
     current, case, setup_error = None, None, None
     try:
         for b, i in mine:

@@ -14,6 +14,7 @@ import dataclasses
 import pandas as pd
 
 from nsa.suites.training.corpus import ByteCorpus
+from nsa.progress import progress_bar
 from nsa.suites.training.model import ModelConfig, build_model
 from nsa.suites.training.config import TrainConfig
 from nsa.suites.training.train import make_optimizer, train_step
@@ -32,8 +33,6 @@ def compare_backends(model_config: ModelConfig, config: TrainConfig, corpus: Byt
     Returns {"table": DataFrame(step, loss_kernels, loss_reference, rel_diff), "max_rel_diff", "rtol",
     "passed", "seconds_kernels", "seconds_reference", "batch_size", "dtype"}.
     """
-    from tqdm.auto import tqdm
-
     config = dataclasses.replace(config, batch_size=batch_size or config.batch_size)
     runs = {}
     for backend in ("kernels", "reference"):
@@ -41,7 +40,7 @@ def compare_backends(model_config: ModelConfig, config: TrainConfig, corpus: Byt
         model = build_model(cfg, seed=config.seed).to(device)
         optimizer = make_optimizer(model, config)
         rows, spent = [], 0.0
-        for step in tqdm(range(steps), desc=f"compare {backend}", disable=not progress, leave=False):
+        for step in progress_bar(range(steps), desc=f"compare {backend}", enabled=progress, leave=False):
             if time_budget_s is not None and spent > time_budget_s:
                 break
             rows.append(train_step(model, optimizer, corpus, config, step, device))

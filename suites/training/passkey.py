@@ -20,6 +20,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from nsa.progress import progress_bar
 from nsa.suites.training.corpus import ByteCorpus, generator
 from nsa.suites.training.model import autocast
 
@@ -77,13 +78,11 @@ def probe(model, corpus: ByteCorpus, *, lengths, depths, samples: int, digits: i
           batch_size: int = 8, dtype: str = "float32", progress: bool = False) -> pd.DataFrame:
     """Accuracy per (length, depth) on held-out filler: one row each with `samples`, `accuracy` (exact match of
     all digits) and `digit_accuracy` (fraction of digits right)."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     rows = []
     cells = [(length, depth) for length in lengths for depth in depths]
-    for cell, (length, depth) in enumerate(tqdm(cells, desc="passkey probe", disable=not progress, leave=False)):
+    for cell, (length, depth) in enumerate(progress_bar(cells, desc="passkey probe", enabled=progress, leave=False)):
         gen = generator(seed, cell, 3)
         examples = [make_example(corpus.val, gen, length, depth, digits)[0] for _ in range(samples)]
         exact = digit_hits = 0

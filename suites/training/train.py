@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nsa.suites.training import passkey
+from nsa.progress import progress_bar
 from nsa.suites.training.config import TrainConfig
 from nsa.suites.training.corpus import ByteCorpus
 from nsa.suites.training.model import autocast
@@ -118,8 +119,6 @@ def train(model, corpus: ByteCorpus, config: TrainConfig, folder, *, device, mod
     Returns {"log": DataFrame of step rows, "finished": bool, "stopped": reason or None}; the log is also
     written to folder/log.csv.
     """
-    from tqdm.auto import tqdm
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(model, config)
@@ -134,7 +133,7 @@ def train(model, corpus: ByteCorpus, config: TrainConfig, folder, *, device, mod
                                     "optimizer": optimizer.state_dict()})
         pd.DataFrame(log).to_csv(folder / LOG_CSV, index=False)
 
-    bar = tqdm(range(start, config.steps), desc=desc, initial=start, total=config.steps, disable=not progress)
+    bar = progress_bar(range(start, config.steps), desc=desc, initial=start, total=config.steps, enabled=progress)
     for step in bar:
         row = train_step(model, optimizer, corpus, config, step, device)
         spent += row["step_s"]
