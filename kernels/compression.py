@@ -11,7 +11,10 @@ go through the inner function with MASK=False, the diagonal ones with MASK=True)
 Backward (flash-style recomputation from the saved log-sum-exp):
   * `compressed_attention_bwd_preprocess_kernel`: delta = rowsum(do * o);
   * `compressed_attention_bwd_dkdv_kernel`: a program owns dkdv_block_n compressed keys of one kv head and
-    loops over its group's heads and the query tiles that can see them: dk_cmp, dv_cmp without atomics;
+    loops over its group's heads and the query tiles that can see them: dk_cmp, dv_cmp without atomics. The
+    first key tiles are seen by nearly every position and the last by few (a triangle), so with dkdv_splits > 1
+    each key tile's query tiles are cut into that many runs, one program each, whose fp32 partial sums are
+    added afterwards (in a fixed order: the result does not depend on scheduling);
   * `compressed_attention_bwd_dq_kernel`: the query tiles of the forward, dq.
 
 The log-sum-exp `lse` [Hq, total tokens] float32 is in natural-log units: p_cmp = exp(scale * q.k_cmp - lse).
@@ -187,15 +190,17 @@ def _bwd_dkdv_inner(dk, dv, k_tile, v_tile, offs_n, q, do, lse, delta, tok0, p0,
 def compressed_attention_bwd_dkdv_kernel(
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_cmp,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lh,
-        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh,
         scale, scale_log2,
         G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """dk_cmp, dv_cmp for BLOCK_N compressed keys of one kv head: loops over the G heads and the query tiles."""
+        SPLITS: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """dk_cmp, dv_cmp for BLOCK_N compressed keys of one kv head: loops over the G heads and the query tiles (the
+    split-th of SPLITS runs of them; dk, dv are then [SPLITS, ...] float32 partials, indexed by stride_dks)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    hk = tl.program_id(2)
+    hk = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     seq_start = tl.load(cu_seqlens + pid_s)
     seqlen = tl.load(cu_seqlens + pid_s + 1) - seq_start
     cmp_start = tl.load(cu_cmp + pid_s)
@@ -224,27 +229,30 @@ def compressed_attention_bwd_dkdv_kernel(
     num_tiles = tl.cdiv(seqlen - t_first, BLOCK_P)
     diag_end = tl.minimum(tl.cdiv(t_full - t_first, BLOCK_P), num_tiles)  # tiles that need the causal mask
     full_end = tl.maximum(diag_end, (seqlen - t_first) // BLOCK_P)  # then tiles wholly inside the sequence
+    per_split = tl.cdiv(num_tiles, SPLITS)
+    lo = split * per_split  # this program's run of query tiles: [lo, hi)
+    hi = tl.minimum(lo + per_split, num_tiles)
     head_base = hk * G
     for hc in range(NUM_HEAD_CHUNKS):
-        for i in range(0, diag_end):
+        for i in range(lo, tl.minimum(diag_end, hi)):
             acc_dk, acc_dv = _bwd_dkdv_inner(
                 acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
                 head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
                 dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, True, PRECISION)
-        for i in range(diag_end, full_end):
+        for i in range(tl.maximum(diag_end, lo), tl.minimum(full_end, hi)):
             acc_dk, acc_dv = _bwd_dkdv_inner(
                 acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
                 head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
                 dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, False, PRECISION)
-        for i in range(full_end, num_tiles):  # the sequence's last, partial tile
+        for i in range(tl.maximum(full_end, lo), hi):  # the sequence's last, partial tile
             acc_dk, acc_dv = _bwd_dkdv_inner(
                 acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
                 head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
                 dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, True, PRECISION)
 
-    tl.store(dk + cmp_rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
+    tl.store(dk + split * stride_dks + cmp_rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
              (acc_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None] & dk_ok[None, :])
-    tl.store(dv + cmp_rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
+    tl.store(dv + split * stride_dvs + cmp_rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
              acc_dv.to(dv.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
 
 
@@ -352,6 +360,8 @@ class CompressionParams:
         dkdv_block_m, dkdv_block_n, dkdv_block_h, dkdv_num_warps, dkdv_num_stages: dk/dv kernel; its program
             owns dkdv_block_n compressed keys of one kv head and steps over dkdv_block_m positions x
             dkdv_block_h heads at a time.
+        dkdv_splits: programs per key tile, each taking one run of its query tiles (any int >= 1; above 1 the
+            fp32 partials, splits x the size of dk_cmp and dv_cmp, are summed after the kernel).
         dq_block_m, dq_block_n, dq_block_h, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
     """
 
@@ -365,6 +375,7 @@ class CompressionParams:
     dkdv_block_h: int = 4
     dkdv_num_warps: int = 4
     dkdv_num_stages: int = 1
+    dkdv_splits: int = 1
     dq_block_m: int = 16
     dq_block_n: int = 32
     dq_block_h: int = 4
@@ -372,7 +383,7 @@ class CompressionParams:
     dq_num_stages: int = 2
 
     def __post_init__(self):
-        runtime.check_launch_params(self, tiles=("fwd_", "dkdv_", "dq_"))
+        runtime.check_launch_params(self, counts=("num_stages", "splits"), tiles=("fwd_", "dkdv_", "dq_"))
 
 
 def heads_per_tile(group: int, rows: int) -> int:
@@ -479,13 +490,22 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
                   PRECISION=runtime.dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
-    grid = (triton.cdiv(seqs.max_cmp, params.dkdv_block_n), seqs.num_seqs, num_kv_heads)
+    splits = params.dkdv_splits
+    if splits == 1:
+        dk_out, dv_out = dk[None], dv[None]
+    else:  # every (split, key row) is written, zeros where a split has no query tile for the key tile
+        dk_out = runtime.new_output((splits, *k_cmp.shape), dtype=torch.float32, device=q.device)
+        dv_out = runtime.new_output((splits, *v_cmp.shape), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(seqs.max_cmp, params.dkdv_block_n), seqs.num_seqs, num_kv_heads * splits)
     compressed_attention_bwd_dkdv_kernel[grid](
-        q, k_cmp, v_cmp, do, lse, delta, dk, dv, seqs.cu_seqlens, seqs.cu_cmp, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), scale, scale * LOG2E,
+        q, k_cmp, v_cmp, do, lse, delta, dk_out, dv_out, seqs.cu_seqlens, seqs.cu_cmp, *strides,
+        *dk_out.stride()[:3], *dv_out.stride()[:3], scale, scale * LOG2E,
         BLOCK_P=params.dkdv_block_m, HEADS=params.dkdv_block_h,
-        NUM_HEAD_CHUNKS=triton.cdiv(group, params.dkdv_block_h), BLOCK_N=params.dkdv_block_n,
+        NUM_HEAD_CHUNKS=triton.cdiv(group, params.dkdv_block_h), BLOCK_N=params.dkdv_block_n, SPLITS=splits,
         num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages, **shared)
+    if splits > 1:
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
     heads_chunks = triton.cdiv(group, params.dq_block_h)
     grid = (triton.cdiv(seqs.max_seqlen, params.dq_block_m), seqs.num_seqs, num_kv_heads * heads_chunks)
     compressed_attention_bwd_dq_kernel[grid](

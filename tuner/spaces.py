@@ -36,7 +36,9 @@ SPACES = {
     "combine": dict(block_r=[8, 16, 32, 64], num_warps=[2, 4, 8]),
     # Backward kernels (timed with their family's forward at its default, which every candidate shares). Short
     # products: the dk/dv and dq kernels of a family run one after the other and mostly act alone.
-    "compression_bwd": dict(dkdv_block_n=[32, 64, 128], dkdv_num_warps=[4, 8], dq_num_warps=[4, 8]),
+    # The H200 tune picked the smallest key tile (32) of 32/64/128 at every length: more dk/dv programs for the
+    # triangular load. dkdv_splits gives more programs without shrinking the tile.
+    "compression_bwd": dict(dkdv_block_n=[16, 32, 64], dkdv_num_warps=[4, 8], dkdv_splits=[1, 2, 4, 8]),
     "selected_bwd": dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096]),
     "window_bwd": dict(dkdv_block_m=[8, 16, 32], dq_block_m=[8, 16, 32]),
     # 3 x 2 x 3 x 2 = 36 besides the default, fewer for short caches (splits_fit_tiles): a whole paper-suite
@@ -51,7 +53,7 @@ INTERPRETER_SPACES = {
     "selected": dict(fwd_block_n=[16, 32]),
     "window": dict(fwd_block_n=[32, 64]),
     "combine": dict(block_r=[16, 64]),
-    "compression_bwd": dict(dkdv_block_n=[16, 64]),
+    "compression_bwd": dict(dkdv_block_n=[16, 64], dkdv_splits=[2]),
     "selected_bwd": dict(dkdv_chunk=[64, 4096]),
     "window_bwd": dict(dkdv_block_n=[16, 64]),
     # With the default (2 splits each): 3 candidates, one with a non-power-of-two split count (padded merges).

@@ -5,6 +5,7 @@ cross several query/key tiles, the causal frontier of the compression blocks and
 (-m gpu) use fp16/bf16 at full size.
 """
 
+import dataclasses
 import inspect
 
 import pytest
@@ -29,6 +30,10 @@ PACKED = CompressionParams(fwd_block_m=4, fwd_block_n=16, fwd_block_h=4, dkdv_bl
 # Head tiles that do not divide the group, or exceed it: masked head rows.
 UNEVEN = CompressionParams(fwd_block_m=4, fwd_block_n=16, fwd_block_h=4, dkdv_block_m=8, dkdv_block_n=16,
                            dkdv_block_h=2, dq_block_m=4, dq_block_n=16, dq_block_h=4)
+
+# dk/dv query tiles cut into runs, fp32 partials summed: 3 runs; more runs than some key tiles have query tiles.
+SPLIT3 = dataclasses.replace(SMALL, dkdv_splits=3)
+PACKED_SPLIT8 = dataclasses.replace(PACKED, dkdv_splits=8)
 
 PAPER_LIKE = NSAConfig(cmp_block=32, cmp_stride=16, slc_block=64, slc_topn=4)
 EQUAL = NSAConfig(cmp_block=16, cmp_stride=16, slc_block=16, slc_topn=4)
@@ -55,6 +60,8 @@ CASES = {
     "varlen-all-shorter-than-l": (EQUAL, 1, None, [3, 15, 1], 2, 1, 16, 16, SMALL),
     "l8d4-G2-Dk192-Dv128": (OVERLAP, 1, 40, None, 4, 2, 192, 128, SMALL),
     "l32d16-G2-default-params": (PAPER_LIKE, 1, 130, None, 4, 2, 32, 16, None),
+    "l16d16-G2-B2-T100-dkdv-split3": (EQUAL, 2, 100, None, 4, 2, 32, 32, SPLIT3),
+    "varlen-l32d16-G4-packed-dkdv-split8": (PAPER_LIKE, 1, None, [31, 100, 32, 47], 8, 2, 16, 16, PACKED_SPLIT8),
 }
 
 
@@ -162,6 +169,9 @@ def test_params_validation():
         CompressionParams(fwd_block_m=2, fwd_block_h=4)
     with pytest.raises(ValueError, match="num_stages"):
         CompressionParams(dq_num_stages=0)
+    assert CompressionParams(dkdv_splits=3).dkdv_splits == 3  # a count: any int >= 1
+    with pytest.raises(ValueError, match="dkdv_splits"):
+        CompressionParams(dkdv_splits=0)
     for group in (1, 2, 3, 16, 64):
         p = default_params(group * 2, 2, 128, 128)
         assert p.fwd_block_m * p.fwd_block_h >= 16
@@ -211,13 +221,15 @@ def test_bad_inputs(bad):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(GPU_CHECK_SHAPES), ids=list(GPU_CHECK_SHAPES))
-def test_compressed_attention_gpu(case, dtype):
+@pytest.mark.parametrize("dkdv_splits", [1, 4], ids=["dkdv-whole", "dkdv-split4"])
+def test_compressed_attention_gpu(case, dtype, dkdv_splits):
     seqlen, seqlens, hq, hkv, d = GPU_CHECK_SHAPES[case]
     cfg = NSAConfig()  # l=32, d=16, l'=64, n=16
     x = random_inputs(cfg, batch=1, seqlen=seqlen, seqlens=seqlens, num_heads=hq, num_kv_heads=hkv, head_dim=d,
                       dtype=dtype, device="cuda", seed=11, requires_grad=True)
     q, k_cmp, v_cmp, cu = x["q"], x["k_cmp"], x["v_cmp"], x["cu_seqlens"]
-    o = compressed_attention(q, k_cmp, v_cmp, cfg, cu_seqlens=cu)
+    params = dataclasses.replace(default_params(hq, hkv, d, d, dtype), dkdv_splits=dkdv_splits)
+    o = compressed_attention(q, k_cmp, v_cmp, cfg, cu_seqlens=cu, params=params)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(12)).to(device="cuda", dtype=dtype)
     grads = torch.autograd.grad(o, (q, k_cmp, v_cmp), do)
 
