@@ -171,7 +171,7 @@ def cmd_tune(args) -> int:
               "timings say nothing about a GPU")
     with world.started(args.device) as device:
         result = tune(args.suite, families=args.families, device=device, out=args.out, budget_s=args.budget_s,
-                      world=world, progress=world.is_main)
+                      world=world, progress=world.is_main, retune=args.retune)
     if not world.is_main:
         return 0  # rank 0 says how it went: a rank exiting non-zero first would make torchrun stop it
     if result.get("ranks", 1) > 1:
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--families", type=_comma_list(list(FAMILIES)), metavar="NAME[,NAME...]",
                       help=f"kernel families (default: all of {', '.join(FAMILIES)})")
     tune.add_argument("--budget-s", type=float, metavar="N", help="stop starting candidates after N seconds")
+    tune.add_argument("--retune", action="store_true", help="tune the buckets the cache already holds too, and "
+                      "replace their entries (after a search space grew or a kernel changed)")
     tune.add_argument("--out", metavar="DIR", help="folder of the cache file <device-key>.json (default: the user "
                       "cache, $XDG_CACHE_HOME/nsa/configs or ~/.cache/nsa/configs; tuner/configs to ship one)")
     tune.add_argument("--show", action="store_true", help="print the config caches in use for this device")

@@ -442,3 +442,18 @@ def test_backward_family_checks_every_gradient_and_only_its_fields_are_used(tmp_
     config = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=3, window=32)
     got = NSAParams().resolve(config, 2, 1, 16, 16, torch.float32, seqlen=128, device="cpu").compression
     assert (got.fwd_block_n, got.dkdv_block_n, got.dq_num_warps) == (16, 32, 8)
+
+
+@kernels_run
+def test_retune_replaces_entries_the_cache_holds(tmp_path, capsys):
+    first = search.tune("smoke", families=["combine"], device="cpu", out=tmp_path, progress=False)
+    again = search.tune("smoke", families=["combine"], device="cpu", out=tmp_path, progress=False)
+    assert len(first["done"]) == 1 and again["done"] == [] and again["skipped"] == [first["done"][0]["key"]]
+    argv = ["tune", "--suite", "smoke", "--families", "combine", "--device", "cpu", "--out", str(tmp_path),
+            "--retune"]
+    from nsa.cli import main
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert first["done"][0]["key"] in out and "already tuned" not in out
+    entries = json.loads((tmp_path / "cpu-interpreter.json").read_text())["entries"]
+    assert list(entries) == [first["done"][0]["key"]]

@@ -338,9 +338,10 @@ def shard_folder(path) -> Path:
 
 def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float | None = None,
          candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, progress: bool = True, world=None,
-         skip=frozenset()) -> dict:
+         skip=frozenset(), retune: bool = False) -> dict:
     """Tune every (family, bucket) of `suite` on `device` into `out` (a folder; the user cache by default),
-    except the bucket keys in `skip`.
+    except the bucket keys in `skip` and, unless `retune`, those the file already holds (a retuned bucket's
+    entry is replaced: for a search space that grew, or a kernel that changed).
 
     Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "stopped":
     True when the budget ran out}. Each row: key, params, ms, default_ms, tried, rejected {kind: count}, errors.
@@ -359,11 +360,11 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     if (world is not None and world.size > 1) or shard_folder(path).exists():
         from nsa.tuner.distributed import World
         return _tune_sharded(suite, families, device, path, world or World(), budget_s=budget_s,
-                             candidate_timeout_s=candidate_timeout_s, progress=progress)
+                             candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune)
     entries = _read_existing(path, key)
     todo, skipped = [], []
     for family, bkey, problem in buckets(suite, families):
-        if bkey in entries or bkey in skip:
+        if (bkey in entries and not retune) or bkey in skip:
             skipped.append(bkey)
             continue
         cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
@@ -408,7 +409,8 @@ def _record(bkey: str, index: int, params, ms, failure) -> dict:
                                       failure=failure)))
 
 
-def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candidate_timeout_s, progress) -> dict:
+def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candidate_timeout_s, progress,
+                  retune=False) -> dict:
     """`tune` over the ranks of `world`: the work is (family, bucket, candidate), shared round-robin.
 
     1. Every rank reads the shard files it can see (`shard_folder(path)`; hosts need not share a disk) and rank 0
@@ -436,7 +438,7 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candi
         skipped, todo, items, known = [], [], [], {}
         records = [record for rank_records in seen for record in rank_records]
         for family, bkey, problem in buckets(suite, families):
-            if bkey in entries:
+            if bkey in entries and not retune:
                 skipped.append(bkey)
                 continue
             cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
