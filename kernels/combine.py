@@ -91,6 +91,13 @@ class CombineParams:
         check_launch_params(self, counts=())
 
 
+# What `nsa tune` searches (nsa.tuner.spaces builds candidates from these, prunes them by the device's limits):
+# ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
+# pays per program (CI runs those).
+SEARCH_SPACE = dict(block_r=[8, 16, 32, 64], num_warps=[2, 4, 8])
+INTERPRETER_SEARCH_SPACE = dict(block_r=[16, 64])
+
+
 def default_params(head_dim_v: int) -> CombineParams:
     """About 4096 elements per program: a whole row (up to 256) of block_r rows."""
     block_d = min(256, triton.next_power_of_2(head_dim_v))

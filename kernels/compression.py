@@ -391,6 +391,18 @@ def heads_per_tile(group: int, rows: int) -> int:
     return min(triton.next_power_of_2(group), rows)
 
 
+# What `nsa tune` searches (nsa.tuner.spaces builds candidates from these, prunes them by the device's limits):
+# ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
+# pays per program (CI runs those).
+SEARCH_SPACE = dict(fwd_block_m=[8, 16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
+                    fwd_num_stages=[1, 2, 3])
+INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 64])
+# The backward kernels (`compression_bwd`). The H200 tune picked the smallest key tile (32) of 32/64/128 at every
+# length: more dk/dv programs for the triangular load; dkdv_splits gives more programs without shrinking the tile.
+BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 32, 64], dkdv_num_warps=[4, 8], dkdv_splits=[1, 2, 4, 8])
+INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 64], dkdv_splits=[2])
+
+
 def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
                    dtype: torch.dtype = torch.bfloat16) -> CompressionParams:
     """A sane default for the shape (the tuner searches better ones): the group's heads packed into each tile.

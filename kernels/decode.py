@@ -394,6 +394,16 @@ class DecodeParams:
                                  f"{getattr(self, name)}")
 
 
+# What `nsa tune` searches (nsa.tuner.spaces): the split-K of the launches, which is what depends on the GPU and
+# the step's rows. The launches run one after another, so the splits of each mostly act alone and the ranges stay
+# short: 3 x 2 x 3 x 2 = 36 besides the default, fewer for short caches (the tuner's splits_fit_tiles); a whole
+# paper-suite decode tune stays a few minutes. An H200 sweep at 64k found the splits of one launch within a few
+# percent. The interpreter: with the default (2 splits each) 3 candidates, one with a non-power-of-two split
+# count (padded merges).
+SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8])
+INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3])
+
+
 def default_params(batch: int, num_queries: int, num_kv_heads: int, config: NSAConfig, capacity: int,
                    device) -> DecodeParams:
     """Splits that give about two programs per SM for the row count (the tuner searches better ones): a batch

@@ -390,6 +390,17 @@ class SelectedAttentionParams:
                                  f"got {getattr(self, f'{kernel}_block_n')}")
 
 
+# What `nsa tune` searches (nsa.tuner.spaces builds candidates from these, prunes them by the device's limits):
+# ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
+# pays per program (CI runs those).
+SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
+                    fwd_num_stages=[1, 2, 3])
+INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32])
+# The backward kernels (`selected_bwd`).
+BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096])
+INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096])
+
+
 def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
                    device=None, dtype=None) -> SelectedAttentionParams:
     """A sane untuned default: fwd/dq rows = max(16, G) (block_t = 16 // G positions, the rows a small group

@@ -218,6 +218,13 @@ class SelectionParams:
         runtime.check_launch_params(self, tiles=("",))
 
 
+# What `nsa tune` searches (nsa.tuner.spaces builds candidates from these, prunes them by the device's limits):
+# ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
+# pays per program (CI runs those).
+SEARCH_SPACE = dict(block_m=[1, 2, 4, 8, 16, 32], num_warps=[2, 4, 8])
+INTERPRETER_SEARCH_SPACE = dict(block_m=[8, 16])
+
+
 def default_params(num_heads: int, num_kv_heads: int, head_dim: int, config: NSAConfig,
                    dtype: torch.dtype = torch.bfloat16) -> SelectionParams:
     """A sane default for the shape (the tuner searches better ones): the group's heads in one tile (up to 64);

@@ -442,6 +442,17 @@ _DEFAULT_TILES_FP32 = {
 _INTERPRETER_TILES = dict(fwd=(64, 64, 4, 1), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1))
 
 
+# What `nsa tune` searches (nsa.tuner.spaces builds candidates from these, prunes them by the device's limits):
+# ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
+# pays per program (CI runs those).
+SEARCH_SPACE = dict(fwd_block_m=[16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
+                    fwd_num_stages=[1, 2, 3])
+INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[32, 64])
+# The backward kernels (`window_bwd`).
+BACKWARD_SEARCH_SPACE = dict(dkdv_block_m=[8, 16, 32], dq_block_m=[8, 16, 32])
+INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 64])
+
+
 def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int, config: NSAConfig = None,
                    device=None, dtype: torch.dtype | None = None) -> WindowAttentionParams:
     """A sane default for the shape (the tuner searches better ones). The group's heads are packed into each

@@ -457,3 +457,16 @@ def test_retune_replaces_entries_the_cache_holds(tmp_path, capsys):
     assert first["done"][0]["key"] in out and "already tuned" not in out
     entries = json.loads((tmp_path / "cpu-interpreter.json").read_text())["entries"]
     assert list(entries) == [first["done"][0]["key"]]
+
+
+def test_spaces_are_declared_beside_each_kernel_and_split_forward_from_backward():
+    for family in cache.ALL_FAMILIES:
+        fields = {f.name for f in dataclasses.fields(cache.params_class(family))}
+        has_fwd_prefix = any(name.startswith("fwd_") for name in fields)
+        for interpreter in (False, True):
+            declared = spaces.declared_space(family, interpreter)
+            assert declared and set(declared) <= fields, (family, interpreter)
+            if family in cache.BACKWARD_FAMILIES:  # with_backward takes only the fields without fwd_
+                assert not any(name.startswith("fwd_") for name in declared), family
+            elif has_fwd_prefix:  # the forward tune must leave the backward fields at their defaults
+                assert all(name.startswith("fwd_") for name in declared), family

@@ -1,13 +1,11 @@
-"""Search spaces: declared ranges of each family's kernel params, pruned by named predicates.
+"""Search spaces: the field ranges each kernel module declares beside its params (SEARCH_SPACE,
+BACKWARD_SEARCH_SPACE, and smaller INTERPRETER_ ones), pruned by named predicates from the device's limits.
 
 A candidate is the family's `default_params` for the shape with the declared fields replaced (fields not
 declared keep their default). A family searches its forward kernel's fields; `<family>_bwd` (BACKWARD_FAMILIES)
 searches the same params class's backward fields, from the same default. Candidates the params dataclass itself
 rejects (powers of two, tl.dot's 16) are dropped and counted as "invalid"; the predicates prune forward tiles
 only (a backward tile that does not fit fails to compile, and is recorded as an error).
-
-Decode searches the split-K of its launches, which is what depends on the GPU and the step's rows; its launches
-run one after another, so the splits of each mostly act alone, and the ranges stay short (a product of them).
 """
 
 from __future__ import annotations
@@ -24,46 +22,19 @@ import triton
 from nsa.config import NSAConfig
 from nsa.tuner.cache import ALL_FAMILIES, BACKWARD_FAMILIES, Shape, params_class
 
-# Declared ranges per family (GPU). Each field must be a field of the family's params dataclass.
-SPACES = {
-    "compression": dict(fwd_block_m=[8, 16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
-                        fwd_num_stages=[1, 2, 3]),
-    "selection": dict(block_m=[1, 2, 4, 8, 16, 32], num_warps=[2, 4, 8]),
-    "selected": dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
-                     fwd_num_stages=[1, 2, 3]),
-    "window": dict(fwd_block_m=[16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
-                   fwd_num_stages=[1, 2, 3]),
-    "combine": dict(block_r=[8, 16, 32, 64], num_warps=[2, 4, 8]),
-    # Backward kernels (timed with their family's forward at its default, which every candidate shares). Short
-    # products: the dk/dv and dq kernels of a family run one after the other and mostly act alone.
-    # The H200 tune picked the smallest key tile (32) of 32/64/128 at every length: more dk/dv programs for the
-    # triangular load. dkdv_splits gives more programs without shrinking the tile.
-    "compression_bwd": dict(dkdv_block_n=[16, 32, 64], dkdv_num_warps=[4, 8], dkdv_splits=[1, 2, 4, 8]),
-    "selected_bwd": dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096]),
-    "window_bwd": dict(dkdv_block_m=[8, 16, 32], dq_block_m=[8, 16, 32]),
-    # 3 x 2 x 3 x 2 = 36 besides the default, fewer for short caches (splits_fit_tiles): a whole paper-suite
-    # decode tune stays a few minutes. An H200 sweep at 64k found the splits of one launch within a few percent.
-    "decode": dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8]),
-}
 
-# The interpreter ignores warps and stages and pays per program: a few tile sizes only (CI runs these).
-INTERPRETER_SPACES = {
-    "compression": dict(fwd_block_n=[16, 64]),
-    "selection": dict(block_m=[8, 16]),
-    "selected": dict(fwd_block_n=[16, 32]),
-    "window": dict(fwd_block_n=[32, 64]),
-    "combine": dict(block_r=[16, 64]),
-    "compression_bwd": dict(dkdv_block_n=[16, 64], dkdv_splits=[2]),
-    "selected_bwd": dict(dkdv_chunk=[64, 4096]),
-    "window_bwd": dict(dkdv_block_n=[16, 64]),
-    # With the default (2 splits each): 3 candidates, one with a non-power-of-two split count (padded merges).
-    "decode": dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3]),
-}
+def declared_space(family: str, interpreter: bool) -> dict:
+    """The field ranges the family's kernel module declares beside its params: SEARCH_SPACE, or
+    BACKWARD_SEARCH_SPACE for a `<family>_bwd`; the INTERPRETER_ ones under the Triton interpreter."""
+    module = importlib.import_module(ALL_FAMILIES[family][0])
+    name = "BACKWARD_SEARCH_SPACE" if family in BACKWARD_FAMILIES else "SEARCH_SPACE"
+    return getattr(module, f"INTERPRETER_{name}" if interpreter else name)
 
 
 def space_hash() -> str:
     """Identifies the declared spaces and predicates (stored in a cache's meta)."""
-    text = json.dumps([SPACES, INTERPRETER_SPACES, [name for name, _, _ in PREDICATES]], sort_keys=True)
+    declared = [{family: declared_space(family, interpreter) for family in ALL_FAMILIES} for interpreter in (0, 1)]
+    text = json.dumps([*declared, [name for name, _, _ in PREDICATES]], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -179,7 +150,7 @@ def search_space(family: str, shape: Shape, config: NSAConfig, num_heads: int, n
     valid params object and passes every predicate; pruned counts the rest by predicate name."""
     from nsa.kernels.runtime import interpreting
     interpreter = interpreting() if interpreter is None else interpreter
-    space = space if space is not None else (INTERPRETER_SPACES if interpreter else SPACES)[family]
+    space = space if space is not None else declared_space(family, interpreter)
     cls = params_class(family)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(space) - names
