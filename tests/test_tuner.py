@@ -295,7 +295,10 @@ def test_decode_keys_carry_rows_and_training_keys_stay_as_they_were():
                 cache.bucket_key("decode", decode_shape()).replace("rows=2", "rows=0")):
         assert "unknown entry key" in cache.validate({"meta": {"device": "d"}, "entries": {bad: decode_entry()}}, "d")
     shipped = cache.config_path("nvidia-h200", Path(cache.__file__).parent / "configs")
-    assert cache.read_file(shipped, "nvidia-h200")["entries"]  # the shipped cache still loads
+    entries = cache.read_file(shipped, "nvidia-h200")["entries"]  # the shipped cache still loads
+    for key, entry in entries.items():  # and every entry still builds its params (new fields take defaults)
+        cache.params_class(key.split("|")[0])(**entry["params"])
+    assert {key.split("|")[0] for key in entries} == set(cache.ALL_FAMILIES)
 
 
 def test_decode_lookup_nearest_rows_then_t(tmp_path, monkeypatch):
