@@ -246,13 +246,21 @@ def _fold(store: ResultsStore, suites: list[Suite], providers: list[Provider], r
     return added
 
 
+def share_by_problem(items: list, world) -> list:
+    """This rank's share of the planned rows (suite index, problem key, provider): whole problems round-robin,
+    so that each problem's baselines run on the same card as its nsa row (the speedups compare them)."""
+    problems = list(dict.fromkeys(tuple(item[:2]) for item in items))
+    mine = set(world.share(problems))
+    return [item for item in items if tuple(item[:2]) in mine]
+
+
 def run_sharded(suites: list[Suite], providers: list[Provider], folder, settings: BenchSettings, world, *,
                 progress: bool = True) -> list[dict]:
     """`run_suite` for several suites shared between the ranks of `world` (`nsa.tuner.distributed.World`,
     started; `settings.device` is this rank's), into one results folder.
 
     Rank 0 opens `folder` (its environment, ceilings included, is measured there once) and plans every row not
-    yet in it; the rows are shared round-robin. Each rank writes its rows as it makes them to its own results
+    yet in it; whole problems are shared round-robin (`share_by_problem`). Each rank writes its rows as it makes them to its own results
     folder, `folder/shards/rank<k>` (same environment), so a rank that dies loses only the row in progress.
     At the end rank 0 adds every rank's rows to `folder` in the order one process would have made them. When no
     row is left the shard folders are deleted; otherwise the next run, with any number of ranks, takes their
@@ -271,7 +279,7 @@ def run_sharded(suites: list[Suite], providers: list[Provider], folder, settings
                 for key, impl in pending(suite, providers, store, settings)]
 
     items = world.on_main(plan)
-    mine = world.share(items)
+    mine = share_by_problem(items, world)
     shard = ResultsStore(root / f"rank{world.rank}")
     if shard.environment() is None:
         shard.write_environment(env)

@@ -89,7 +89,7 @@ def _print_verdicts(rows) -> None:
 
 def _bench(args, suite_names, *, check_only=False, world=None) -> int:
     """Check (and unless check_only time) the suites; write results and the report unless check_only. With
-    `world` (several ranks under torchrun, started) the rows are shared between the ranks (`run_sharded`) and
+    `world` (several ranks under torchrun, started) the problems are shared between the ranks (`run_sharded`) and
     rank 0 writes the results and the report."""
     from nsa.bench import CPU_TIMING_NOTE, BenchSettings, device_slug, open_store, run_sharded, run_suite
     from nsa.results import ResultsStore
@@ -108,7 +108,7 @@ def _bench(args, suite_names, *, check_only=False, world=None) -> int:
         if not main:
             return 0  # rank 0 says how it went: a rank exiting non-zero first would make torchrun stop it
         store = ResultsStore(out)
-        print(f"{world.size} ranks shared the rows")
+        print(f"{world.size} ranks shared the problems (each problem's rows on one GPU)")
     else:
         store = None if check_only else open_store(out, args.device)
         rows = []
@@ -126,7 +126,7 @@ def cmd_bench(args) -> int:
     if code is not None:
         return code
     from nsa.tuner.distributed import World
-    world = World.from_env()  # under torchrun: one rank per GPU, the suite's rows shared between them
+    world = World.from_env()  # under torchrun: one rank per GPU, the suite's problems shared between them
     if world.size == 1:
         return _bench(args, [args.suite])
     with world.started(args.device) as device:
@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run every problem of a suite with every provider: check it against its "
                            "oracle, time it only if it passed, write results.csv and environment.json to the "
                            "results folder (resuming), and render the report. On a CPU, timings mean nothing. "
-                           "Under torchrun (`torchrun --nproc-per-node N -m nsa bench ...`) the rows are shared "
-                           "between the GPUs and rank 0 writes the one results folder and report.")
+                           "Under torchrun (`torchrun --nproc-per-node N -m nsa bench ...`) the problems are "
+                           "shared between the GPUs (each problem's rows, baselines too, on one) and rank 0 writes "
+                           "the one results folder and report.")
     _add_bench_options(bench, suite_required=True)
     bench.set_defaults(func=cmd_bench)
 

@@ -182,7 +182,7 @@ def test_bench_two_ranks_one_results_folder_and_report(tmp_path):
     run = torchrun(tmp_path, "-m", "nsa", "bench", "--suite", "smoke", "--ops", "fwd", "--providers",
                    "nsa,reference", "--device", "cpu", "--out", out)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "2 ranks shared the rows" in run.stdout and (out / "report.html").exists()
+    assert "2 ranks shared the problems" in run.stdout and (out / "report.html").exists()
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     expected = pending(get_suite("smoke"), get_providers(["nsa", "reference"]), None,
@@ -242,3 +242,14 @@ def test_cli_cache_merge_writes_one_cache_and_refuses_other_cards(tmp_path, caps
     (tmp_path / "bad.json").write_text("{nope")
     assert main(["cache", "merge", str(a), str(tmp_path / "bad.json"), "--out", str(target)]) == 1
     assert "unreadable" in capsys.readouterr().err and not target.exists()
+
+
+def test_bench_shares_whole_problems_so_baselines_share_the_card():
+    from nsa.bench import share_by_problem
+    items = [(s, f"p{p}", impl) for s in (0, 1) for p in range(5) for impl in ("nsa", "sdpa-cudnn", "sdpa-flash")]
+    shares = [share_by_problem(items, World(rank, 3)) for rank in range(3)]
+    assert sorted(item for share in shares for item in share) == sorted(items)  # each row exactly once
+    for share in shares:
+        problems = {item[:2] for item in share}
+        assert len(share) == 3 * len(problems)  # every provider of a problem on the rank that has it
+    assert [len({item[:2] for item in share}) for share in shares] == [4, 3, 3]  # 10 problems round-robin
