@@ -64,16 +64,6 @@ def _rerun_in_interpreter(args) -> int | None:
     return subprocess.call([sys.executable, "-m", "nsa", *args.argv], env={**os.environ, "TRITON_INTERPRET": "1"})
 
 
-def _tune(device) -> None:
-    """Issue 5's tuner fills this GPU's config cache when it has none; run when it offers `ensure_tuned`."""
-    import nsa.tuner
-    ensure_tuned = getattr(nsa.tuner, "ensure_tuned", None)
-    if ensure_tuned is None:
-        print("tune: skipped (nsa.tuner offers no ensure_tuned() yet)")
-    else:
-        print(f"tune: {ensure_tuned(device=device)}")
-
-
 def _print_verdicts(rows) -> None:
     import pandas as pd
     table = pd.DataFrame(rows)
@@ -148,11 +138,16 @@ def cmd_run(args) -> int:
         return run_from_args(args)
     if _device_type(args.device) == "cpu":
         print("CPU run: the smoke suite, kernels in the Triton interpreter; timings here mean nothing")
-        suites = args.suite or ["smoke"]
-    else:
-        _tune(args.device)
-        suites = args.suite or ["paper"]
-    return _bench(args, suites)
+        return _bench(args, args.suite or ["smoke"])
+    from nsa.tuner.distributed import World
+    from nsa.tuner.search import ensure_tuned
+    world = World.from_env()  # under torchrun: the tune's candidates and the bench's problems shared
+    with world.started(args.device) as device:
+        args.device = device
+        status = ensure_tuned(device=device, world=world if world.size > 1 else None)
+        if world.is_main:
+            print(f"tune: {status}")
+        return _bench(args, args.suite or ["paper"], world=world if world.size > 1 else None)
 
 
 def cmd_tune(args) -> int:
@@ -286,9 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     run = sub.add_parser("run", help="the whole job: tune, check, bench, report",
-                         description="On a GPU: tune when the tuner offers it, then check, time and report the "
-                         "suites (default: paper). Without a GPU: the smoke suite, kernels in the Triton "
-                         "interpreter, whose timings mean nothing. Prints where the report is.")
+                         description="On a GPU: tune the buckets no config cache holds, then check, time and "
+                         "report the suites (default: paper). Under torchrun (`torchrun --nproc-per-node N -m nsa "
+                         "run`) the GPUs share the tune's candidates and the bench's problems. Without a GPU: the "
+                         "smoke suite, kernels in the Triton interpreter, whose timings mean nothing. Prints where "
+                         "the report is.")
     _add_bench_options(run, suite_required=False)
     from nsa.suites.training.cli import add_train_options
     add_train_options(run)

@@ -253,3 +253,19 @@ def test_bench_shares_whole_problems_so_baselines_share_the_card():
         problems = {item[:2] for item in share}
         assert len(share) == 3 * len(problems)  # every provider of a problem on the rank that has it
     assert [len({item[:2] for item in share}) for share in shares] == [4, 3, 3]  # 10 problems round-robin
+
+
+@kernels_run
+def test_sharded_tune_honours_skip_and_retune(tmp_path):
+    """`nsa run` under torchrun tunes through the sharded path with ensure_tuned's skip; a world of one whose
+    shard folder exists takes that path too."""
+    path = cache.config_path("cpu-interpreter", tmp_path)
+    search.shard_folder(path).mkdir(parents=True)
+    skipped_key = cache.bucket_key("window", search.problem_shape(get_suite("smoke").problems[0]))
+    result = search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False,
+                         world=World(), skip={skipped_key})
+    assert result["skipped"] == [skipped_key] and [row["key"].split("|")[0] for row in result["done"]] == ["combine"]
+    search.shard_folder(path).mkdir(exist_ok=True)  # removed when the first run completed
+    again = search.tune("smoke", families=["combine"], device="cpu", out=tmp_path, progress=False, world=World(),
+                        retune=True)
+    assert len(again["done"]) == 1 and not again["skipped"]

@@ -360,7 +360,8 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     if (world is not None and world.size > 1) or shard_folder(path).exists():
         from nsa.tuner.distributed import World
         return _tune_sharded(suite, families, device, path, world or World(), budget_s=budget_s,
-                             candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune)
+                             candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune,
+                             skip=skip)
     entries = _read_existing(path, key)
     todo, skipped = [], []
     for family, bkey, problem in buckets(suite, families):
@@ -410,7 +411,7 @@ def _record(bkey: str, index: int, params, ms, failure) -> dict:
 
 
 def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candidate_timeout_s, progress,
-                  retune=False) -> dict:
+                  retune=False, skip=frozenset()) -> dict:
     """`tune` over the ranks of `world`: the work is (family, bucket, candidate), shared round-robin.
 
     1. Every rank reads the shard files it can see (`shard_folder(path)`; hosts need not share a disk) and rank 0
@@ -438,7 +439,7 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candi
         skipped, todo, items, known = [], [], [], {}
         records = [record for rank_records in seen for record in rank_records]
         for family, bkey, problem in buckets(suite, families):
-            if bkey in entries and not retune:
+            if (bkey in entries and not retune) or bkey in skip:
                 skipped.append(bkey)
                 continue
             cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
@@ -549,10 +550,11 @@ def covered_buckets(suite, device_key: str) -> tuple[list[str], list[str]]:
     return have, [k for k in keys if k not in have]
 
 
-def ensure_tuned(device=None, *, suite: str = "paper", budget_s: float = 1800.0) -> str:
+def ensure_tuned(device=None, *, suite: str = "paper", budget_s: float = 1800.0, world=None) -> str:
     """What `nsa run` calls: report the config caches in use for `device`; on a GPU, first tune the buckets of
     `suite` that no cache holds into the user cache (within `budget_s`; a later run resumes), so a partial
-    shipped cache is completed rather than trusted. On a CPU it never tunes."""
+    shipped cache is completed rather than trusted; with `world` (torchrun, started) the ranks share the
+    candidates. On a CPU it never tunes."""
     key = cache.device_key(device)
     found = [(source, path, data) for source, path, data in cache.in_use(key) if data is not None]
     have, missing = covered_buckets(suite, key)
@@ -563,6 +565,7 @@ def ensure_tuned(device=None, *, suite: str = "paper", budget_s: float = 1800.0)
             return (f"no config cache for {key}: default params (CPU: nothing tuned here; "
                     f"`nsa tune --suite smoke` exercises the tuner)")
         return status
-    result = tune(suite, device=device, budget_s=budget_s, skip=set(have))
+    result = tune(suite, device=device, budget_s=budget_s, skip=set(have), world=world,
+                  progress=world is None or world.is_main)
     state = "budget spent, rerun to resume" if result["stopped"] else "complete"
     return f"{status}; tuned {len(result['done'])} more into {result['path']} ({state})"
