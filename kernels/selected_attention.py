@@ -15,6 +15,16 @@ positions that chose it (bit p), and the list length (`build_block_schedule`). T
 reductions over index tiles in the loop (a merge-walk of the sorted lists inside the kernel would need a
 cross-thread min-reduction per step). With block_t = 1 the schedule is block_indices itself.
 
+Forward, inverted (fwd_inverted = 1): the work goes by selected block instead of by position, so each K/V
+block is loaded once for all the positions that chose it, and what is gathered is their q rows (G heads x Dk,
+4 KB at the paper shape against the block's 32 KB of K/V). A program owns one (block, kv head) and a run of at
+most INVERTED_ITEM_POSITIONS of its positions (`build_forward_items`: the same sort as the dk/dv index), in
+steps of fwd_block_t positions x G heads; it writes each (position, head)'s attention to that one block,
+normalised, with its lse, as an fp32 part. A second kernel merges each position's n parts (a softmax-weighted
+sum in slot order: deterministic) into o and lse. The parts of all positions would take T x Hq x n x (Dv + 1)
+x 4 bytes (34 GB at 64k), so positions go in chunks of INVERTED_PART_BYTES. It pays when the gathered K/V
+bytes dominate, most of all for small groups (see docs/performance.md); the tuner decides.
+
 dk/dv: inverse index, no atomics. `build_inverse_index` sorts the (position, kv head, block) entries by
 (sequence block, kv head) into CSR lists of query positions (ascending). A dkdv program owns one BLOCK_N slice of
 one block of one kv head, keeps its K/V slice and its dK/dV accumulators in registers, and walks the list in
@@ -50,6 +60,11 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_BLOCK_T = 32
 # Keys per program of the partial-sum reduction (a light, memory-bound kernel).
 REDUCE_BLOCK_N = 16
+# The inverted forward keeps an fp32 part (Dv outputs and an lse per head) per (position, kv head, slot): it
+# takes the positions in chunks whose parts fit this many bytes (2k positions of the paper shape), and cuts a
+# block's list of positions into work items of at most INVERTED_ITEM_POSITIONS.
+INVERTED_PART_BYTES = 2**30
+INVERTED_ITEM_POSITIONS = 256
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,6 +150,119 @@ def selected_attention_fwd_kernel(
              o.to(O.dtype.element_ty), mask=row_valid[:, None] & col_v[None, :])
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(LSE + head_r * stride_lseh + tok_r, lse, mask=row_valid)
+
+
+@triton.jit
+def selected_attention_fwd_inverted_kernel(
+        Q, K, V, O_PART, LSE_PART, ITEM_KEY, ITEM_BEGIN, ITEM_END, ENTRIES, BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS,
+        token0, entries_per_token, num_kv_heads, qk_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pe, stride_ph, stride_le,
+        SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The attention of each (position, head) to ONE selected block, for the positions of one work item: the
+    entries ENTRIES[begin:end] (flat (position, kv head, slot) indices from token0) that chose block `key //
+    Hkv` of kv head `key % Hkv`; grid (items,). Rows r = i * G + g (entry i of the step, head g). Writes the
+    block's normalised output and natural-log lse per (entry, head) to O_PART, LSE_PART, for the merge kernel.
+    """
+    tl.static_assert(BLOCK_T * G <= BLOCK_R)
+    item = tl.program_id(0)
+    key = tl.load(ITEM_KEY + item)
+    begin = tl.load(ITEM_BEGIN + item)
+    end = tl.load(ITEM_END + item)
+    gblock = key // num_kv_heads
+    hk = key % num_kv_heads
+    seq = tl.load(BLOCK_SEQ + gblock)
+    block = gblock - tl.load(CU_BLOCKS + seq)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    rows = tl.arange(0, BLOCK_R)
+    entry_r = rows // G
+    g_r = rows % G
+    head_r = hk * G + g_r
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_k = offs_dk < HEAD_DIM_K
+    col_v = offs_dv < HEAD_DIM_V
+    k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
+    v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
+    for start in range(begin, end, BLOCK_T):
+        row_valid = (rows < BLOCK_T * G) & (start + entry_r < end)
+        ent = tl.load(ENTRIES + start + entry_r, mask=row_valid, other=0)
+        tok_r = token0 + ent // entries_per_token
+        pos_r = tok_r - seq_start
+        q = tl.load(Q + tok_r.to(tl.int64)[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :],
+                    mask=row_valid[:, None] & col_k[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)  # finite: a fully masked slice leaves the state as is
+        for sub in tl.static_range(SUBS):
+            offs_in = sub * BLOCK_N + offs_n
+            key_pos = block * SLC_BLOCK + offs_in
+            key_valid = (offs_in < SLC_BLOCK) & (key_pos < seqlen)
+            key_off = key_pos.to(tl.int64)
+            k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
+                        mask=key_valid[:, None] & col_k[None, :], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            mask = row_valid[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
+            qk = tl.where(mask, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
+                        mask=key_valid[:, None] & col_v[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        has_keys = l_i > 0.0  # always: a selected block starts at or before the position
+        l_safe = tl.where(has_keys, l_i, 1.0)
+        ent64 = ent.to(tl.int64)
+        tl.store(O_PART + ent64[:, None] * stride_pe + g_r[:, None] * stride_ph + offs_dv[None, :],
+                 acc / l_safe[:, None], mask=row_valid[:, None] & col_v[None, :])
+        lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+        tl.store(LSE_PART + ent64 * stride_le + g_r, lse, mask=row_valid)
+
+
+@triton.jit
+def selected_attention_fwd_merge_kernel(
+        O, LSE, O_PART, LSE_PART, BLOCK_INDICES, token0,
+        stride_ot, stride_oh, stride_lseh, stride_pe, stride_ph, stride_le, stride_bt, stride_bh,
+        N: tl.constexpr, G: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_DV: tl.constexpr):
+    """o, lse of one (position, kv head) from the inverted forward's per-block parts: a softmax-weighted sum over
+    the n slots (empty ones skipped), in a fixed order; grid (positions from token0, Hkv)."""
+    t = tl.program_id(0)
+    hk = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    tok = (token0 + t).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    g_ok = offs_g < G
+    mask = g_ok[:, None] & (offs_dv < HEAD_DIM_V)[None, :]
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    ent0 = (t.to(tl.int64) * num_kv_heads + hk) * N
+    for j in range(N):
+        block = tl.load(BLOCK_INDICES + tok * stride_bt + hk * stride_bh + j)
+        if block >= 0:
+            lse_j = tl.load(LSE_PART + (ent0 + j) * stride_le + offs_g, mask=g_ok, other=float("-inf")) * _LOG2E
+            o_j = tl.load(O_PART + (ent0 + j) * stride_pe + offs_g[:, None] * stride_ph + offs_dv[None, :],
+                          mask=mask, other=0.0)
+            m_new = tl.maximum(m_i, lse_j)
+            alpha = tl.math.exp2(m_i - m_new)
+            w = tl.math.exp2(lse_j - m_new)
+            l_i = l_i * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o_j
+            m_i = m_new
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    head = hk * G + offs_g
+    tl.store(O + tok * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask)
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+    tl.store(LSE + head * stride_lseh + tok, lse, mask=g_ok)
 
 
 @triton.jit
@@ -357,8 +485,11 @@ class SelectedAttentionParams:
     positions x G heads of the block's list at a time; a list longer than `dkdv_chunk` positions is split over
     several programs (partial sums reduced afterwards).
 
+    `fwd_inverted` = 1 runs the forward the other way round (see the module doc): a program owns one selected
+    block of one kv head and steps over `fwd_block_t` positions x G heads of the positions that chose it.
+
     Attributes:
-        fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages: forward kernel.
+        fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages, fwd_inverted: forward kernel.
         dq_block_t, dq_block_n, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
         dkdv_block_t, dkdv_block_n, dkdv_chunk, dkdv_num_warps, dkdv_num_stages: dk/dv kernel.
     All tiles are powers of two; block_t <= 32 (fwd/dq: position bitmask), block_n >= 16 (GPU tl.dot).
@@ -368,6 +499,7 @@ class SelectedAttentionParams:
     fwd_block_n: int = 64
     fwd_num_warps: int = 4
     fwd_num_stages: int = 2
+    fwd_inverted: int = 0
     dq_block_t: int = 1
     dq_block_n: int = 64
     dq_num_warps: int = 4
@@ -379,7 +511,7 @@ class SelectedAttentionParams:
     dkdv_num_stages: int = 2
 
     def __post_init__(self):
-        check_launch_params(self, counts=("num_stages", "dkdv_chunk"))
+        check_launch_params(self, counts=("num_stages", "dkdv_chunk"), flags=("inverted",))
         for kernel in ("fwd", "dq"):
             if getattr(self, f"{kernel}_block_t") > MAX_BLOCK_T:
                 raise ValueError(f"SelectedAttentionParams.{kernel}_block_t must be <= {MAX_BLOCK_T} (positions are "
@@ -394,8 +526,8 @@ class SelectedAttentionParams:
 # ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
 # pays per program (CI runs those).
 SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
-                    fwd_num_stages=[1, 2, 3])
-INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32])
+                    fwd_num_stages=[1, 2, 3], fwd_inverted=[0, 1])
+INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[0, 1])
 # The backward kernels (`selected_bwd`).
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096])
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096])
@@ -537,27 +669,50 @@ class InverseIndex:
         return self.item_key.shape[0]
 
 
-def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig,
-                        chunk: int) -> InverseIndex:
-    """CSR lists of the query positions that selected each (sequence block, kv head), and their work items.
+@dataclasses.dataclass(frozen=True)
+class SortedSelections:
+    """The (position, kv head, slot) entries of block_indices[token0:token0 + count], flattened (entry e is
+    position token0 + e // (Hkv * n)) and stably sorted by key = global block * Hkv + kv head (blocks packed over
+    sequences): `order[i]` is the entry with the i-th smallest key, `sorted_keys[i]` its key; empty (-1) slots
+    have key num_keys and sort last, and positions stay ascending within a key."""
 
-    One stable sort of the (position, kv head, slot) entries by key keeps positions ascending within a key.
-    Device ops throughout; one host sync (`.tolist()` of the item and slot totals) sizes the work items.
-    """
+    sorted_keys: torch.Tensor
+    order: torch.Tensor
+    num_keys: int
+    block_seq: torch.Tensor
+    cu_blocks: torch.Tensor
+
+
+def sort_selections(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig, token0: int = 0,
+                    count: int | None = None) -> SortedSelections:
+    """`SortedSelections` of positions [token0, token0 + count) (all by default); device ops, no host sync."""
     total, num_kv_heads, n = block_indices.shape
+    count = total - token0 if count is None else count
     device = block_indices.device
     blocks_per_seq = [triton.cdiv(length, config.slc_block) for length in seqs.seqlens]
     cu_blocks = _offsets(blocks_per_seq, device)
     num_blocks = sum(blocks_per_seq)
     num_keys = num_blocks * num_kv_heads
-    block_seq = _owner(cu_blocks, num_blocks)
-    tok_seq = _owner(seqs.cu_seqlens, total)
-    first_block = cu_blocks[tok_seq.long()]  # [total]
-    keys = (first_block[:, None, None] + block_indices) * num_kv_heads \
+    tok_seq = _owner(seqs.cu_seqlens, total)[token0:token0 + count]
+    selected = block_indices[token0:token0 + count]
+    keys = (cu_blocks[tok_seq.long()][:, None, None] + selected) * num_kv_heads \
         + torch.arange(num_kv_heads, dtype=torch.int32, device=device)[None, :, None]
-    keys = torch.where(block_indices >= 0, keys, num_keys).flatten()
+    keys = torch.where(selected >= 0, keys, num_keys).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
-    positions = (order // (num_kv_heads * n)).to(torch.int32)
+    return SortedSelections(sorted_keys, order, num_keys, _owner(cu_blocks, num_blocks), cu_blocks)
+
+
+def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig,
+                        chunk: int) -> InverseIndex:
+    """CSR lists of the query positions that selected each (sequence block, kv head), and their work items.
+
+    Device ops throughout; one host sync (`.tolist()` of the item and slot totals) sizes the work items.
+    """
+    total, num_kv_heads, n = block_indices.shape
+    device = block_indices.device
+    sel = sort_selections(block_indices, seqs, config)
+    sorted_keys, num_keys, block_seq, cu_blocks = sel.sorted_keys, sel.num_keys, sel.block_seq, sel.cu_blocks
+    positions = (sel.order // (num_kv_heads * n)).to(torch.int32)
     offsets = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, dtype=torch.int32, device=device))
     counts = offsets[1:] - offsets[:-1]
     items_per_key = torch.clamp((counts + chunk - 1) // chunk, min=1)
@@ -578,6 +733,43 @@ def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, conf
     i32 = torch.int32
     return InverseIndex(positions, offsets, block_seq, cu_blocks, item_key.to(i32), item_begin.to(i32),
                         item_end.to(i32), item_slot.to(i32), key_slot0.to(i32), slots_per_key.to(i32), num_slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardItems:
+    """Work of the inverted forward over positions [token0, token0 + count): `entries` as in SortedSelections
+    (int32, grouped by key), cut into items, each a run entries[begin:end] of one key of at most `item_len`
+    positions; only keys some position selected get items."""
+
+    entries: torch.Tensor
+    item_key: torch.Tensor
+    item_begin: torch.Tensor
+    item_end: torch.Tensor
+    block_seq: torch.Tensor
+    cu_blocks: torch.Tensor
+
+    @property
+    def num_items(self) -> int:
+        return self.item_key.shape[0]
+
+
+def build_forward_items(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig, token0: int,
+                        count: int, item_len: int) -> ForwardItems:
+    """The inverted forward's items for positions [token0, token0 + count); one host sync (the item count)."""
+    sel = sort_selections(block_indices, seqs, config, token0, count)
+    keys = sel.sorted_keys
+    index = torch.arange(keys.shape[0], device=keys.device)
+    new_key = torch.ones_like(keys, dtype=torch.bool)
+    new_key[1:] = keys[1:] != keys[:-1]
+    run_start = torch.where(new_key, index, 0).cummax(0).values
+    starts = (new_key | ((index - run_start) % item_len == 0)) & (keys < sel.num_keys)
+    item_begin = torch.nonzero(starts).flatten()  # the host sync
+    item_key = keys[item_begin]
+    key_end = torch.searchsorted(keys, item_key, right=True)
+    item_end = torch.minimum(item_begin + item_len, key_end)
+    i32 = torch.int32
+    return ForwardItems(sel.order.to(i32), item_key.to(i32), item_begin.to(i32), item_end.to(i32), sel.block_seq,
+                        sel.cu_blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,10 +804,13 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
     group, block_dk, block_dv = _dims(q, k, v)
     o = new_output((total, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
     lse = new_output((num_heads, total), dtype=torch.float32, device=q.device)
+    if total == 0 or num_kv_heads == 0:
+        return o, lse
+    if params.fwd_inverted:
+        _fwd_inverted(q, k, v, o, lse, block_indices, seqs, config, scale, params)
+        return o, lse
     if schedule is None:
         schedule = build_block_schedule(block_indices, seqs, params.fwd_block_t)
-    if schedule.num_tiles == 0 or num_kv_heads == 0:
-        return o, lse
     block_n = params.fwd_block_n
     s = schedule
     grid = (s.num_tiles, num_kv_heads)
@@ -630,6 +825,40 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
         BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=triton.cdiv(config.slc_block, block_n),
         DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
     return o, lse
+
+
+def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig, scale: float,
+                  params: SelectedAttentionParams) -> None:
+    """The forward with fwd_inverted: per chunk of positions, the per-block parts, then their merge into o, lse."""
+    total, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
+    n = block_indices.shape[2]
+    group, block_dk, block_dv = _dims(q, k, v)
+    chunk = max(1, min(total, INVERTED_PART_BYTES // (num_heads * n * (head_dim_v + 1) * 4)))
+    o_part = new_output((chunk * num_kv_heads * n, group, head_dim_v), dtype=torch.float32, device=q.device)
+    lse_part = new_output((chunk * num_kv_heads * n, group), dtype=torch.float32, device=q.device)
+    block_n = params.fwd_block_n
+    for token0 in range(0, total, chunk):
+        count = min(chunk, total - token0)
+        items = build_forward_items(block_indices, seqs, config, token0, count, INVERTED_ITEM_POSITIONS)
+        if items.num_items:
+            selected_attention_fwd_inverted_kernel[(items.num_items,)](
+                q, k, v, o_part, lse_part, items.item_key, items.item_begin, items.item_end, items.entries,
+                items.block_seq, items.cu_blocks, seqs.cu_seqlens, token0, num_kv_heads * n, num_kv_heads,
+                scale * LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o_part.stride(0),
+                o_part.stride(1), lse_part.stride(0),
+                SLC_BLOCK=config.slc_block, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v,
+                BLOCK_T=params.fwd_block_t, BLOCK_R=_rows(params.fwd_block_t, group), BLOCK_N=block_n,
+                BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=triton.cdiv(config.slc_block, block_n),
+                DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps,
+                num_stages=params.fwd_num_stages)
+        selected_attention_fwd_merge_kernel[(count, num_kv_heads)](
+            o, lse, o_part, lse_part, block_indices, token0,
+            o.stride(0), o.stride(1), lse.stride(0), o_part.stride(0), o_part.stride(1), lse_part.stride(0),
+            block_indices.stride(0), block_indices.stride(1),
+            N=n, G=group, HEAD_DIM_V=head_dim_v, BLOCK_G=triton.next_power_of_2(group), BLOCK_DV=block_dv,
+            num_warps=4)
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig,
@@ -703,7 +932,7 @@ class SelectedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, seqs, config, scale, params):
-        schedule = build_block_schedule(block_indices, seqs, params.fwd_block_t)
+        schedule = None if params.fwd_inverted else build_block_schedule(block_indices, seqs, params.fwd_block_t)
         o, lse = selected_attention_fwd(q, k, v, block_indices, seqs, config, scale, params, schedule)
         ctx.save_for_backward(q, k, v, o, lse, block_indices)
         ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params

@@ -4,6 +4,9 @@ CPU cases run the Triton kernels in the interpreter (TRITON_INTERPRET=1) in fp32
 the reference; `gpu` cases run bf16/fp16 at long sequences against an fp32 reference on the GPU.
 """
 
+import dataclasses
+import importlib
+
 import pytest
 import torch
 
@@ -133,12 +136,34 @@ CASES = {
     # Own block only: every key is on the causal diagonal; T < l'.
     "local-l32-G2-T20": (cfg(32, 3), dict(seqlen=20, num_heads=4, num_kv_heads=2, head_dim=16, head_dim_v=16),
                          "local", P(fwd_block_t=32, dq_block_t=4, dkdv_block_t=16)),
+    # The inverted forward: blocks own the work. With the chunk and item sizes of `small_inverted_chunks`:
+    # several chunks of positions, popular blocks cut into several items, l' = 64 walked in four slices, G = 3.
+    "inverted-ref-l64-G16-mqa-T150": (cfg(64, 3), dict(seqlen=150, num_heads=16, num_kv_heads=1, head_dim=16,
+                                                       head_dim_v=16), "reference",
+                                      P(fwd_inverted=1, fwd_block_t=2, fwd_block_n=16)),
+    "inverted-rand-l16-n8-G3-T64-D24x40": (cfg(16, 8), dict(seqlen=64, num_heads=6, num_kv_heads=2, head_dim=24,
+                                                            head_dim_v=40), "random", P(fwd_inverted=1, fwd_block_t=8)),
+    "inverted-varlen-ref-l16-G4": (cfg(16, 4), dict(seqlens=[37, 9, 0, 50], num_heads=4, num_kv_heads=1,
+                                                    head_dim=32, head_dim_v=16), "reference",
+                                   P(fwd_inverted=1, fwd_block_t=4)),
+    "inverted-sink-l16-G2-B2-T60": (cfg(16, 3, init_blocks=0, local_blocks=0),
+                                    dict(batch=2, seqlen=60, num_heads=2, num_kv_heads=1, head_dim=16, head_dim_v=16),
+                                    "sink", P(fwd_inverted=1, fwd_block_t=16)),
 }
+
+
+@pytest.fixture
+def small_inverted_chunks(monkeypatch):
+    """Parts of 20 kB (chunks of 2 to 49 positions in the cases above) and items of 5 positions: at T <= 150,
+    what the real sizes do at 64k (many chunks, long lists cut into several items)."""
+    module = importlib.import_module("nsa.kernels.selected_attention")  # the package exports the function too
+    monkeypatch.setattr(module, "INVERTED_ITEM_POSITIONS", 5)
+    monkeypatch.setattr(module, "INVERTED_PART_BYTES", 20_000)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_reference(case, monkeypatch):
+def test_matches_reference(case, monkeypatch, small_inverted_chunks):
     monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
     config, shape, selection, params = CASES[case]
     seed = sum(map(ord, case))
@@ -289,7 +314,8 @@ def test_bad_input(what, error):
 
 
 @pytest.mark.parametrize("field, value", [("fwd_block_t", 3), ("dq_block_t", 64), ("fwd_block_n", 8),
-                                          ("dkdv_chunk", 0), ("dkdv_num_warps", 6), ("fwd_num_stages", 0)])
+                                          ("dkdv_chunk", 0), ("dkdv_num_warps", 6), ("fwd_num_stages", 0),
+                                          ("fwd_inverted", 2), ("fwd_inverted", True)])
 def test_bad_params(field, value):
     with pytest.raises(ValueError, match=field):
         SelectedAttentionParams(**{field: value})
@@ -320,7 +346,8 @@ GPU_SHAPES = {  # id: (T, Hq, Hkv)
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs a CUDA GPU (no interpreter)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
-def test_gpu_low_precision(shape, dtype, monkeypatch):
+@pytest.mark.parametrize("inverted", [0, 1], ids=["gather", "inverted"])
+def test_gpu_low_precision(shape, dtype, inverted, monkeypatch):
     monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
     seqlen, num_heads, num_kv_heads = GPU_SHAPES[shape]
     config = NSAConfig()  # l' = 64, n = 16
@@ -329,7 +356,8 @@ def test_gpu_low_precision(shape, dtype, monkeypatch):
     block_indices = select_blocks(x["q"].float(), x["k_cmp"].float(), config)
     q, k, v = (x[name].requires_grad_(True) for name in ("q", "k", "v"))
     do = torch.randn_like(q[..., :v.shape[-1]])
-    o = selected_attention(q, k, v, block_indices, config)
+    params = default_params(config, num_heads, num_kv_heads, 128, 128, dtype=dtype)
+    o = selected_attention(q, k, v, block_indices, config, params=dataclasses.replace(params, fwd_inverted=inverted))
     grads = torch.autograd.grad(o, (q, k, v), do)
 
     def reference(cast):
