@@ -23,7 +23,9 @@ steps of fwd_block_t positions x G heads; it writes each (position, head)'s atte
 normalised, with its lse, as an fp32 part. A second kernel merges each position's n parts (a softmax-weighted
 sum in slot order: deterministic) into o and lse. The parts of all positions would take T x Hq x n x (Dv + 1)
 x 4 bytes (34 GB at 64k), so positions go in chunks of INVERTED_PART_BYTES. It pays when the gathered K/V
-bytes dominate, most of all for small groups (see docs/performance.md); the tuner decides.
+bytes dominate, most of all for small groups (see docs/performance.md); the tuner decides. dq_inverted = 1
+does the same for dq (parts of Dk floats, summed per position in slot order); delta = rowsum(dO * O) is then
+computed by torch before it, since no gather-dq kernel runs.
 
 dk/dv: inverse index, no atomics. `build_inverse_index` sorts the (position, kv head, block) entries by
 (sequence block, kv head) into CSR lists of query positions (ascending). A dkdv program owns one BLOCK_N slice of
@@ -266,6 +268,94 @@ def selected_attention_fwd_merge_kernel(
 
 
 @triton.jit
+def selected_attention_bwd_dq_inverted_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ_PART, ITEM_KEY, ITEM_BEGIN, ITEM_END, ENTRIES, BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS,
+        token0, entries_per_token, num_kv_heads, scale, qk_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lseh,
+        stride_pe, stride_ph,
+        SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq_inverted: each (position, head)'s dq from ONE selected block, for the positions of one work item (as
+    in the inverted forward); fp32 parts DQ_PART[entry, head] that `selected_attention_sum_parts_kernel` adds."""
+    tl.static_assert(BLOCK_T * G <= BLOCK_R)
+    item = tl.program_id(0)
+    key = tl.load(ITEM_KEY + item)
+    begin = tl.load(ITEM_BEGIN + item)
+    end = tl.load(ITEM_END + item)
+    gblock = key // num_kv_heads
+    hk = key % num_kv_heads
+    seq = tl.load(BLOCK_SEQ + gblock)
+    block = gblock - tl.load(CU_BLOCKS + seq)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    rows = tl.arange(0, BLOCK_R)
+    entry_r = rows // G
+    g_r = rows % G
+    head_r = hk * G + g_r
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_k = offs_dk < HEAD_DIM_K
+    col_v = offs_dv < HEAD_DIM_V
+    k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
+    v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
+    for start in range(begin, end, BLOCK_T):
+        row_valid = (rows < BLOCK_T * G) & (start + entry_r < end)
+        ent = tl.load(ENTRIES + start + entry_r, mask=row_valid, other=0)
+        tok_r = token0 + ent // entries_per_token
+        pos_r = tok_r - seq_start
+        tok64 = tok_r.to(tl.int64)
+        q = tl.load(Q + tok64[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :],
+                    mask=row_valid[:, None] & col_k[None, :], other=0.0)
+        do = tl.load(DO + tok64[:, None] * stride_dot + head_r[:, None] * stride_doh + offs_dv[None, :],
+                     mask=row_valid[:, None] & col_v[None, :], other=0.0)
+        lse2 = tl.load(LSE + head_r * stride_lseh + tok64, mask=row_valid, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + head_r * stride_lseh + tok64, mask=row_valid, other=0.0)
+        dq = tl.zeros([BLOCK_R, BLOCK_DK], dtype=tl.float32)
+        for sub in tl.static_range(SUBS):
+            offs_in = sub * BLOCK_N + offs_n
+            key_pos = block * SLC_BLOCK + offs_in
+            key_valid = (offs_in < SLC_BLOCK) & (key_pos < seqlen)
+            key_off = key_pos.to(tl.int64)
+            k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
+                        mask=key_valid[:, None] & col_k[None, :], other=0.0)
+            v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
+                        mask=key_valid[:, None] & col_v[None, :], other=0.0)
+            mask = row_valid[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.where(mask, tl.math.exp2(qk - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        tl.store(DQ_PART + ent.to(tl.int64)[:, None] * stride_pe + g_r[:, None] * stride_ph + offs_dk[None, :],
+                 dq * scale, mask=row_valid[:, None] & col_k[None, :])
+
+
+@triton.jit
+def selected_attention_sum_parts_kernel(
+        OUT, PART, BLOCK_INDICES, token0, stride_ot, stride_oh, stride_pe, stride_ph, stride_bt, stride_bh,
+        N: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT[position, heads of kv head hk] = the sum of its parts over the selected slots, in slot order
+    (deterministic); grid (positions from token0, Hkv)."""
+    t = tl.program_id(0)
+    hk = tl.program_id(1)
+    tok = (token0 + t).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_g < G)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    ent0 = (t.to(tl.int64) * tl.num_programs(1) + hk) * N
+    for j in range(N):
+        if tl.load(BLOCK_INDICES + tok * stride_bt + hk * stride_bh + j) >= 0:
+            acc += tl.load(PART + (ent0 + j) * stride_pe + offs_g[:, None] * stride_ph + offs_d[None, :], mask=mask,
+                           other=0.0)
+    head = hk * G + offs_g
+    tl.store(OUT + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def selected_attention_bwd_dq_kernel(
         Q, K, V, O, DO, LSE, DELTA, DQ, TILE_TOK0, TILE_SEQ, CU_SEQLENS, SCHED_BLOCKS, SCHED_MASKS, SCHED_COUNTS,
         scale, qk_scale,
@@ -486,11 +576,12 @@ class SelectedAttentionParams:
     several programs (partial sums reduced afterwards).
 
     `fwd_inverted` = 1 runs the forward the other way round (see the module doc): a program owns one selected
-    block of one kv head and steps over `fwd_block_t` positions x G heads of the positions that chose it.
+    block of one kv head and steps over `fwd_block_t` positions x G heads of the positions that chose it;
+    `dq_inverted` = 1 does the same for dq (`dq_block_t` positions, `dq_block_n` keys per step).
 
     Attributes:
         fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages, fwd_inverted: forward kernel.
-        dq_block_t, dq_block_n, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
+        dq_block_t, dq_block_n, dq_num_warps, dq_num_stages, dq_inverted: dq kernel (tiled like the forward).
         dkdv_block_t, dkdv_block_n, dkdv_chunk, dkdv_num_warps, dkdv_num_stages: dk/dv kernel.
     All tiles are powers of two; block_t <= 32 (fwd/dq: position bitmask), block_n >= 16 (GPU tl.dot).
     """
@@ -504,6 +595,7 @@ class SelectedAttentionParams:
     dq_block_n: int = 64
     dq_num_warps: int = 4
     dq_num_stages: int = 2
+    dq_inverted: int = 0
     dkdv_block_t: int = 4
     dkdv_block_n: int = 64
     dkdv_chunk: int = 2048
@@ -529,8 +621,8 @@ SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128],
                     fwd_num_stages=[1, 2, 3], fwd_inverted=[0, 1])
 INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[0, 1])
 # The backward kernels (`selected_bwd`).
-BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096])
-INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096])
+BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096], dq_inverted=[0, 1])
+INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096], dq_inverted=[0, 1])
 
 
 def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
@@ -827,6 +919,17 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
     return o, lse
 
 
+def _position_chunks(block_indices, seqs: PackedSequences, config: NSAConfig, num_heads: int, part_width: int):
+    """(chunk, [(token0, count, items)]) for an inverted kernel whose fp32 parts hold `part_width` floats per
+    (position, head, slot): chunks of positions whose parts fit INVERTED_PART_BYTES, with their work items."""
+    total, _, n = block_indices.shape
+    chunk = max(1, min(total, INVERTED_PART_BYTES // (num_heads * n * part_width * 4)))
+    return chunk, ((token0, min(chunk, total - token0),
+                    build_forward_items(block_indices, seqs, config, token0, min(chunk, total - token0),
+                                        INVERTED_ITEM_POSITIONS))
+                   for token0 in range(0, total, chunk))
+
+
 def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig, scale: float,
                   params: SelectedAttentionParams) -> None:
     """The forward with fwd_inverted: per chunk of positions, the per-block parts, then their merge into o, lse."""
@@ -834,13 +937,11 @@ def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config:
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     n = block_indices.shape[2]
     group, block_dk, block_dv = _dims(q, k, v)
-    chunk = max(1, min(total, INVERTED_PART_BYTES // (num_heads * n * (head_dim_v + 1) * 4)))
+    chunk, chunks = _position_chunks(block_indices, seqs, config, num_heads, head_dim_v + 1)
     o_part = new_output((chunk * num_kv_heads * n, group, head_dim_v), dtype=torch.float32, device=q.device)
     lse_part = new_output((chunk * num_kv_heads * n, group), dtype=torch.float32, device=q.device)
     block_n = params.fwd_block_n
-    for token0 in range(0, total, chunk):
-        count = min(chunk, total - token0)
-        items = build_forward_items(block_indices, seqs, config, token0, count, INVERTED_ITEM_POSITIONS)
+    for token0, count, items in chunks:
         if items.num_items:
             selected_attention_fwd_inverted_kernel[(items.num_items,)](
                 q, k, v, o_part, lse_part, items.item_key, items.item_begin, items.item_end, items.entries,
@@ -859,6 +960,34 @@ def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config:
             block_indices.stride(0), block_indices.stride(1),
             N=n, G=group, HEAD_DIM_V=head_dim_v, BLOCK_G=triton.next_power_of_2(group), BLOCK_DV=block_dv,
             num_warps=4)
+
+
+def _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs: PackedSequences, config: NSAConfig,
+                 scale: float, params: SelectedAttentionParams) -> None:
+    """dq with dq_inverted: per chunk of positions, the per-block parts, then their sum into dq."""
+    total, num_heads, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
+    n = block_indices.shape[2]
+    group, block_dk, block_dv = _dims(q, k, v)
+    chunk, chunks = _position_chunks(block_indices, seqs, config, num_heads, head_dim)
+    dq_part = new_output((chunk * num_kv_heads * n, group, head_dim), dtype=torch.float32, device=q.device)
+    block_n = params.dq_block_n
+    for token0, count, items in chunks:
+        if items.num_items:
+            selected_attention_bwd_dq_inverted_kernel[(items.num_items,)](
+                q, k, v, do, lse, delta, dq_part, items.item_key, items.item_begin, items.item_end, items.entries,
+                items.block_seq, items.cu_blocks, seqs.cu_seqlens, token0, num_kv_heads * n, num_kv_heads, scale,
+                scale * LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+                do.stride(1), lse.stride(0), dq_part.stride(0), dq_part.stride(1),
+                SLC_BLOCK=config.slc_block, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v,
+                BLOCK_T=params.dq_block_t, BLOCK_R=_rows(params.dq_block_t, group), BLOCK_N=block_n,
+                BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=triton.cdiv(config.slc_block, block_n),
+                DOT_PRECISION=dot_precision(q.dtype), num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
+        selected_attention_sum_parts_kernel[(count, num_kv_heads)](
+            dq, dq_part, block_indices, token0, dq.stride(0), dq.stride(1), dq_part.stride(0), dq_part.stride(1),
+            block_indices.stride(0), block_indices.stride(1),
+            N=n, G=group, HEAD_DIM=head_dim, BLOCK_G=triton.next_power_of_2(group), BLOCK_D=block_dk, num_warps=4)
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig,
@@ -882,20 +1011,24 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
     precision = dot_precision(q.dtype)
     ls = config.slc_block
 
-    s = schedule if schedule is not None and schedule.block_t == params.dq_block_t else \
-        build_block_schedule(block_indices, seqs, params.dq_block_t)
-    if s.num_tiles:
-        selected_attention_bwd_dq_kernel[(s.num_tiles, num_kv_heads)](
-            q, k, v, o, do, lse, delta, dq, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks, s.counts,
-            scale, scale * LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-            s.blocks.stride(0), s.blocks.stride(1), s.masks.stride(0), s.masks.stride(1), s.masks.stride(2),
-            s.counts.stride(0), s.counts.stride(1),
-            SLC_BLOCK=ls, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
-            BLOCK_R=_rows(s.block_t, group), BLOCK_N=params.dq_block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-            SUBS=triton.cdiv(ls, params.dq_block_n), DOT_PRECISION=precision,
-            num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
+    if params.dq_inverted:
+        delta.copy_((do.float() * o.float()).sum(-1).t())
+        _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs, config, scale, params)
+    else:
+        s = schedule if schedule is not None and schedule.block_t == params.dq_block_t else \
+            build_block_schedule(block_indices, seqs, params.dq_block_t)
+        if s.num_tiles:
+            selected_attention_bwd_dq_kernel[(s.num_tiles, num_kv_heads)](
+                q, k, v, o, do, lse, delta, dq, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks,
+                s.counts, scale, scale * LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0),
+                o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+                s.blocks.stride(0), s.blocks.stride(1), s.masks.stride(0), s.masks.stride(1), s.masks.stride(2),
+                s.counts.stride(0), s.counts.stride(1),
+                SLC_BLOCK=ls, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
+                BLOCK_R=_rows(s.block_t, group), BLOCK_N=params.dq_block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
+                SUBS=triton.cdiv(ls, params.dq_block_n), DOT_PRECISION=precision,
+                num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
 
     inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk)
     block_n = params.dkdv_block_n

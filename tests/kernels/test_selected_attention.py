@@ -136,19 +136,21 @@ CASES = {
     # Own block only: every key is on the causal diagonal; T < l'.
     "local-l32-G2-T20": (cfg(32, 3), dict(seqlen=20, num_heads=4, num_kv_heads=2, head_dim=16, head_dim_v=16),
                          "local", P(fwd_block_t=32, dq_block_t=4, dkdv_block_t=16)),
-    # The inverted forward: blocks own the work. With the chunk and item sizes of `small_inverted_chunks`:
-    # several chunks of positions, popular blocks cut into several items, l' = 64 walked in four slices, G = 3.
+    # The inverted forward and dq: blocks own the work. With the chunk and item sizes of `small_inverted_chunks`:
+    # several chunks of positions, popular blocks cut into several items, l' = 64 walked in four slices, G = 3;
+    # forward and dq inverted together and each alone.
     "inverted-ref-l64-G16-mqa-T150": (cfg(64, 3), dict(seqlen=150, num_heads=16, num_kv_heads=1, head_dim=16,
                                                        head_dim_v=16), "reference",
-                                      P(fwd_inverted=1, fwd_block_t=2, fwd_block_n=16)),
+                                      P(fwd_inverted=1, fwd_block_t=2, fwd_block_n=16, dq_inverted=1,
+                                        dq_block_t=1, dq_block_n=32)),
     "inverted-rand-l16-n8-G3-T64-D24x40": (cfg(16, 8), dict(seqlen=64, num_heads=6, num_kv_heads=2, head_dim=24,
                                                             head_dim_v=40), "random", P(fwd_inverted=1, fwd_block_t=8)),
     "inverted-varlen-ref-l16-G4": (cfg(16, 4), dict(seqlens=[37, 9, 0, 50], num_heads=4, num_kv_heads=1,
                                                     head_dim=32, head_dim_v=16), "reference",
-                                   P(fwd_inverted=1, fwd_block_t=4)),
-    "inverted-sink-l16-G2-B2-T60": (cfg(16, 3, init_blocks=0, local_blocks=0),
-                                    dict(batch=2, seqlen=60, num_heads=2, num_kv_heads=1, head_dim=16, head_dim_v=16),
-                                    "sink", P(fwd_inverted=1, fwd_block_t=16)),
+                                   P(fwd_inverted=1, fwd_block_t=4, dq_inverted=1, dq_block_t=4)),
+    "inverted-dq-sink-l16-G2-B2-T60": (cfg(16, 3, init_blocks=0, local_blocks=0),
+                                       dict(batch=2, seqlen=60, num_heads=2, num_kv_heads=1, head_dim=16,
+                                            head_dim_v=16), "sink", P(dq_inverted=1, dq_block_t=16)),
 }
 
 
@@ -315,7 +317,7 @@ def test_bad_input(what, error):
 
 @pytest.mark.parametrize("field, value", [("fwd_block_t", 3), ("dq_block_t", 64), ("fwd_block_n", 8),
                                           ("dkdv_chunk", 0), ("dkdv_num_warps", 6), ("fwd_num_stages", 0),
-                                          ("fwd_inverted", 2), ("fwd_inverted", True)])
+                                          ("fwd_inverted", 2), ("fwd_inverted", True), ("dq_inverted", -1)])
 def test_bad_params(field, value):
     with pytest.raises(ValueError, match=field):
         SelectedAttentionParams(**{field: value})
@@ -357,7 +359,8 @@ def test_gpu_low_precision(shape, dtype, inverted, monkeypatch):
     q, k, v = (x[name].requires_grad_(True) for name in ("q", "k", "v"))
     do = torch.randn_like(q[..., :v.shape[-1]])
     params = default_params(config, num_heads, num_kv_heads, 128, 128, dtype=dtype)
-    o = selected_attention(q, k, v, block_indices, config, params=dataclasses.replace(params, fwd_inverted=inverted))
+    params = dataclasses.replace(params, fwd_inverted=inverted, dq_inverted=inverted)
+    o = selected_attention(q, k, v, block_indices, config, params=params)
     grads = torch.autograd.grad(o, (q, k, v), do)
 
     def reference(cast):
