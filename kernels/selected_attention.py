@@ -155,6 +155,18 @@ def selected_attention_fwd_kernel(
 
 
 @triton.jit
+def _work_item(item, ITEM_KEY, ITEM_BEGIN, ITEM_END, BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS, num_kv_heads):
+    """A block-owned program's work item: its run [begin, end) of entries, kv head, sequence-local block, and
+    the block's sequence (start token, length). Once per program, so a helper is cheap in the interpreter too."""
+    key = tl.load(ITEM_KEY + item)
+    gblock = key // num_kv_heads
+    seq = tl.load(BLOCK_SEQ + gblock)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    return (tl.load(ITEM_BEGIN + item), tl.load(ITEM_END + item), key % num_kv_heads,
+            gblock - tl.load(CU_BLOCKS + seq), seq_start, tl.load(CU_SEQLENS + seq + 1) - seq_start)
+
+
+@triton.jit
 def selected_attention_fwd_inverted_kernel(
         Q, K, V, O_PART, LSE_PART, ITEM_KEY, ITEM_BEGIN, ITEM_END, ENTRIES, BLOCK_SEQ, CU_BLOCKS, CU_SEQLENS,
         token0, entries_per_token, num_kv_heads, qk_scale,
@@ -169,15 +181,8 @@ def selected_attention_fwd_inverted_kernel(
     """
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     item = tl.program_id(0)
-    key = tl.load(ITEM_KEY + item)
-    begin = tl.load(ITEM_BEGIN + item)
-    end = tl.load(ITEM_END + item)
-    gblock = key // num_kv_heads
-    hk = key % num_kv_heads
-    seq = tl.load(BLOCK_SEQ + gblock)
-    block = gblock - tl.load(CU_BLOCKS + seq)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    begin, end, hk, block, seq_start, seqlen = _work_item(item, ITEM_KEY, ITEM_BEGIN, ITEM_END, BLOCK_SEQ, CU_BLOCKS,
+                                                          CU_SEQLENS, num_kv_heads)
     rows = tl.arange(0, BLOCK_R)
     entry_r = rows // G
     g_r = rows % G
@@ -280,15 +285,8 @@ def selected_attention_bwd_dq_inverted_kernel(
     in the inverted forward); fp32 parts DQ_PART[entry, head] that `selected_attention_sum_parts_kernel` adds."""
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     item = tl.program_id(0)
-    key = tl.load(ITEM_KEY + item)
-    begin = tl.load(ITEM_BEGIN + item)
-    end = tl.load(ITEM_END + item)
-    gblock = key // num_kv_heads
-    hk = key % num_kv_heads
-    seq = tl.load(BLOCK_SEQ + gblock)
-    block = gblock - tl.load(CU_BLOCKS + seq)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    begin, end, hk, block, seq_start, seqlen = _work_item(item, ITEM_KEY, ITEM_BEGIN, ITEM_END, BLOCK_SEQ, CU_BLOCKS,
+                                                          CU_SEQLENS, num_kv_heads)
     rows = tl.arange(0, BLOCK_R)
     entry_r = rows // G
     g_r = rows % G
@@ -451,16 +449,9 @@ def selected_attention_bwd_dkdv_kernel(
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     item = tl.program_id(0)
     sl = tl.program_id(1)
-    key = tl.load(ITEM_KEY + item)
-    begin = tl.load(ITEM_BEGIN + item)
-    end = tl.load(ITEM_END + item)
     slot = tl.load(ITEM_SLOT + item)
-    gblock = key // num_kv_heads
-    hk = key % num_kv_heads
-    seq = tl.load(BLOCK_SEQ + gblock)
-    block = gblock - tl.load(CU_BLOCKS + seq)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    begin, end, hk, block, seq_start, seqlen = _work_item(item, ITEM_KEY, ITEM_BEGIN, ITEM_END, BLOCK_SEQ, CU_BLOCKS,
+                                                          CU_SEQLENS, num_kv_heads)
     offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
     in_block = offs_in < SLC_BLOCK
     key_pos = block * SLC_BLOCK + offs_in
