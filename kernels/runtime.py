@@ -59,15 +59,15 @@ MIN_DOT = 16
 
 
 def check_launch_params(params, *, counts=("num_stages",), tiles=(), flags=()) -> None:
-    """Validate a kernel-params dataclass: fields whose names end in one of `flags` are 0 or 1, those ending in
+    """Validate a kernel-params dataclass: fields whose names end in one of `flags` are bools, those ending in
     one of `counts` ints >= 1, every other field a power of two; for each kernel prefix in `tiles` ("fwd_", ""
     ...), the rows of its score tile (block_m * block_h) and its block_n (when it has one) are at least MIN_DOT."""
     name = type(params).__name__
     for field in dataclasses.fields(params):
         value = getattr(params, field.name)
         if flags and field.name.endswith(tuple(flags)):
-            if value not in (0, 1) or isinstance(value, bool):
-                raise ValueError(f"{name}.{field.name} must be 0 or 1, got {value!r}")
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}.{field.name} must be a bool, got {value!r}")
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}.{field.name} must be an int >= 1, got {value!r}")

@@ -15,7 +15,7 @@ positions that chose it (bit p), and the list length (`build_block_schedule`). T
 reductions over index tiles in the loop (a merge-walk of the sorted lists inside the kernel would need a
 cross-thread min-reduction per step). With block_t = 1 the schedule is block_indices itself.
 
-Forward, inverted (fwd_inverted = 1): the work goes by selected block instead of by position, so each K/V
+Forward, inverted (fwd_inverted): the work goes by selected block instead of by position, so each K/V
 block is loaded once for all the positions that chose it, and what is gathered is their q rows (G heads x Dk,
 4 KB at the paper shape against the block's 32 KB of K/V). A program owns one (block, kv head) and a run of at
 most INVERTED_ITEM_POSITIONS of its positions (`build_forward_items`: the same sort as the dk/dv index), in
@@ -23,7 +23,7 @@ steps of fwd_block_t positions x G heads; it writes each (position, head)'s atte
 normalised, with its lse, as an fp32 part. A second kernel merges each position's n parts (a softmax-weighted
 sum in slot order: deterministic) into o and lse. The parts of all positions would take T x Hq x n x (Dv + 1)
 x 4 bytes (34 GB at 64k), so positions go in chunks of INVERTED_PART_BYTES. It pays when the gathered K/V
-bytes dominate, most of all for small groups (see docs/performance.md); the tuner decides. dq_inverted = 1
+bytes dominate, most of all for small groups (see docs/performance.md); the tuner decides. dq_inverted
 does the same for dq (parts of Dk floats, summed per position in slot order); delta = rowsum(dO * O) is then
 computed by torch before it, since no gather-dq kernel runs.
 
@@ -566,9 +566,9 @@ class SelectedAttentionParams:
     positions x G heads of the block's list at a time; a list longer than `dkdv_chunk` positions is split over
     several programs (partial sums reduced afterwards).
 
-    `fwd_inverted` = 1 runs the forward the other way round (see the module doc): a program owns one selected
+    `fwd_inverted` runs the forward the other way round (see the module doc): a program owns one selected
     block of one kv head and steps over `fwd_block_t` positions x G heads of the positions that chose it;
-    `dq_inverted` = 1 does the same for dq (`dq_block_t` positions, `dq_block_n` keys per step).
+    `dq_inverted` does the same for dq (`dq_block_t` positions, `dq_block_n` keys per step).
 
     Attributes:
         fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages, fwd_inverted: forward kernel.
@@ -581,12 +581,12 @@ class SelectedAttentionParams:
     fwd_block_n: int = 64
     fwd_num_warps: int = 4
     fwd_num_stages: int = 2
-    fwd_inverted: int = 0
+    fwd_inverted: bool = False
     dq_block_t: int = 1
     dq_block_n: int = 64
     dq_num_warps: int = 4
     dq_num_stages: int = 2
-    dq_inverted: int = 0
+    dq_inverted: bool = False
     dkdv_block_t: int = 4
     dkdv_block_n: int = 64
     dkdv_chunk: int = 2048
@@ -609,11 +609,11 @@ class SelectedAttentionParams:
 # ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
 # pays per program (CI runs those).
 SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
-                    fwd_num_stages=[1, 2, 3], fwd_inverted=[0, 1])
-INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[0, 1])
+                    fwd_num_stages=[1, 2, 3], fwd_inverted=[False, True])
+INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[False, True])
 # The backward kernels (`selected_bwd`).
-BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096], dq_inverted=[0, 1])
-INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096], dq_inverted=[0, 1])
+BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096], dq_inverted=[False, True])
+INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096], dq_inverted=[False, True])
 
 
 def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,

@@ -141,16 +141,16 @@ CASES = {
     # forward and dq inverted together and each alone.
     "inverted-ref-l64-G16-mqa-T150": (cfg(64, 3), dict(seqlen=150, num_heads=16, num_kv_heads=1, head_dim=16,
                                                        head_dim_v=16), "reference",
-                                      P(fwd_inverted=1, fwd_block_t=2, fwd_block_n=16, dq_inverted=1,
+                                      P(fwd_inverted=True, fwd_block_t=2, fwd_block_n=16, dq_inverted=True,
                                         dq_block_t=1, dq_block_n=32)),
     "inverted-rand-l16-n8-G3-T64-D24x40": (cfg(16, 8), dict(seqlen=64, num_heads=6, num_kv_heads=2, head_dim=24,
-                                                            head_dim_v=40), "random", P(fwd_inverted=1, fwd_block_t=8)),
+                                                            head_dim_v=40), "random", P(fwd_inverted=True, fwd_block_t=8)),
     "inverted-varlen-ref-l16-G4": (cfg(16, 4), dict(seqlens=[37, 9, 0, 50], num_heads=4, num_kv_heads=1,
                                                     head_dim=32, head_dim_v=16), "reference",
-                                   P(fwd_inverted=1, fwd_block_t=4, dq_inverted=1, dq_block_t=4)),
+                                   P(fwd_inverted=True, fwd_block_t=4, dq_inverted=True, dq_block_t=4)),
     "inverted-dq-sink-l16-G2-B2-T60": (cfg(16, 3, init_blocks=0, local_blocks=0),
                                        dict(batch=2, seqlen=60, num_heads=2, num_kv_heads=1, head_dim=16,
-                                            head_dim_v=16), "sink", P(dq_inverted=1, dq_block_t=16)),
+                                            head_dim_v=16), "sink", P(dq_inverted=True, dq_block_t=16)),
 }
 
 
@@ -317,7 +317,7 @@ def test_bad_input(what, error):
 
 @pytest.mark.parametrize("field, value", [("fwd_block_t", 3), ("dq_block_t", 64), ("fwd_block_n", 8),
                                           ("dkdv_chunk", 0), ("dkdv_num_warps", 6), ("fwd_num_stages", 0),
-                                          ("fwd_inverted", 2), ("fwd_inverted", True), ("dq_inverted", -1)])
+                                          ("fwd_inverted", 1), ("dq_inverted", "yes")])
 def test_bad_params(field, value):
     with pytest.raises(ValueError, match=field):
         SelectedAttentionParams(**{field: value})
@@ -348,7 +348,7 @@ GPU_SHAPES = {  # id: (T, Hq, Hkv)
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs a CUDA GPU (no interpreter)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
-@pytest.mark.parametrize("inverted", [0, 1], ids=["gather", "inverted"])
+@pytest.mark.parametrize("inverted", [False, True], ids=["gather", "inverted"])
 def test_gpu_low_precision(shape, dtype, inverted, monkeypatch):
     monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
     seqlen, num_heads, num_kv_heads = GPU_SHAPES[shape]
