@@ -150,6 +150,30 @@ def cmd_run(args) -> int:
         return _bench(args, args.suite or ["paper"], world=world if world.size > 1 else None)
 
 
+def cmd_profile(args) -> int:
+    import torch
+
+    from nsa.bench import device_name
+    from nsa.profile import format_table, profile_attention
+    if _device_type(args.device) != "cuda":
+        print("nsa profile: kernel times come from CUDA events; this machine has no CUDA GPU (on a CPU the "
+              "interpreter's timings would say nothing)", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    times = profile_attention(seqlen=args.seqlen, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                              head_dim=args.head_dim, dtype=dtype, backward="bwd" in args.ops, steps=args.steps,
+                              device=args.device)
+    print(f"{device_name(args.device)}, torch {torch.__version__}: nsa_attention {'+'.join(args.ops)}, B=1, "
+          f"T={args.seqlen}, {args.heads} query / {args.kv_heads} kv heads, D={args.head_dim}, "
+          f"{args.dtype}, paper config (l=32, d=16, l'=64, n=16, w=512), mean of {args.steps} steps")
+    print(format_table(times))
+    if args.out:
+        import pandas as pd
+        pd.DataFrame(times, columns=["kernel", "ms_per_step"]).to_csv(args.out, index=False)
+        print(f"kernel times: {args.out}")
+    return 0
+
+
 def cmd_tune(args) -> int:
     from nsa.tuner.search import describe
     if args.show:
@@ -296,6 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
                             "print the verdicts; exit status 1 when any failed or raised.")
     _add_bench_options(check_, suite_required=True, check_only=True)
     check_.set_defaults(func=cmd_check)
+
+    profile_ = sub.add_parser("profile", help="GPU time of each kernel of one nsa_attention step",
+                              description="Profile nsa_attention (fwd, or fwd + bwd) on this GPU with torch.profiler "
+                              "and print each kernel's GPU time per step and share, slowest first: where the time "
+                              "goes, for docs/performance.md. The kernels read the tuned config cache.")
+    profile_.add_argument("--seqlen", type=int, default=65536, help="tokens (default: %(default)s)")
+    profile_.add_argument("--heads", type=int, default=64, help="query heads (default: %(default)s)")
+    profile_.add_argument("--kv-heads", type=int, default=4, help="kv heads (default: %(default)s)")
+    profile_.add_argument("--head-dim", type=int, default=128, help="head dim (default: %(default)s)")
+    profile_.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                          help="input dtype (default: %(default)s)")
+    profile_.add_argument("--ops", type=_comma_list(["fwd", "bwd"]), default=["fwd", "bwd"], metavar="fwd[,bwd]",
+                          help="fwd alone, or fwd and bwd (default)")
+    profile_.add_argument("--steps", type=int, default=3, help="profiled steps, after 2 warm-up (default: 3)")
+    profile_.add_argument("--out", metavar="FILE.csv", help="also write the kernel times as CSV")
+    profile_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="CUDA device (default: cuda)")
+    profile_.set_defaults(func=cmd_profile)
 
     from nsa.tuner.cache import ALL_FAMILIES as FAMILIES
     tune = sub.add_parser("tune", help="search the kernels' params for this device into its config cache",

@@ -1,0 +1,31 @@
+"""`nsa profile`: kernel times summed per name and per step, the table, and a plain refusal without a GPU."""
+
+import types
+
+import torch
+
+from nsa.cli import main
+from nsa.profile import format_table, kernel_times
+
+CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+
+def event(name, us, device_type=CUDA):
+    return types.SimpleNamespace(name=name, device_time_total=us, device_type=device_type)
+
+
+def test_kernel_times_sum_launches_per_step_and_skip_host_events():
+    events = [event("dkdv", 3000), event("fwd", 1000), event("dkdv", 3000), event("aten::mm", 999, CPU)]
+    assert kernel_times(events, steps=2) == [("dkdv", 3.0), ("fwd", 0.5)]
+
+
+def test_table_lists_the_slowest_then_the_rest_and_the_total():
+    times = [(f"k{i}", float(10 - i)) for i in range(5)]
+    table = format_table(times, most=3).splitlines()
+    assert table[1].split() == ["10.000", "25.0%", "k0"]
+    assert "(2 more kernels)" in table[-2] and table[-1].split()[:2] == ["40.000", "100.0%"]
+
+
+def test_refuses_without_a_gpu(capsys):
+    assert main(["profile", "--device", "cpu", "--seqlen", "1024"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
