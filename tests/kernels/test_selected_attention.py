@@ -181,7 +181,8 @@ def test_default_params_varlen_random(monkeypatch):
 
 
 @needs_interpreter
-def test_forward_lse_is_the_log_normaliser(monkeypatch):
+@pytest.mark.parametrize("inverted", [False, True], ids=["gather", "inverted"])
+def test_forward_lse_is_the_log_normaliser(monkeypatch, inverted):
     """The launcher's lse [Hq, total] (natural log) equals logsumexp of the kept scores, by brute force."""
     monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
     config = cfg(16, 3)
@@ -192,7 +193,7 @@ def test_forward_lse_is_the_log_normaliser(monkeypatch):
     q, k, v = (x[name][0] for name in ("q", "k", "v"))
     scale = 0.3
     _, lse = selected_attention_fwd(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), bi.to(DEVICE), seqs, config, scale,
-                                    P(fwd_block_t=4))
+                                    P(fwd_block_t=4, fwd_inverted=inverted))
     expected = torch.empty(4, sum(seqlens), dtype=torch.float64)
     start = 0
     for length in seqlens:
