@@ -76,6 +76,29 @@ def _fwd_inner(acc, l_i, m_i, q_tile, pos, k, v, cmp_start, num_cmp, n0, stride_
 
 
 @triton.jit
+def _query_tile(cu_seqlens, cu_cmp, BLOCK_P: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr):
+    """The query tile of this program in the forward's tiling (grid: tiles, sequences, kv heads x head chunks;
+    late tiles of a sequence see the most keys, so they start first): its first position p0, the sequence's
+    start token and length, its compressed entries' offset and count, the kv head and head chunk."""
+    pid_s = tl.program_id(1)
+    seq_start = tl.load(cu_seqlens + pid_s)
+    cmp_start = tl.load(cu_cmp + pid_s)
+    return ((tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_P, seq_start,
+            tl.load(cu_seqlens + pid_s + 1) - seq_start, cmp_start, tl.load(cu_cmp + pid_s + 1) - cmp_start,
+            tl.program_id(2) // NUM_HEAD_CHUNKS, tl.program_id(2) % NUM_HEAD_CHUNKS)
+
+
+@triton.jit
+def _query_rows(p0, seq_start, seqlen, hk, hc, G: tl.constexpr, BLOCK_P: tl.constexpr, HEADS: tl.constexpr):
+    """The rows of a query tile (position-major: row r = position r // HEADS, head r % HEADS of chunk hc):
+    positions in the sequence, query heads, which rows are real, token indices (int64)."""
+    offs_r = tl.arange(0, BLOCK_P * HEADS)
+    pos = p0 + offs_r // HEADS
+    g = hc * HEADS + offs_r % HEADS
+    return pos, hk * G + g, (pos < seqlen) & (g < G), (seq_start + pos).to(tl.int64)
+
+
+@triton.jit
 def compressed_attention_fwd_kernel(
         q, k, v, o, lse, cu_seqlens, cu_cmp,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
@@ -85,25 +108,10 @@ def compressed_attention_fwd_kernel(
         BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """o, lse for a tile of BLOCK_P positions x HEADS query heads of one sequence and one GQA group."""
     BLOCK_M: tl.constexpr = BLOCK_P * HEADS
-    # Late tiles of a sequence see the most keys: start them first.
-    pid_p = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_s = tl.program_id(1)
-    hk = tl.program_id(2) // NUM_HEAD_CHUNKS
-    hc = tl.program_id(2) % NUM_HEAD_CHUNKS
-    seq_start = tl.load(cu_seqlens + pid_s)
-    seqlen = tl.load(cu_seqlens + pid_s + 1) - seq_start
-    cmp_start = tl.load(cu_cmp + pid_s)
-    num_cmp = tl.load(cu_cmp + pid_s + 1) - cmp_start
-    p0 = pid_p * BLOCK_P
+    p0, seq_start, seqlen, cmp_start, num_cmp, hk, hc = _query_tile(cu_seqlens, cu_cmp, BLOCK_P, NUM_HEAD_CHUNKS)
     if p0 >= seqlen:
         return
-
-    offs_r = tl.arange(0, BLOCK_M)
-    pos = p0 + offs_r // HEADS
-    g = hc * HEADS + offs_r % HEADS
-    head = hk * G + g
-    row_ok = (pos < seqlen) & (g < G)
-    tok = (seq_start + pos).to(tl.int64)
+    pos, head, row_ok, tok = _query_rows(p0, seq_start, seqlen, hk, hc, G, BLOCK_P, HEADS)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     dk_ok = offs_dk < DK
@@ -289,24 +297,10 @@ def compressed_attention_bwd_dq_kernel(
         BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """dq for a tile of BLOCK_P positions x HEADS query heads (the forward's tiling)."""
     BLOCK_M: tl.constexpr = BLOCK_P * HEADS
-    pid_p = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_s = tl.program_id(1)
-    hk = tl.program_id(2) // NUM_HEAD_CHUNKS
-    hc = tl.program_id(2) % NUM_HEAD_CHUNKS
-    seq_start = tl.load(cu_seqlens + pid_s)
-    seqlen = tl.load(cu_seqlens + pid_s + 1) - seq_start
-    cmp_start = tl.load(cu_cmp + pid_s)
-    num_cmp = tl.load(cu_cmp + pid_s + 1) - cmp_start
-    p0 = pid_p * BLOCK_P
+    p0, seq_start, seqlen, cmp_start, num_cmp, hk, hc = _query_tile(cu_seqlens, cu_cmp, BLOCK_P, NUM_HEAD_CHUNKS)
     if p0 >= seqlen:
         return
-
-    offs_r = tl.arange(0, BLOCK_M)
-    pos = p0 + offs_r // HEADS
-    g = hc * HEADS + offs_r % HEADS
-    head = hk * G + g
-    row_ok = (pos < seqlen) & (g < G)
-    tok = (seq_start + pos).to(tl.int64)
+    pos, head, row_ok, tok = _query_rows(p0, seq_start, seqlen, hk, hc, G, BLOCK_P, HEADS)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     dk_ok = offs_dk < DK

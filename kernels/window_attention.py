@@ -112,6 +112,31 @@ def _window_fwd_inner(acc, l_i, m_i, q, pos, k_ptr, v_ptr, stride_kt, stride_vt,
 
 
 @triton.jit
+def _query_tile(CU_SEQLENS, num_kv_heads, group, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The query tile of this program (grid: tiles, sequences x kv heads x head blocks of the group): its first
+    position m0, the sequence's start token (int64) and length, the kv head and head block."""
+    pid = tl.program_id(1)
+    head_blocks = tl.cdiv(group, BLOCK_H)
+    seq = pid // (head_blocks * num_kv_heads)
+    seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
+    return (tl.program_id(0) * BLOCK_M, seq_start, (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32),
+            (pid // head_blocks) % num_kv_heads, pid % head_blocks)
+
+
+@triton.jit
+def _query_rows(m0, seqlen, hk, hb, group, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, EVEN_HEADS: tl.constexpr):
+    """The rows of a query tile (row r = position r // BLOCK_H, head r % BLOCK_H of head block hb): positions,
+    query heads, which rows are real."""
+    offs_r = tl.arange(0, BLOCK_M * BLOCK_H)
+    pos = m0 + offs_r // BLOCK_H
+    head_in_group = hb * BLOCK_H + offs_r % BLOCK_H
+    row_valid = pos < seqlen
+    if not EVEN_HEADS:
+        row_valid = row_valid & (head_in_group < group)
+    return pos, hk * group + head_in_group, row_valid
+
+
+@triton.jit
 def window_attention_fwd_kernel(
         Q, K, V, O, LSE, CU_SEQLENS, qk_scale, window, num_kv_heads, group,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lseh,
@@ -119,28 +144,14 @@ def window_attention_fwd_kernel(
         BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_HEADS: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Grid (query tiles of the longest sequence, sequences x kv heads x head blocks of the group)."""
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    head_blocks = tl.cdiv(group, BLOCK_H)
-    hb = pid % head_blocks
-    hk = (pid // head_blocks) % num_kv_heads
-    seq = pid // (head_blocks * num_kv_heads)
-    seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
-    seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
-    m0 = pid_m * BLOCK_M
+    m0, seq_start, seqlen, hk, hb = _query_tile(CU_SEQLENS, num_kv_heads, group, BLOCK_M, BLOCK_H)
     if m0 >= seqlen:
         return
 
-    offs_r = tl.arange(0, BLOCK_M * BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    pos = m0 + offs_r // BLOCK_H
-    head_in_group = hb * BLOCK_H + offs_r % BLOCK_H
-    head = hk * group + head_in_group
-    row_valid = pos < seqlen
-    if not EVEN_HEADS:
-        row_valid = row_valid & (head_in_group < group)
+    pos, head, row_valid = _query_rows(m0, seqlen, hk, hb, group, BLOCK_M, BLOCK_H, EVEN_HEADS)
 
     q_ptrs = Q + (seq_start + pos)[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :]
     q = tl.load(q_ptrs, mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
@@ -326,28 +337,14 @@ def window_attention_bwd_dq_kernel(
         BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_HEADS: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Grid as the forward's. LSE and DELTA share strides [Hq, Ttot]."""
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    head_blocks = tl.cdiv(group, BLOCK_H)
-    hb = pid % head_blocks
-    hk = (pid // head_blocks) % num_kv_heads
-    seq = pid // (head_blocks * num_kv_heads)
-    seq_start = tl.load(CU_SEQLENS + seq).to(tl.int64)
-    seqlen = (tl.load(CU_SEQLENS + seq + 1) - seq_start).to(tl.int32)
-    m0 = pid_m * BLOCK_M
+    m0, seq_start, seqlen, hk, hb = _query_tile(CU_SEQLENS, num_kv_heads, group, BLOCK_M, BLOCK_H)
     if m0 >= seqlen:
         return
 
-    offs_r = tl.arange(0, BLOCK_M * BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    pos = m0 + offs_r // BLOCK_H
-    head_in_group = hb * BLOCK_H + offs_r % BLOCK_H
-    head = hk * group + head_in_group
-    row_valid = pos < seqlen
-    if not EVEN_HEADS:
-        row_valid = row_valid & (head_in_group < group)
+    pos, head, row_valid = _query_rows(m0, seqlen, hk, hb, group, BLOCK_M, BLOCK_H, EVEN_HEADS)
 
     q = tl.load(Q + (seq_start + pos)[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
                 mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
