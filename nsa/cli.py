@@ -154,7 +154,7 @@ def cmd_profile(args) -> int:
     import torch
 
     from nsa.bench import device_name
-    from nsa.profile import format_table, profile_attention
+    from nsa.profile import format_table, profile_attention, step_tflop
     if _device_type(args.device) != "cuda":
         print("nsa profile: kernel times come from CUDA events; this machine has no CUDA GPU (on a CPU the "
               "interpreter's timings would say nothing)", file=sys.stderr)
@@ -167,6 +167,11 @@ def cmd_profile(args) -> int:
           f"T={args.seqlen}, {args.heads} query / {args.kv_heads} kv heads, D={args.head_dim}, "
           f"{args.dtype}, paper config (l=32, d=16, l'=64, n=16, w=512), mean of {args.steps} steps")
     print(format_table(times))
+    tflop = step_tflop(seqlen=args.seqlen, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                       head_dim=args.head_dim, dtype=str(dtype).removeprefix("torch."), backward="bwd" in args.ops)
+    total_ms = sum(ms for _, ms in times)
+    print(f"useful work {tflop:.2f} TFLOP per step (as nsa bench counts it): {tflop / total_ms * 1e3:.0f} TFLOP/s "
+          "over the kernels' GPU time")
     if args.out:
         import pandas as pd
         pd.DataFrame(times, columns=["kernel", "ms_per_step"]).to_csv(args.out, index=False)

@@ -58,6 +58,17 @@ def profile_attention(*, seqlen: int, num_heads: int, num_kv_heads: int, head_di
     return kernel_times(prof.events(), steps)
 
 
+def step_tflop(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16",
+               backward: bool = True, config: NSAConfig | None = None) -> float:
+    """The useful work of one profiled step in TFLOP, as the benchmark counts it (`nsa.work.op_work`)."""
+    from nsa.suites.problem import Problem
+    from nsa.work import op_work
+    config = config or NSAConfig()
+    ops = ("fwd", "bwd") if backward else ("fwd",)
+    return sum(op_work(Problem(op, seqlen, 1, num_heads, num_kv_heads, head_dim, head_dim, config, dtype),
+                       config).flops for op in ops) / 1e12
+
+
 def format_table(times: list[tuple[str, float]], most: int = 20) -> str:
     """The `most` slowest kernels: ms per step, share of the total, name (shortened); then the total."""
     total = sum(ms for _, ms in times)

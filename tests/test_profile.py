@@ -29,3 +29,15 @@ def test_table_lists_the_slowest_then_the_rest_and_the_total():
 def test_refuses_without_a_gpu(capsys):
     assert main(["profile", "--device", "cpu", "--seqlen", "1024"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_step_work_is_the_benchmarks_count():
+    from nsa import NSAConfig
+    from nsa.profile import step_tflop
+    from nsa.suites.problem import Problem
+    from nsa.work import op_work
+    config = NSAConfig()
+    fwd = op_work(Problem("fwd", 4096), config).flops
+    bwd = op_work(Problem("bwd", 4096), config).flops
+    assert step_tflop(seqlen=4096, num_heads=64, num_kv_heads=4, head_dim=128) == (fwd + bwd) / 1e12
+    assert step_tflop(seqlen=4096, num_heads=64, num_kv_heads=4, head_dim=128, backward=False) == fwd / 1e12
