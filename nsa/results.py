@@ -74,11 +74,17 @@ class ResultsStore:
 
     def add(self, row: dict) -> None:
         """Append a row (it must have every column of COLUMNS) and rewrite the CSV."""
-        missing = [c for c in COLUMNS if c not in row]
-        if missing:
-            raise ValueError(f"result row lacks columns {missing}")
-        self.rows.append(row)
-        self._done.add(tuple(row[k] for k in KEY))
+        self.extend([row])
+
+    def extend(self, rows: list[dict]) -> None:
+        """Append rows (each with every column of COLUMNS) and rewrite the CSV once."""
+        for row in rows:
+            missing = [c for c in COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"result row lacks columns {missing}")
+        for row in rows:
+            self.rows.append(row)
+            self._done.add(tuple(row[k] for k in KEY))
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.csv_path, self.table().to_csv(index=False))
 
@@ -112,18 +118,17 @@ def merge_folders(target, sources) -> int:
     if len(gpus) > 1:
         raise ValueError(f"these folders hold results of different GPUs ({', '.join(sorted(map(str, gpus)))}): "
                          "a report compares implementations on one kind of card")
-    before = len(store.rows)
+    new = {}
     for part in parts:
         for row in part.rows:
-            if not store.has(*(row[k] for k in KEY)):
-                store.rows.append(row)
-                store._done.add(tuple(row[k] for k in KEY))
+            key = tuple(row[k] for k in KEY)
+            if not store.has(*key):
+                new.setdefault(key, row)
     if environments:
         merged = dict(environments[0])
         merged["parts"] = merged.get("parts", []) + [
             {"folder": str(p.folder), **{k: v for k, v in (p.environment() or {}).items() if k != "parts"}}
             for p in parts]
         store.write_environment(merged)
-    store.folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(store.csv_path, store.table().to_csv(index=False))
-    return len(store.rows) - before
+    store.extend(list(new.values()))
+    return len(new)

@@ -363,14 +363,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
                              candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune,
                              skip=skip)
     entries = _read_existing(path, key)
-    todo, skipped = [], []
-    for family, bkey, problem in buckets(suite, families):
-        if (bkey in entries and not retune) or bkey in skip:
-            skipped.append(bkey)
-            continue
-        cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
-                                            problem.num_kv_heads, device=device)
-        todo.append((family, bkey, problem, cands, pruned))
+    todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip)
     result = dict(path=str(path), done=[], skipped=skipped, stopped=False)
     deadline = None if budget_s is None else time.monotonic() + budget_s
     bar = progress_bar(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", enabled=progress)
@@ -402,6 +395,20 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     finally:
         bar.close()
     return result
+
+
+def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip) -> tuple[list, list]:
+    """(buckets to tune as (family, key, problem, candidates, pruned), keys skipped): every bucket of the suite's
+    families except those in `skip` and, unless `retune`, those `entries` (the cache file's) already hold."""
+    todo, skipped = [], []
+    for family, bkey, problem in buckets(suite, families):
+        if (bkey in entries and not retune) or bkey in skip:
+            skipped.append(bkey)
+            continue
+        cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
+                                            problem.num_kv_heads, device=device)
+        todo.append((family, bkey, problem, cands, pruned))
+    return todo, skipped
 
 
 def _record(bkey: str, index: int, params, ms, failure) -> dict:
@@ -436,22 +443,17 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candi
 
     def plan() -> dict:
         entries = _read_existing(path, key)
-        skipped, todo, items, known = [], [], [], {}
+        todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip)
+        items, known = [], {}
         records = [record for rank_records in seen for record in rank_records]
-        for family, bkey, problem in buckets(suite, families):
-            if (bkey in entries and not retune) or bkey in skip:
-                skipped.append(bkey)
-                continue
-            cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
-                                                problem.num_kv_heads, device=device)
+        for b, (_, bkey, _, cands, _) in enumerate(todo):
             want = {i: _record(bkey, i, c, None, None)["params"] for i, c in enumerate(cands)}
             for record in records:  # a setup failure (inputs out of memory, ...) is not the candidate's: retried
                 i, failure = record.get("index"), record.get("failure") or [None]
                 same = record.get("key") == bkey and i in want and record.get("params") == want[i]
                 if same and failure[0] != "setup":
                     known.setdefault((bkey, i), record)
-            items += [(len(todo), i) for i in range(len(cands)) if (bkey, i) not in known]
-            todo.append((family, bkey, problem, cands, pruned))
+            items += [(b, i) for i in range(len(cands)) if (bkey, i) not in known]
         kept.update(entries=entries, known=known)
         return dict(skipped=skipped, buckets=todo, items=items)
 
