@@ -915,10 +915,13 @@ def _position_chunks(block_indices, seqs: PackedSequences, config: NSAConfig, nu
     (position, head, slot): chunks of positions whose parts fit INVERTED_PART_BYTES, with their work items."""
     total, _, n = block_indices.shape
     chunk = max(1, min(total, INVERTED_PART_BYTES // (num_heads * n * part_width * 4)))
-    return chunk, ((token0, min(chunk, total - token0),
-                    build_forward_items(block_indices, seqs, config, token0, min(chunk, total - token0),
-                                        INVERTED_ITEM_POSITIONS))
-                   for token0 in range(0, total, chunk))
+
+    def chunks():
+        for token0 in range(0, total, chunk):
+            count = min(chunk, total - token0)
+            yield token0, count, build_forward_items(block_indices, seqs, config, token0, count,
+                                                     INVERTED_ITEM_POSITIONS)
+    return chunk, chunks()
 
 
 def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig, scale: float,

@@ -144,10 +144,11 @@ def cmd_run(args) -> int:
     world = World.from_env()  # under torchrun: the tune's candidates and the bench's problems shared
     with world.started(args.device) as device:
         args.device = device
-        status = ensure_tuned(device=device, world=world if world.size > 1 else None)
+        sharded = world if world.size > 1 else None
+        status = ensure_tuned(device=device, world=sharded)
         if world.is_main:
             print(f"tune: {status}")
-        return _bench(args, args.suite or ["paper"], world=world if world.size > 1 else None)
+        return _bench(args, args.suite or ["paper"], world=sharded)
 
 
 def cmd_profile(args) -> int:
@@ -155,11 +156,13 @@ def cmd_profile(args) -> int:
 
     from nsa.bench import device_name
     from nsa.profile import format_table, profile_attention, step_tflop
+    from nsa.suites.problem import DTYPE_LABELS, DTYPES
     if _device_type(args.device) != "cuda":
         print("nsa profile: kernel times come from CUDA events; this machine has no CUDA GPU (on a CPU the "
               "interpreter's timings would say nothing)", file=sys.stderr)
         return 2
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype_name = {label: name for name, label in DTYPE_LABELS.items()}[args.dtype]
+    dtype = DTYPES[dtype_name]
     times = profile_attention(seqlen=args.seqlen, num_heads=args.heads, num_kv_heads=args.kv_heads,
                               head_dim=args.head_dim, dtype=dtype, backward="bwd" in args.ops, steps=args.steps,
                               device=args.device)
@@ -168,7 +171,7 @@ def cmd_profile(args) -> int:
           f"{args.dtype}, paper config (l=32, d=16, l'=64, n=16, w=512), mean of {args.steps} steps")
     print(format_table(times))
     tflop = step_tflop(seqlen=args.seqlen, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                       head_dim=args.head_dim, dtype=str(dtype).removeprefix("torch."), backward="bwd" in args.ops)
+                       head_dim=args.head_dim, dtype=dtype_name, backward="bwd" in args.ops)
     total_ms = sum(ms for _, ms in times)
     print(f"useful work {tflop:.2f} TFLOP per step (as nsa bench counts it): {tflop / total_ms * 1e3:.0f} TFLOP/s "
           "over the kernels' GPU time")
@@ -285,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     import torch
 
     from nsa.suites import SUITES
+    from nsa.suites.problem import DTYPE_LABELS
     parser = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention: tuned Triton kernels, "
                                      "correctness against a PyTorch reference, and reports against FlashAttention.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -334,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile_.add_argument("--heads", type=int, default=64, help="query heads (default: %(default)s)")
     profile_.add_argument("--kv-heads", type=int, default=4, help="kv heads (default: %(default)s)")
     profile_.add_argument("--head-dim", type=int, default=128, help="head dim (default: %(default)s)")
-    profile_.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+    profile_.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_LABELS.values()),
                           help="input dtype (default: %(default)s)")
     profile_.add_argument("--ops", type=_comma_list(["fwd", "bwd"]), default=["fwd", "bwd"], metavar="fwd[,bwd]",
                           help="fwd alone, or fwd and bwd (default)")
