@@ -391,9 +391,12 @@ def heads_per_tile(group: int, rows: int) -> int:
 SEARCH_SPACE = dict(fwd_block_m=[8, 16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
                     fwd_num_stages=[1, 2, 3])
 INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 64])
-# The backward kernels (`compression_bwd`). The H200 tune picked the smallest key tile (32) of 32/64/128 at every
-# length: more dk/dv programs for the triangular load; dkdv_splits gives more programs without shrinking the tile.
-BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 32, 64], dkdv_num_warps=[4, 8], dkdv_splits=[1, 2, 4, 8])
+# The backward kernels (`compression_bwd`). Without splits the H200 tune picked the smallest key tile (more
+# programs for the triangular load); with splits the large key tiles win (a sweep at 64k in docs/performance.md).
+BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[64, 128], dkdv_num_warps=[4, 8], dkdv_splits=[1, 4, 8],
+                             dkdv_num_stages=[2, 3])
+# dk/dv partials of all splits together (fp32) stay under this; larger dkdv_splits are lowered to fit.
+DKDV_PARTIAL_BYTES = 2**30
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 64], dkdv_splits=[2])
 
 
@@ -401,11 +404,11 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v:
                    dtype: torch.dtype = torch.bfloat16) -> CompressionParams:
     """A sane default for the shape (the tuner searches better ones): the group's heads packed into each tile.
 
-    For 16-bit inputs and head dims <= 128: forward 128 rows x 32 keys (8 warps), dkdv 128 rows x 64 keys
-    (8 warps), dq 64 rows x 64 keys (4 warps): the fastest of a coordinate sweep on an H200 (paper shape, T=32k,
-    triton 3.6; dkdv 34.5 -> 27.8 ms, dq -> 23.7 ms for the whole backward against 32 x 32 tiles). Head dims
-    above 128 halve the rows; fp32 (its `ieee` tl.dot runs on FMA units) uses 16 x 16 tiles. Under the
-    interpreter, large tiles (it pays per program and per step, not per element).
+    For 16-bit inputs and head dims <= 128: forward 128 rows x 32 keys (8 warps), dq 64 rows x 64 keys
+    (4 warps): the fastest of a coordinate sweep on an H200 (paper shape, T=32k, triton 3.6). dkdv 64 rows x 128
+    keys, 8 warps, 3 stages, 8 splits: the fastest of 108 tilings swept at 64k on an H200 (see
+    docs/performance.md). Head dims above 128 halve the rows; fp32 (its `ieee` tl.dot runs on FMA units) uses
+    16 x 16 tiles. Under the interpreter, large tiles (it pays per program and per step, not per element).
     """
     group = num_heads // num_kv_heads
     if runtime.interpreting():
@@ -419,15 +422,22 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v:
                                  dkdv_num_warps=4, dkdv_num_stages=1, dq_block_m=16 // h, dq_block_n=16,
                                  dq_block_h=h, dq_num_warps=4, dq_num_stages=1)
     big = max(head_dim, head_dim_v) > 128
-    fwd_rows, dkdv_rows, dq_rows = (64, 16, 32) if big else (128, 128, 64)
+    fwd_rows, dkdv_rows, dq_rows = (64, 16, 32) if big else (128, 64, 64)
     fwd_h, dkdv_h, dq_h = (heads_per_tile(group, r) for r in (fwd_rows, dkdv_rows, dq_rows))
     return CompressionParams(
         fwd_block_m=fwd_rows // fwd_h, fwd_block_n=32, fwd_block_h=fwd_h, fwd_num_warps=4 if big else 8,
         fwd_num_stages=2 if big else 3,
-        dkdv_block_m=dkdv_rows // dkdv_h, dkdv_block_n=32 if big else 64, dkdv_block_h=dkdv_h,
-        dkdv_num_warps=4 if big else 8, dkdv_num_stages=1 if big else 2,
+        dkdv_block_m=dkdv_rows // dkdv_h, dkdv_block_n=32 if big else 128, dkdv_block_h=dkdv_h,
+        dkdv_num_warps=4 if big else 8, dkdv_num_stages=1 if big else 3, dkdv_splits=1 if big else 8,
         dq_block_m=dq_rows // dq_h, dq_block_n=32 if big else 64, dq_block_h=dq_h, dq_num_warps=4,
         dq_num_stages=2)
+
+
+def dkdv_splits(params: CompressionParams, k_cmp_shape, head_dim_v: int) -> int:
+    """params.dkdv_splits, lowered so that the fp32 partials of dk_cmp and dv_cmp fit DKDV_PARTIAL_BYTES."""
+    num_cmp, num_kv_heads, head_dim = k_cmp_shape
+    per_split = num_cmp * num_kv_heads * (head_dim + head_dim_v) * 4
+    return max(1, min(params.dkdv_splits, DKDV_PARTIAL_BYTES // max(1, per_split)))
 
 
 def compressed_attention_fwd(q, k_cmp, v_cmp, seqs: PackedSequences, config: NSAConfig, scale: float,
@@ -496,7 +506,7 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
                   PRECISION=runtime.dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))
-    splits = params.dkdv_splits
+    splits = dkdv_splits(params, k_cmp.shape, head_dim_v)
     if splits == 1:
         dk_out, dv_out = dk[None], dv[None]
     else:  # every (split, key row) is written, zeros where a split has no query tile for the key tile

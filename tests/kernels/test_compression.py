@@ -15,7 +15,7 @@ from nsa import NSAConfig
 from nsa.accuracy import ERROR_FLOOR, allowed_error, assert_close
 from nsa.kernels import runtime
 from nsa.kernels.compression import (CompressionParams, compressed_attention, compressed_attention_fwd,
-                                     default_params)
+                                     default_params, dkdv_splits)
 from nsa.kernels.packing import PackedSequences
 from nsa.problems import random_inputs
 from nsa.reference import compressed_attention as reference_compressed_attention
@@ -175,6 +175,18 @@ def test_params_validation():
     for group in (1, 2, 3, 16, 64):
         p = default_params(group * 2, 2, 128, 128)
         assert p.fwd_block_m * p.fwd_block_h >= 16
+
+
+def test_dkdv_splits_are_lowered_to_fit_the_partials(monkeypatch):
+    """The fp32 dk/dv partials of all splits stay under DKDV_PARTIAL_BYTES; at least one split always runs."""
+    compression = inspect.getmodule(default_params)
+    params = CompressionParams(dkdv_splits=8)
+    per_split = 4095 * 4 * (128 + 128) * 4  # paper shape at 64k: 16.8 MB
+    assert dkdv_splits(params, (4095, 4, 128), 128) == 8
+    monkeypatch.setattr(compression, "DKDV_PARTIAL_BYTES", 3 * per_split)
+    assert dkdv_splits(params, (4095, 4, 128), 128) == 3
+    monkeypatch.setattr(compression, "DKDV_PARTIAL_BYTES", per_split // 2)
+    assert dkdv_splits(params, (4095, 4, 128), 128) == 1
 
 
 @pytest.mark.parametrize("bad", ["k_cmp-length", "heads", "dtype", "v_cmp-heads", "rank", "cu_seqlens-batch",
