@@ -4,12 +4,15 @@ The step is the one the benchmarks time (the kernels read the tuned config cache
 forward, and with "bwd" the backward from a fixed random output gradient. torch.profiler records the CUDA
 kernels of a few steps after two warm-up steps; each kernel's GPU time is summed over its launches and divided
 by the steps. Kernels overlap little (one stream), so the times add up to about the step's GPU time; L2 is not
-flushed between kernels, so they run a little faster than in `nsa bench`. docs/performance.md keeps the tables.
+flushed between kernels, so they run a little faster than in `nsa bench`. The step itself is also timed as the
+benchmark times it (CUDA events, L2 flushed): what it takes beyond the kernels' sum is the GPU waiting for the
+host (synchronisations, launches). docs/performance.md keeps the tables.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import torch
 
@@ -25,14 +28,34 @@ def kernel_times(events, steps: int) -> list[tuple[str, float]]:
     return totals.most_common()
 
 
+@dataclasses.dataclass(frozen=True)
+class StepProfile:
+    """One profiled step: `kernels` as from `kernel_times`, and the step's median time `step_ms`."""
+
+    kernels: list[tuple[str, float]]
+    step_ms: float
+
+    @property
+    def kernel_ms(self) -> float:
+        return sum(ms for _, ms in self.kernels)
+
+    @property
+    def host_wait_ms(self) -> float:
+        """The step's time not covered by kernels: the GPU waiting for the host (about: the kernels ran without
+        L2 flushes, the step with)."""
+        return max(0.0, self.step_ms - self.kernel_ms)
+
+
 def profile_attention(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype=torch.bfloat16,
                       backward: bool = True, steps: int = 3, config: NSAConfig | None = None,
-                      device="cuda") -> list[tuple[str, float]]:
-    """`kernel_times` of `nsa.kernels.nsa_attention` (B=1, random inputs, seed 0) on a CUDA `device`."""
+                      device="cuda") -> StepProfile:
+    """`kernel_times` of `nsa.kernels.nsa_attention` (B=1, random inputs, seed 0) on a CUDA `device`, and the
+    median of `steps` timed steps."""
     from torch.profiler import ProfilerActivity, profile
 
     from nsa.kernels import nsa_attention
     from nsa.problems import random_inputs
+    from nsa.timing import TimerSettings, time_call
     if torch.device(device).type != "cuda":
         raise ValueError(f"nsa profile times CUDA kernels; {device!r} is not a CUDA device")
     config = config or NSAConfig()
@@ -55,7 +78,8 @@ def profile_attention(*, seqlen: int, num_heads: int, num_kv_heads: int, head_di
         for _ in range(steps):
             step()
         torch.cuda.synchronize(device)
-    return kernel_times(prof.events(), steps)
+    timing = time_call(step, device, TimerSettings(warmup_ms=0.0, rep_ms=0.0, min_reps=steps, max_reps=steps))
+    return StepProfile(kernel_times(prof.events(), steps), timing.median_ms)
 
 
 def step_tflop(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16",

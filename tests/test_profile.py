@@ -5,7 +5,7 @@ import types
 import torch
 
 from nsa.cli import main
-from nsa.profile import format_table, kernel_times
+from nsa.profile import StepProfile, format_table, kernel_times
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
@@ -24,6 +24,12 @@ def test_table_lists_the_slowest_then_the_rest_and_the_total():
     table = format_table(times, most=3).splitlines()
     assert table[1].split() == ["10.000", "25.0%", "k0"]
     assert "(2 more kernels)" in table[-2] and table[-1].split()[:2] == ["40.000", "100.0%"]
+
+
+def test_step_time_beyond_the_kernels_is_host_wait():
+    profiled = StepProfile([("dkdv", 3.0), ("fwd", 0.5)], step_ms=4.25)
+    assert profiled.kernel_ms == 3.5 and profiled.host_wait_ms == 0.75
+    assert StepProfile([("fwd", 2.0)], step_ms=1.9).host_wait_ms == 0.0  # L2 flushes make no negative wait
 
 
 def test_refuses_without_a_gpu(capsys):
