@@ -613,16 +613,19 @@ SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128],
                     fwd_num_stages=[1, 2, 3], fwd_inverted=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[False, True])
 # The backward kernels (`selected_bwd`).
-BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096], dq_inverted=[False, True])
+BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096], dkdv_num_stages=[2, 3],
+                             dq_inverted=[False, True])
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096], dq_inverted=[False, True])
 
 
 def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
                    device=None, dtype=None) -> SelectedAttentionParams:
     """A sane untuned default: fwd/dq rows = max(16, G) (block_t = 16 // G positions, the rows a small group
-    would otherwise pad), key tiles of min(64, l') tokens; dkdv steps of ~64 rows over 64-key slices (32 and 32
-    for fp32 or head dims > 128, which would spill registers), a list chunk of 2 * n * l' positions (about twice
-    a block's average list length). For 16-bit inputs, head dims <= 128 and groups of at most 4 heads, the forward
+    would otherwise pad), key tiles of min(64, l') tokens; dkdv steps of ~64 rows over 64-key slices on 4 warps
+    with 3 stages (32 and 32 on 8 warps, 2 stages, for fp32 or head dims > 128, which would spill registers), a
+    list chunk of 2 * n * l' positions (about twice a block's average list length). The dkdv sweep at 64k on an
+    H200 (72 tilings, docs/performance.md) found 4 warps better than 8 in every tiling: 8 -> 4 warps took the
+    selected backward from 45 to 33 ms at G=16 (64 rows) and from 87 to 68 ms at G=4 (32 rows). For 16-bit inputs, head dims <= 128 and groups of at most 4 heads, the forward
     and dq are inverted: at 64k on an H200 the inverted forward took G=1 from 227 to 124 ms and G=4 from 115 to
     93 ms (G=16: 43 -> 73 ms at best), the inverted dq the G=1 step from 519 to 448 ms and G=4's from 249 to
     243 ms."""
@@ -640,7 +643,7 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
         fwd_inverted=group <= inverted_upto, dq_block_t=block_t, dq_block_n=block_n, dq_num_warps=4,
         dq_num_stages=2, dq_inverted=group <= inverted_upto,
         dkdv_block_t=dkdv_block_t, dkdv_block_n=dkdv_block_n, dkdv_chunk=dkdv_chunk,
-        dkdv_num_warps=8 if max(head_dim, head_dim_v) > 64 else 4, dkdv_num_stages=2)
+        dkdv_num_warps=8 if heavy and max(head_dim, head_dim_v) > 64 else 4, dkdv_num_stages=2 if heavy else 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
