@@ -44,12 +44,18 @@ class PackedSequences:
             bounds = cu_seqlens.tolist()
             lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         num_cmp = [config.num_cmp_blocks(n) for n in lengths]
+        return PackedSequences(device_offsets(lengths, device), device_offsets(num_cmp, device),
+                               max(lengths, default=0), max(num_cmp, default=0), tuple(lengths))
 
-        def offsets(sizes):
-            out = [0]
-            for s in sizes:
-                out.append(out[-1] + s)
-            return torch.tensor(out, dtype=torch.int32, device=device)
 
-        return PackedSequences(offsets(lengths), offsets(num_cmp), max(lengths, default=0), max(num_cmp, default=0),
-                               tuple(lengths))
+def device_offsets(sizes, device) -> torch.Tensor:
+    """int32 [len(sizes) + 1]: the running offsets 0, s0, s0 + s1, ... of host ints `sizes`, on `device`.
+
+    The copy is non-blocking: `torch.tensor(..., device="cuda")` synchronises the stream (waits for every queued
+    kernel) for these few bytes, and the GPU then idles while the host queues the next launches. A non-blocking
+    copy from pageable memory is staged before the call returns, so the host list may go at once.
+    """
+    out = [0]
+    for size in sizes:
+        out.append(out[-1] + size)
+    return torch.tensor(out, dtype=torch.int32).to(device, non_blocking=True)

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
-from nsa.kernels.packing import PackedSequences
+from nsa.kernels.packing import PackedSequences, device_offsets
 from nsa.kernels.runtime import MIN_DOT, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision, new_output, pack
 
 LOG2E = 1.4426950408889634
@@ -65,7 +65,8 @@ REDUCE_BLOCK_N = 16
 # The inverted forward keeps an fp32 part (Dv outputs and an lse per head) per (position, kv head, slot): it
 # takes the positions in chunks whose parts fit this many bytes (8k positions of the paper shape; at most 1/16 of
 # the GPU's memory), and cuts a block's list of positions into work items of at most INVERTED_ITEM_POSITIONS.
-# Each chunk costs a host sync: 1 GiB chunks (33 at 64k) left an H200 idle for 27 of 299 ms at G=4.
+# Chunks are large because each is a round of small launches (and each was a host sync until the items were
+# counted on the device: 1 GiB chunks, 33 at 64k, left an H200 idle for 27 of 299 ms at G=4).
 INVERTED_PART_BYTES = 2**32
 INVERTED_ITEM_POSITIONS = 256
 
@@ -650,13 +651,6 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
 # Index preprocessing (torch ops on the device)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _offsets(sizes, device) -> torch.Tensor:
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + s)
-    return torch.tensor(out, dtype=torch.int32, device=device)
-
-
 def _owner(cu: torch.Tensor, count: int) -> torch.Tensor:
     """int32 [count]: for each i < count, the segment s with cu[s] <= i < cu[s+1] (empty segments skipped)."""
     return torch.searchsorted(cu[1:], torch.arange(count, dtype=torch.int32, device=cu.device), right=True,
@@ -697,7 +691,7 @@ def build_block_schedule(block_indices: torch.Tensor, seqs: PackedSequences, blo
     total, num_kv_heads, n = block_indices.shape
     device = block_indices.device
     tiles_per_seq = [triton.cdiv(length, block_t) for length in seqs.seqlens]
-    cu_tiles = _offsets(tiles_per_seq, device)
+    cu_tiles = device_offsets(tiles_per_seq, device)
     num_tiles = sum(tiles_per_seq)
     tile_seq = _owner(cu_tiles, num_tiles)
     tile_tok0 = seqs.cu_seqlens[tile_seq.long()] + (torch.arange(num_tiles, dtype=torch.int32, device=device)
@@ -782,7 +776,7 @@ def sort_selections(block_indices: torch.Tensor, seqs: PackedSequences, config: 
     count = total - token0 if count is None else count
     device = block_indices.device
     blocks_per_seq = [triton.cdiv(length, config.slc_block) for length in seqs.seqlens]
-    cu_blocks = _offsets(blocks_per_seq, device)
+    cu_blocks = device_offsets(blocks_per_seq, device)
     num_blocks = sum(blocks_per_seq)
     num_keys = num_blocks * num_kv_heads
     tok_seq = _owner(seqs.cu_seqlens, total)[token0:token0 + count]
@@ -845,19 +839,34 @@ class ForwardItems:
         return self.item_key.shape[0]
 
 
+def max_forward_items(num_entries: int, num_keys: int, item_len: int) -> int:
+    """At most this many items cut runs of `num_entries` entries over `num_keys` keys into items of at most
+    `item_len`: each run of r entries gives ceil(r / item_len) <= r / item_len + 1 items."""
+    return num_entries // item_len + min(num_keys, num_entries)
+
+
 def build_forward_items(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig, token0: int,
                         count: int, item_len: int) -> ForwardItems:
-    """The inverted forward's items for positions [token0, token0 + count); one host sync (the item count)."""
+    """The inverted forward's items for positions [token0, token0 + count); device ops, no host sync.
+
+    The item count is only known on the device, so there are `max_forward_items` items, the real ones first;
+    the others are empty (begin = end) and their programs exit at once. Counting on the host (torch.nonzero)
+    would cost a host sync per chunk, the GPU idle while the host queues the next launches.
+    """
     sel = sort_selections(block_indices, seqs, config, token0, count)
     keys = sel.sorted_keys
     index = torch.arange(keys.shape[0], device=keys.device)
     # Where each entry's key begins: a binary search (cummax over a running index took 48 ms at 64k, G=4, H200).
     run_start = torch.searchsorted(keys, keys)
     starts = ((index - run_start) % item_len == 0) & (keys < sel.num_keys)
-    item_begin = torch.nonzero(starts).flatten()  # the host sync
-    item_key = keys[item_begin]
+    bound = max_forward_items(keys.shape[0], sel.num_keys, item_len)
+    # Item i is the i-th start: scatter each start's entry index to its rank, the other entries to a spare slot.
+    rank = torch.where(starts, starts.cumsum(0) - 1, bound)
+    item_begin = torch.zeros(bound + 1, dtype=index.dtype, device=keys.device).scatter_(0, rank, index)[:bound]
+    real = torch.arange(bound, device=keys.device) < starts.sum()
+    item_key = torch.where(real, keys[item_begin], 0)
     key_end = torch.searchsorted(keys, item_key, right=True)
-    item_end = torch.minimum(item_begin + item_len, key_end)
+    item_end = torch.where(real, torch.minimum(item_begin + item_len, key_end), item_begin)
     i32 = torch.int32
     return ForwardItems(sel.order.to(i32), item_key.to(i32), item_begin.to(i32), item_end.to(i32), sel.block_seq,
                         sel.cu_blocks)

@@ -15,8 +15,9 @@ from nsa import NSAConfig
 from nsa.accuracy import ERROR_FLOOR, allowed_error, assert_close
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import interpreting
-from nsa.kernels.selected_attention import (SelectedAttentionParams, build_block_schedule, build_inverse_index,
-                                            default_params, selected_attention, selected_attention_fwd)
+from nsa.kernels.selected_attention import (SelectedAttentionParams, build_block_schedule, build_forward_items,
+                                            build_inverse_index, default_params, max_forward_items,
+                                            selected_attention, selected_attention_fwd)
 from nsa.problems import random_inputs
 from nsa.reference import select_blocks
 from nsa.reference import selected_attention as reference_selected_attention
@@ -273,6 +274,30 @@ def test_inverse_index_lists_every_selection(chunk):
         else:
             assert [p[2] for p in pieces] == list(range(inv.key_slot0[key], inv.key_slot0[key] + len(pieces)))
             assert inv.key_slots[key] == len(pieces)
+
+
+@pytest.mark.parametrize("token0, count, item_len", [(0, 99, 1), (10, 45, 3), (55, 44, 1000)])
+def test_forward_items_cover_each_entry_once(token0, count, item_len):
+    config = cfg(16, 4)
+    seqlens = [50, 0, 9, 40]
+    cu = torch.tensor([0, 50, 50, 59, 99], dtype=torch.int32)
+    bi = random_selection(seqlens, 3, config, seed=item_len)[0]
+    seqs = PackedSequences.build(config, 1, sum(seqlens), "cpu", cu)
+    items = build_forward_items(bi, seqs, config, token0, count, item_len)
+    entries = count * 3 * 4
+    num_keys = sum(-(-n // 16) for n in seqlens) * 3
+    # As many items as the bound (counted on the device, no host sync): the real ones, then empty ones.
+    assert items.num_items == max_forward_items(entries, num_keys, item_len)
+    seen = []
+    for key, begin, end in zip(*(x.tolist() for x in (items.item_key, items.item_begin, items.item_end))):
+        assert 0 <= end - begin <= item_len
+        for e in items.entries[begin:end].tolist():
+            tok, hk, slot = token0 + e // 12, e // 4 % 3, e % 4
+            seq = int(torch.searchsorted(cu[1:], torch.tensor(tok), right=True))
+            assert (int(items.cu_blocks[seq]) + int(bi[tok, hk, slot])) * 3 + hk == key
+            seen.append(e)
+    chosen = (bi[token0:token0 + count] >= 0).flatten().nonzero().flatten().tolist()
+    assert sorted(seen) == chosen
 
 
 # ----------------------------------------------------------------------------------------------------------------
