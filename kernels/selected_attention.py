@@ -626,10 +626,10 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
     with 3 stages (32 and 32 on 8 warps, 2 stages, for fp32 or head dims > 128, which would spill registers), a
     list chunk of 2 * n * l' positions (about twice a block's average list length). The dkdv sweep at 64k on an
     H200 (72 tilings, docs/performance.md) found 4 warps better than 8 in every tiling: 8 -> 4 warps took the
-    selected backward from 45 to 33 ms at G=16 (64 rows) and from 87 to 68 ms at G=4 (32 rows). For 16-bit inputs, head dims <= 128 and groups of at most 4 heads, the forward
-    and dq are inverted: at 64k on an H200 the inverted forward took G=1 from 227 to 124 ms and G=4 from 115 to
-    93 ms (G=16: 43 -> 73 ms at best), the inverted dq the G=1 step from 519 to 448 ms and G=4's from 249 to
-    243 ms."""
+    selected backward from 45 to 33 ms at G=16 (64 rows) and from 87 to 68 ms at G=4 (32 rows). For 16-bit
+    inputs, head dims <= 128 and groups of at most 4 heads, the forward and dq are inverted: at 64k on an H200
+    the inverted forward took G=1 from 227 to 124 ms and G=4 from 115 to 93 ms (G=16: 43 -> 73 ms at best), the
+    inverted dq the G=1 step from 519 to 448 ms and G=4's from 249 to 243 ms."""
     group = num_heads // max(1, num_kv_heads)
     block_n = max(MIN_DOT, min(64, triton.next_power_of_2(config.slc_block)))
     block_t = min(MAX_BLOCK_T, _floor_pow2(max(1, MIN_DOT // group)))
@@ -825,7 +825,8 @@ def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, conf
 class ForwardItems:
     """Work of the inverted forward over positions [token0, token0 + count): `entries` as in SortedSelections
     (int32, grouped by key), cut into items, each a run entries[begin:end] of one key of at most `item_len`
-    positions; only keys some position selected get items."""
+    positions; only keys some position selected get items, and after the real items come empty ones (begin =
+    end) up to a bound known on the host."""
 
     entries: torch.Tensor
     item_key: torch.Tensor
