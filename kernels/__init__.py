@@ -2,8 +2,9 @@
 
 One file per kernel family, each mirroring the reference stage of the same name: `compression`,
 `selection`, `selected_attention`, `window_attention`, `combine`; `attention` composes them into
-`nsa_attention` with its own autograd. Inference: `kv_cache` (a batched, optionally paged cache) and `decode`
-(`nsa_decode` for one or a few new tokens per sequence, `nsa_prefill` for prompts and prompt chunks).
+`nsa_attention` with its own autograd; `delta` is the backward's rowsum(dO * O), shared by the branches.
+Inference: `kv_cache` (a batched, optionally paged cache) and `decode` (`nsa_decode` for one or a few new tokens
+per sequence, `nsa_prefill` for prompts and prompt chunks).
 """
 
 from nsa.kernels.attention import NSAParams, nsa_attention

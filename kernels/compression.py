@@ -9,7 +9,7 @@ position, so with few positions per tile nearly every key tile is unmasked (loop
 go through the inner function with MASK=False, the diagonal ones with MASK=True).
 
 Backward (flash-style recomputation from the saved log-sum-exp):
-  * `compressed_attention_bwd_preprocess_kernel`: delta = rowsum(do * o);
+  * delta = rowsum(do * o) (`nsa.kernels.delta`);
   * `compressed_attention_bwd_dkdv_kernel`: a program owns dkdv_block_n compressed keys of one kv head and
     loops over its group's heads and the query tiles that can see them: dk_cmp, dv_cmp without atomics. The
     first key tiles are seen by nearly every position and the last by few (a triangle), so with dkdv_splits > 1
@@ -32,6 +32,7 @@ import triton.language as tl
 from nsa.config import NSAConfig
 from nsa.inputs import check_compressed, check_config, check_cu_seqlens, check_float_tensors, resolve_scale
 from nsa.kernels import runtime
+from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences
 
 LOG2E = 1.4426950408889634
@@ -144,22 +145,6 @@ def compressed_attention_fwd_kernel(
              out.to(o.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     row_lse = tl.where(sees_any, (m_i + tl.log2(tl.where(sees_any, l_i, 1.0))) * _LN2, float("inf"))
     tl.store(lse + head * stride_lh + tok, row_lse, mask=row_ok)
-
-
-@triton.jit
-def compressed_attention_bwd_preprocess_kernel(o, do, delta, num_tokens, stride_ot, stride_oh, stride_dot,
-                                               stride_doh, stride_dh, DV: tl.constexpr, BLOCK_T: tl.constexpr,
-                                               BLOCK_DV: tl.constexpr):
-    """delta[h, t] = sum_e do[t, h, e] * o[t, h, e] in float32."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    head = tl.program_id(1)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_t < num_tokens)[:, None] & (offs_dv < DV)[None, :]
-    tok = offs_t.to(tl.int64)
-    o_tile = tl.load(o + tok[:, None] * stride_ot + head * stride_oh + offs_dv[None, :], mask=mask, other=0.0)
-    do_tile = tl.load(do + tok[:, None] * stride_dot + head * stride_doh + offs_dv[None, :], mask=mask, other=0.0)
-    row = tl.sum(o_tile.to(tl.float32) * do_tile.to(tl.float32), 1)
-    tl.store(delta + head * stride_dh + tok, row, mask=offs_t < num_tokens)
 
 
 @triton.jit
@@ -495,11 +480,7 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
     if num_cmp == 0:
         return dq.zero_(), dk, dv
     do, lse = do.contiguous(), lse.contiguous()
-    delta = torch.empty((num_heads, total), dtype=torch.float32, device=q.device)
-    block_t = 64
-    compressed_attention_bwd_preprocess_kernel[(triton.cdiv(total, block_t), num_heads)](
-        o, do, delta, total, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0),
-        DV=head_dim_v, BLOCK_T=block_t, BLOCK_DV=head_dim_block(head_dim_v))
+    delta = attention_delta(o, do)
 
     shared = dict(G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
                   BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),

@@ -20,12 +20,13 @@ block is loaded once for all the positions that chose it, and what is gathered i
 4 KB at the paper shape against the block's 32 KB of K/V). A program owns one (block, kv head) and a run of at
 most INVERTED_ITEM_POSITIONS of its positions (`build_forward_items`: the same sort as the dk/dv index), in
 steps of fwd_block_t positions x G heads; it writes each (position, head)'s attention to that one block,
-normalised, with its lse, as an fp32 part. A second kernel merges each position's n parts (a softmax-weighted
-sum in slot order: deterministic) into o and lse. The parts of all positions would take T x Hq x n x (Dv + 1)
-x 4 bytes (34 GB at 64k), so positions go in chunks of INVERTED_PART_BYTES. It pays when the gathered K/V
-bytes dominate, most of all for small groups (see docs/performance.md); the tuner decides. dq_inverted
-does the same for dq (parts of Dk floats, summed per position in slot order); delta = rowsum(dO * O) is then
-computed by torch before it, since no gather-dq kernel runs.
+normalised, with its lse, as a part (fp32; 16 bits with fwd_parts_16bit). A second kernel merges each
+position's n parts (a softmax-weighted sum in slot order: deterministic) into o and lse. The fp32 parts of all
+positions would take T x Hq x n x (Dv + 1) x 4 bytes (34 GB at 64k), so positions go in chunks of
+INVERTED_PART_BYTES. It pays when the gathered K/V bytes dominate, most of all for small groups (see
+docs/performance.md); the tuner decides. dq_inverted does the same for dq (parts of Dk values, summed per
+position in slot order); delta = rowsum(dO * O) then comes from `nsa.kernels.delta` before it, since no
+gather-dq kernel runs.
 
 dk/dv: inverse index, no atomics. `build_inverse_index` sorts the (position, kv head, block) entries by
 (sequence block, kv head) into CSR lists of query positions (ascending). A dkdv program owns one BLOCK_N slice of
@@ -51,6 +52,7 @@ import triton.language as tl
 
 from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
+from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences, device_offsets
 from nsa.kernels.runtime import MIN_DOT, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision, new_output, pack
 
@@ -62,7 +64,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_BLOCK_T = 32
 # Keys per program of the partial-sum reduction (a light, memory-bound kernel).
 REDUCE_BLOCK_N = 16
-# The inverted forward keeps an fp32 part (Dv outputs and an lse per head) per (position, kv head, slot): it
+# The inverted forward keeps a part (Dv outputs and an lse per head) per (position, kv head, slot): it
 # takes the positions in chunks whose parts fit this many bytes (8k positions of the paper shape; at most 1/16 of
 # the GPU's memory), and cuts a block's list of positions into work items of at most INVERTED_ITEM_POSITIONS.
 # Chunks are large because each is a round of small launches (and each was a host sync until the items were
@@ -228,7 +230,7 @@ def selected_attention_fwd_inverted_kernel(
         l_safe = tl.where(has_keys, l_i, 1.0)
         ent64 = ent.to(tl.int64)
         tl.store(O_PART + ent64[:, None] * stride_pe + g_r[:, None] * stride_ph + offs_dv[None, :],
-                 acc / l_safe[:, None], mask=row_valid[:, None] & col_v[None, :])
+                 (acc / l_safe[:, None]).to(O_PART.dtype.element_ty), mask=row_valid[:, None] & col_v[None, :])
         lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
         tl.store(LSE_PART + ent64 * stride_le + g_r, lse, mask=row_valid)
 
@@ -258,7 +260,7 @@ def selected_attention_fwd_merge_kernel(
         if block >= 0:
             lse_j = tl.load(LSE_PART + (ent0 + j) * stride_le + offs_g, mask=g_ok, other=float("-inf")) * _LOG2E
             o_j = tl.load(O_PART + (ent0 + j) * stride_pe + offs_g[:, None] * stride_ph + offs_dv[None, :],
-                          mask=mask, other=0.0)
+                          mask=mask, other=0.0).to(tl.float32)
             m_new = tl.maximum(m_i, lse_j)
             alpha = tl.math.exp2(m_i - m_new)
             w = tl.math.exp2(lse_j - m_new)
@@ -284,7 +286,7 @@ def selected_attention_bwd_dq_inverted_kernel(
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
         BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq_inverted: each (position, head)'s dq from ONE selected block, for the positions of one work item (as
-    in the inverted forward); fp32 parts DQ_PART[entry, head] that `selected_attention_sum_parts_kernel` adds."""
+    in the inverted forward); parts DQ_PART[entry, head] that `selected_attention_sum_parts_kernel` adds."""
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     item = tl.program_id(0)
     begin, end, hk, block, seq_start, seqlen = _work_item(item, ITEM_KEY, ITEM_BEGIN, ITEM_END, BLOCK_SEQ, CU_BLOCKS,
@@ -329,7 +331,7 @@ def selected_attention_bwd_dq_inverted_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         tl.store(DQ_PART + ent.to(tl.int64)[:, None] * stride_pe + g_r[:, None] * stride_ph + offs_dk[None, :],
-                 dq * scale, mask=row_valid[:, None] & col_k[None, :])
+                 (dq * scale).to(DQ_PART.dtype.element_ty), mask=row_valid[:, None] & col_k[None, :])
 
 
 @triton.jit
@@ -349,7 +351,7 @@ def selected_attention_sum_parts_kernel(
     for j in range(N):
         if tl.load(BLOCK_INDICES + tok * stride_bt + hk * stride_bh + j) >= 0:
             acc += tl.load(PART + (ent0 + j) * stride_pe + offs_g[:, None] * stride_ph + offs_d[None, :], mask=mask,
-                           other=0.0)
+                           other=0.0).to(tl.float32)
     head = hk * G + offs_g
     tl.store(OUT + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :], acc.to(OUT.dtype.element_ty),
              mask=mask)
@@ -570,11 +572,15 @@ class SelectedAttentionParams:
 
     `fwd_inverted` runs the forward the other way round (see the module doc): a program owns one selected
     block of one kv head and steps over `fwd_block_t` positions x G heads of the positions that chose it;
-    `dq_inverted` does the same for dq (`dq_block_t` positions, `dq_block_n` keys per step).
+    `dq_inverted` does the same for dq (`dq_block_t` positions, `dq_block_n` keys per step). With
+    `fwd_parts_16bit` / `dq_parts_16bit` the inverted kernels write their per-block output / dq parts in 16 bits
+    (bfloat16 for bfloat16 inputs, else float16) instead of fp32, halving the parts' bytes; the lse parts and
+    the merge stay fp32. Each part is then rounded once more before the fp32 merge.
 
     Attributes:
-        fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages, fwd_inverted: forward kernel.
-        dq_block_t, dq_block_n, dq_num_warps, dq_num_stages, dq_inverted: dq kernel (tiled like the forward).
+        fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages, fwd_inverted, fwd_parts_16bit: forward kernel.
+        dq_block_t, dq_block_n, dq_num_warps, dq_num_stages, dq_inverted, dq_parts_16bit: dq kernel (tiled like
+            the forward).
         dkdv_block_t, dkdv_block_n, dkdv_chunk, dkdv_num_warps, dkdv_num_stages: dk/dv kernel.
     All tiles are powers of two; block_t <= 32 (fwd/dq: position bitmask), block_n >= 16 (GPU tl.dot).
     """
@@ -584,11 +590,13 @@ class SelectedAttentionParams:
     fwd_num_warps: int = 4
     fwd_num_stages: int = 2
     fwd_inverted: bool = False
+    fwd_parts_16bit: bool = False
     dq_block_t: int = 1
     dq_block_n: int = 64
     dq_num_warps: int = 4
     dq_num_stages: int = 2
     dq_inverted: bool = False
+    dq_parts_16bit: bool = False
     dkdv_block_t: int = 4
     dkdv_block_n: int = 64
     dkdv_chunk: int = 2048
@@ -596,8 +604,11 @@ class SelectedAttentionParams:
     dkdv_num_stages: int = 2
 
     def __post_init__(self):
-        check_launch_params(self, counts=("num_stages", "dkdv_chunk"), flags=("inverted",))
+        check_launch_params(self, counts=("num_stages", "dkdv_chunk"), flags=("inverted", "parts_16bit"))
         for kernel in ("fwd", "dq"):
+            if getattr(self, f"{kernel}_parts_16bit") and not getattr(self, f"{kernel}_inverted"):
+                raise ValueError(f"SelectedAttentionParams.{kernel}_parts_16bit needs {kernel}_inverted (only the "
+                                 "inverted kernels write parts)")
             if getattr(self, f"{kernel}_block_t") > MAX_BLOCK_T:
                 raise ValueError(f"SelectedAttentionParams.{kernel}_block_t must be <= {MAX_BLOCK_T} (positions are "
                                  f"flagged in an int32 bitmask), got {getattr(self, f'{kernel}_block_t')}")
@@ -611,11 +622,11 @@ class SelectedAttentionParams:
 # ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
 # pays per program (CI runs those).
 SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
-                    fwd_num_stages=[1, 2, 3], fwd_inverted=[False, True])
+                    fwd_num_stages=[1, 2, 3], fwd_inverted=[False, True], fwd_parts_16bit=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[False, True])
 # The backward kernels (`selected_bwd`).
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096], dkdv_num_stages=[2, 3],
-                             dq_inverted=[False, True])
+                             dq_inverted=[False, True], dq_parts_16bit=[False, True])
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096], dq_inverted=[False, True])
 
 
@@ -928,14 +939,21 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
     return o, lse
 
 
-def _position_chunks(block_indices, seqs: PackedSequences, config: NSAConfig, num_heads: int, part_width: int):
-    """(chunk, [(token0, count, items)]) for an inverted kernel whose fp32 parts hold `part_width` floats per
-    (position, head, slot): chunks of positions whose parts fit INVERTED_PART_BYTES, with their work items."""
+def _part_dtype(dtype: torch.dtype, parts_16bit: bool) -> torch.dtype:
+    """The dtype of an inverted kernel's parts for inputs of `dtype`."""
+    if not parts_16bit:
+        return torch.float32
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def _position_chunks(block_indices, seqs: PackedSequences, config: NSAConfig, num_heads: int, part_bytes: int):
+    """(chunk, [(token0, count, items)]) for an inverted kernel whose parts take `part_bytes` per (position,
+    head, slot): chunks of positions whose parts fit INVERTED_PART_BYTES, with their work items."""
     total, _, n = block_indices.shape
     budget = INVERTED_PART_BYTES
     if block_indices.is_cuda:
         budget = min(budget, torch.cuda.get_device_properties(block_indices.device).total_memory // 16)
-    chunk = max(1, min(total, budget // (num_heads * n * part_width * 4)))
+    chunk = max(1, min(total, budget // (num_heads * n * part_bytes)))
 
     def chunks():
         for token0 in range(0, total, chunk):
@@ -952,8 +970,9 @@ def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config:
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     n = block_indices.shape[2]
     group, block_dk, block_dv = _dims(q, k, v)
-    chunk, chunks = _position_chunks(block_indices, seqs, config, num_heads, head_dim_v + 1)
-    o_part = new_output((chunk * num_kv_heads * n, group, head_dim_v), dtype=torch.float32, device=q.device)
+    part_dtype = _part_dtype(q.dtype, params.fwd_parts_16bit)
+    chunk, chunks = _position_chunks(block_indices, seqs, config, num_heads, head_dim_v * part_dtype.itemsize + 4)
+    o_part = new_output((chunk * num_kv_heads * n, group, head_dim_v), dtype=part_dtype, device=q.device)
     lse_part = new_output((chunk * num_kv_heads * n, group), dtype=torch.float32, device=q.device)
     block_n = params.fwd_block_n
     for token0, count, items in chunks:
@@ -984,8 +1003,9 @@ def _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs: PackedSequenc
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     n = block_indices.shape[2]
     group, block_dk, block_dv = _dims(q, k, v)
-    chunk, chunks = _position_chunks(block_indices, seqs, config, num_heads, head_dim)
-    dq_part = new_output((chunk * num_kv_heads * n, group, head_dim), dtype=torch.float32, device=q.device)
+    part_dtype = _part_dtype(q.dtype, params.dq_parts_16bit)
+    chunk, chunks = _position_chunks(block_indices, seqs, config, num_heads, head_dim * part_dtype.itemsize)
+    dq_part = new_output((chunk * num_kv_heads * n, group, head_dim), dtype=part_dtype, device=q.device)
     block_n = params.dq_block_n
     for token0, count, items in chunks:
         if items.num_items:
@@ -1022,14 +1042,14 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
     dv = new_output(v.shape, dtype=v.dtype, device=device)
     if total == 0 or num_kv_heads == 0:
         return dq, dk, dv
-    delta = new_output((num_heads, total), dtype=torch.float32, device=device)
     precision = dot_precision(q.dtype)
     ls = config.slc_block
 
     if params.dq_inverted:
-        delta.copy_((do.float() * o.float()).sum(-1).t())
+        delta = attention_delta(o, do)
         _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs, config, scale, params)
     else:
+        delta = new_output((num_heads, total), dtype=torch.float32, device=device)  # written by the dq kernel
         s = schedule if schedule is not None and schedule.block_t == params.dq_block_t else \
             build_block_schedule(block_indices, seqs, params.dq_block_t)
         if s.num_tiles:

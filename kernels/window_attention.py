@@ -24,6 +24,7 @@ import triton.language as tl
 
 from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
+from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import (check_kernel_inputs, check_launch_params, compute_dtype, dot_precision, interpreting,
                                  new_output, pack)
@@ -181,22 +182,6 @@ def window_attention_fwd_kernel(
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=_row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV))
     lse = (m_i + tl.math.log2(l_safe)) / _LOG2E
     tl.store(LSE + head * stride_lseh + seq_start + pos, lse, mask=row_valid)
-
-
-@triton.jit
-def window_attention_bwd_preprocess_kernel(O, DO, DELTA, num_rows, num_heads, stride_ot, stride_oh, stride_dot,
-                                           stride_doh, stride_deltah, HEAD_DIM_V: tl.constexpr,
-                                           BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] in fp32; rows r = t * Hq + h, grid (rows / BLOCK_R,)."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_DV)
-    t = (offs_r // num_heads).to(tl.int64)
-    h = offs_r % num_heads
-    mask = _row_mask(offs_r < num_rows, offs_d, HEAD_DIM_V, BLOCK_DV)
-    o = tl.load(O + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + h * stride_deltah + t, delta, mask=offs_r < num_rows)
 
 
 @triton.jit
@@ -520,11 +505,7 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     block_dk, block_dv = _head_tiles(q, v)
     precision = dot_precision(q.dtype)
 
-    delta = torch.empty((num_heads, total), dtype=torch.float32, device=q.device)
-    block_r = max(1, min(128, 8192 // block_dv))
-    window_attention_bwd_preprocess_kernel[(triton.cdiv(total * num_heads, block_r),)](
-        o, do, delta, total * num_heads, num_heads, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
-        delta.stride(0), HEAD_DIM_V=head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv)
+    delta = attention_delta(o, do)
 
     common = (scale, scale * LOG2E, config.window, num_kv_heads, group,
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -620,4 +601,4 @@ def window_attention(q, k, v, config: NSAConfig, *, scale=None, cu_seqlens=None,
 
 __all__ = ["window_attention", "window_attention_fwd", "window_attention_bwd", "WindowAttentionParams",
            "default_params", "window_attention_fwd_kernel", "window_attention_bwd_dkdv_kernel",
-           "window_attention_bwd_dq_kernel", "window_attention_bwd_preprocess_kernel"]
+           "window_attention_bwd_dq_kernel"]

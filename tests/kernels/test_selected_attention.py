@@ -74,7 +74,7 @@ def fixed_selection(seqlens, num_kv_heads, config, which, *, batch=None):
 
 
 def check_against_reference(config, *, num_heads, num_kv_heads, head_dim, head_dim_v, selection, seed, params=None,
-                            batch=1, seqlen=None, seqlens=None):
+                            batch=1, seqlen=None, seqlens=None, allowed=ERROR_FLOOR[torch.float32]):
     x = random_inputs(config, batch=batch, seqlen=seqlen, seqlens=seqlens, num_heads=num_heads,
                       num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=head_dim_v, seed=seed)
     cu = x["cu_seqlens"]
@@ -94,7 +94,6 @@ def check_against_reference(config, *, num_heads, num_kv_heads, head_dim, head_d
     q64, k64, v64 = (x[name].double().requires_grad_(True) for name in ("q", "k", "v"))
     o_ref = reference_selected_attention(q64, k64, v64, block_indices, config, cu_seqlens=cu)
     grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.cpu().double())
-    allowed = ERROR_FLOOR[torch.float32]
     assert_close("o", o.cpu(), o_ref, allowed)
     for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert_close(name, g.cpu(), g_ref, allowed)
@@ -171,6 +170,19 @@ def test_matches_reference(case, monkeypatch, small_inverted_chunks):
     config, shape, selection, params = CASES[case]
     seed = sum(map(ord, case))
     check_against_reference(config, selection=selection, seed=seed, params=params, **shape)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["inverted-ref-l64-G16-mqa-T150", "inverted-varlen-ref-l16-G4"])
+def test_16bit_parts_match_reference(case, monkeypatch, small_inverted_chunks):
+    """The inverted kernels with 16-bit parts (float16 for the interpreter's fp32): one more rounding per part,
+    so the float16 error floor."""
+    monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
+    config, shape, selection, params = CASES[case]
+    params = dataclasses.replace(params, fwd_inverted=True, fwd_parts_16bit=True, dq_inverted=True,
+                                 dq_parts_16bit=True)
+    check_against_reference(config, selection=selection, seed=sum(map(ord, case)), params=params,
+                            allowed=ERROR_FLOOR[torch.float16], **shape)
 
 
 @needs_interpreter
@@ -343,8 +355,10 @@ def test_bad_input(what, error):
 
 @pytest.mark.parametrize("field, value", [("fwd_block_t", 3), ("dq_block_t", 64), ("fwd_block_n", 8),
                                           ("dkdv_chunk", 0), ("dkdv_num_warps", 6), ("fwd_num_stages", 0),
-                                          ("fwd_inverted", 1), ("dq_inverted", "yes")])
+                                          ("fwd_inverted", 1), ("dq_inverted", "yes"), ("fwd_parts_16bit", 1),
+                                          ("dq_parts_16bit", True)])
 def test_bad_params(field, value):
+    """Bad values, and 16-bit parts without the inverted kernel that writes them."""
     with pytest.raises(ValueError, match=field):
         SelectedAttentionParams(**{field: value})
 
@@ -385,8 +399,9 @@ GPU_SHAPES = {  # id: (T, Hq, Hkv)
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs a CUDA GPU (no interpreter)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
-@pytest.mark.parametrize("inverted", [False, True], ids=["gather", "inverted"])
-def test_gpu_low_precision(shape, dtype, inverted, monkeypatch):
+@pytest.mark.parametrize("inverted, parts_16bit", [(False, False), (True, False), (True, True)],
+                         ids=["gather", "inverted", "inverted-16bit-parts"])
+def test_gpu_low_precision(shape, dtype, inverted, parts_16bit, monkeypatch):
     monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
     seqlen, num_heads, num_kv_heads = GPU_SHAPES[shape]
     config = NSAConfig()  # l' = 64, n = 16
@@ -396,7 +411,8 @@ def test_gpu_low_precision(shape, dtype, inverted, monkeypatch):
     q, k, v = (x[name].requires_grad_(True) for name in ("q", "k", "v"))
     do = torch.randn_like(q[..., :v.shape[-1]])
     params = default_params(config, num_heads, num_kv_heads, 128, 128, dtype=dtype)
-    params = dataclasses.replace(params, fwd_inverted=inverted, dq_inverted=inverted)
+    params = dataclasses.replace(params, fwd_inverted=inverted, dq_inverted=inverted, fwd_parts_16bit=parts_16bit,
+                                 dq_parts_16bit=parts_16bit)
     o = selected_attention(q, k, v, block_indices, config, params=params)
     grads = torch.autograd.grad(o, (q, k, v), do)
 
