@@ -200,7 +200,7 @@ def cmd_tune(args) -> int:
               "timings say nothing about a GPU")
     with world.started(args.device) as device:
         result = tune(args.suite, families=args.families, device=device, out=args.out, budget_s=args.budget_s,
-                      world=world, progress=world.is_main, retune=args.retune)
+                      world=world, progress=world.is_main, retune=args.retune, match=args.match or ())
     if not world.is_main:
         return 0  # rank 0 says how it went: a rank exiting non-zero first would make torchrun stop it
     if result.get("ranks", 1) > 1:
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--budget-s", type=float, metavar="N", help="stop starting candidates after N seconds")
     tune.add_argument("--retune", action="store_true", help="tune the buckets the cache already holds too, and "
                       "replace their entries (after a search space grew or a kernel changed)")
+    tune.add_argument("--match", type=lambda text: tuple(t for t in text.split(",") if t), metavar="TEXT[,TEXT...]",
+                      help="tune only the buckets whose key contains every TEXT, e.g. '|G=4|' or 'T=65536|' "
+                      "(keys: nsa tune --show)")
     tune.add_argument("--out", metavar="DIR", help="folder of the cache file <device-key>.json (default: the user "
                       "cache, $XDG_CACHE_HOME/nsa/configs or ~/.cache/nsa/configs; tuner/configs to ship one)")
     tune.add_argument("--show", action="store_true", help="print the config caches in use for this device")

@@ -462,6 +462,22 @@ def test_retune_replaces_entries_the_cache_holds(tmp_path, capsys):
     assert list(entries) == [first["done"][0]["key"]]
 
 
+@kernels_run
+def test_match_tunes_only_the_buckets_whose_key_contains_it(tmp_path, capsys):
+    done = search.tune("smoke", families=["combine", "window"], device="cpu", out=tmp_path, progress=False,
+                       match=("combine|", "T=128|"))
+    assert [row["key"].split("|")[0] for row in done["done"]] == ["combine"] and done["skipped"] == []
+    none = search.tune("smoke", families=["combine"], device="cpu", out=tmp_path, progress=False, match=("G=4|",))
+    assert none["done"] == [] and none["skipped"] == []
+    from nsa.cli import main
+    argv = ["tune", "--suite", "smoke", "--families", "combine,window", "--device", "cpu", "--out", str(tmp_path),
+            "--match", "combine|"]
+    assert main(argv) == 0
+    assert "already tuned" in capsys.readouterr().out  # the combine bucket, and nothing of the window's
+    entries = json.loads((tmp_path / "cpu-interpreter.json").read_text())["entries"]
+    assert [key.split("|")[0] for key in entries] == ["combine"]
+
+
 def test_spaces_are_declared_beside_each_kernel_and_split_forward_from_backward():
     for family in cache.ALL_FAMILIES:
         fields = {f.name for f in dataclasses.fields(cache.params_class(family))}

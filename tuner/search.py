@@ -338,10 +338,11 @@ def shard_folder(path) -> Path:
 
 def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float | None = None,
          candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, progress: bool = True, world=None,
-         skip=frozenset(), retune: bool = False) -> dict:
+         skip=frozenset(), retune: bool = False, match=()) -> dict:
     """Tune every (family, bucket) of `suite` on `device` into `out` (a folder; the user cache by default),
     except the bucket keys in `skip` and, unless `retune`, those the file already holds (a retuned bucket's
-    entry is replaced: for a search space that grew, or a kernel that changed).
+    entry is replaced: for a search space that grew, or a kernel that changed). With `match`, only the buckets
+    whose key contains every one of those strings (e.g. "|G=4|" for one group size of the gqa suite).
 
     Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "stopped":
     True when the budget ran out}. Each row: key, params, ms, default_ms, tried, rejected {kind: count}, errors.
@@ -361,9 +362,9 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
         from nsa.tuner.distributed import World
         return _tune_sharded(suite, families, device, path, world or World(), budget_s=budget_s,
                              candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune,
-                             skip=skip)
+                             skip=skip, match=match)
     entries = _read_existing(path, key)
-    todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip)
+    todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip, match=match)
     result = dict(path=str(path), done=[], skipped=skipped, stopped=False)
     deadline = None if budget_s is None else time.monotonic() + budget_s
     bar = progress_bar(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", enabled=progress)
@@ -397,11 +398,14 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     return result
 
 
-def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip) -> tuple[list, list]:
+def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip, match=()) -> tuple[list, list]:
     """(buckets to tune as (family, key, problem, candidates, pruned), keys skipped): every bucket of the suite's
-    families except those in `skip` and, unless `retune`, those `entries` (the cache file's) already hold."""
+    families whose key contains every string of `match`, except those in `skip` and, unless `retune`, those
+    `entries` (the cache file's) already hold."""
     todo, skipped = [], []
     for family, bkey, problem in buckets(suite, families):
+        if not all(text in bkey for text in match):
+            continue
         if (bkey in entries and not retune) or bkey in skip:
             skipped.append(bkey)
             continue
@@ -418,7 +422,7 @@ def _record(bkey: str, index: int, params, ms, failure) -> dict:
 
 
 def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candidate_timeout_s, progress,
-                  retune=False, skip=frozenset()) -> dict:
+                  retune=False, skip=frozenset(), match=()) -> dict:
     """`tune` over the ranks of `world`: the work is (family, bucket, candidate), shared round-robin.
 
     1. Every rank reads the shard files it can see (`shard_folder(path)`; hosts need not share a disk) and rank 0
@@ -443,7 +447,7 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candi
 
     def plan() -> dict:
         entries = _read_existing(path, key)
-        todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip)
+        todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip, match=match)
         items, known = [], {}
         records = [record for rank_records in seen for record in rank_records]
         for b, (_, bkey, _, cands, _) in enumerate(todo):
