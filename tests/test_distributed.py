@@ -256,7 +256,7 @@ def test_bench_shares_whole_problems_so_baselines_share_the_card():
 
 
 @kernels_run
-def test_sharded_tune_honours_skip_and_retune(tmp_path):
+def test_sharded_tune_honours_skip_retune_and_match(tmp_path):
     """`nsa run` under torchrun tunes through the sharded path with ensure_tuned's skip; a world of one whose
     shard folder exists takes that path too."""
     path = cache.config_path("cpu-interpreter", tmp_path)
@@ -269,3 +269,7 @@ def test_sharded_tune_honours_skip_and_retune(tmp_path):
     again = search.tune("smoke", families=["combine"], device="cpu", out=tmp_path, progress=False, world=World(),
                         retune=True)
     assert len(again["done"]) == 1 and not again["skipped"]
+    search.shard_folder(path).mkdir(exist_ok=True)
+    matched = search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False,
+                          world=World(), retune=True, match=("window|",))
+    assert [row["key"].split("|")[0] for row in matched["done"]] == ["window"] and not matched["skipped"]
