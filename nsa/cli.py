@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--budget-s", type=float, metavar="N", help="stop starting candidates after N seconds")
     tune.add_argument("--retune", action="store_true", help="tune the buckets the cache already holds too, and "
                       "replace their entries (after a search space grew or a kernel changed)")
-    tune.add_argument("--match", type=lambda text: tuple(t for t in text.split(",") if t), metavar="TEXT[,TEXT...]",
+    tune.add_argument("--match", type=_comma_list(), metavar="TEXT[,TEXT...]",
                       help="tune only the buckets whose key contains every TEXT, e.g. '|G=4|' or 'T=65536|' "
                       "(keys: nsa tune --show)")
     tune.add_argument("--out", metavar="DIR", help="folder of the cache file <device-key>.json (default: the user "
