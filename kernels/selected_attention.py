@@ -873,9 +873,10 @@ def build_forward_items(block_indices: torch.Tensor, seqs: PackedSequences, conf
     starts = ((index - run_start) % item_len == 0) & (keys < sel.num_keys)
     bound = max_forward_items(keys.shape[0], sel.num_keys, item_len)
     # Item i is the i-th start: scatter each start's entry index to its rank, the other entries to a spare slot.
-    rank = torch.where(starts, starts.cumsum(0) - 1, bound)
+    starts_cum = starts.cumsum(0)
+    rank = torch.where(starts, starts_cum - 1, bound)
     item_begin = torch.zeros(bound + 1, dtype=index.dtype, device=keys.device).scatter_(0, rank, index)[:bound]
-    real = torch.arange(bound, device=keys.device) < starts.sum()
+    real = torch.arange(bound, device=keys.device) < starts_cum[-1:]  # the item count, kept on the device
     item_key = torch.where(real, keys[item_begin], 0)
     key_end = torch.searchsorted(keys, item_key, right=True)
     item_end = torch.where(real, torch.minimum(item_begin + item_len, key_end), item_begin)
