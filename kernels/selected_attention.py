@@ -640,7 +640,8 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
     selected backward from 45 to 33 ms at G=16 (64 rows) and from 87 to 68 ms at G=4 (32 rows). For 16-bit
     inputs, head dims <= 128 and groups of at most 4 heads, the forward and dq are inverted: at 64k on an H200
     the inverted forward took G=1 from 227 to 124 ms and G=4 from 115 to 93 ms (G=16: 43 -> 73 ms at best), the
-    inverted dq the G=1 step from 519 to 448 ms and G=4's from 249 to 243 ms."""
+    inverted dq the G=1 step from 519 to 448 ms and G=4's from 249 to 243 ms. Their parts are 16-bit: at G=4 that
+    took the 64k step from 216 to 198 ms (H200), for one more rounding of each part at the inputs' precision."""
     group = num_heads // max(1, num_kv_heads)
     block_n = max(MIN_DOT, min(64, triton.next_power_of_2(config.slc_block)))
     block_t = min(MAX_BLOCK_T, _floor_pow2(max(1, MIN_DOT // group)))
@@ -649,11 +650,11 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
     dkdv_block_n = min(block_n, 32) if heavy else block_n
     dkdv_chunk = max(dkdv_block_t, 2 * config.slc_topn * config.slc_block)
     dkdv_chunk = triton.cdiv(dkdv_chunk, dkdv_block_t) * dkdv_block_t
-    inverted_upto = 0 if heavy or dtype not in (torch.float16, torch.bfloat16) else 4  # the group sizes measured
+    inverted = group <= (0 if heavy or dtype not in (torch.float16, torch.bfloat16) else 4)  # the groups measured
     return SelectedAttentionParams(
-        fwd_block_t=block_t, fwd_block_n=block_n, fwd_num_warps=4, fwd_num_stages=2,
-        fwd_inverted=group <= inverted_upto, dq_block_t=block_t, dq_block_n=block_n, dq_num_warps=4,
-        dq_num_stages=2, dq_inverted=group <= inverted_upto,
+        fwd_block_t=block_t, fwd_block_n=block_n, fwd_num_warps=4, fwd_num_stages=2, fwd_inverted=inverted,
+        fwd_parts_16bit=inverted, dq_block_t=block_t, dq_block_n=block_n, dq_num_warps=4, dq_num_stages=2,
+        dq_inverted=inverted, dq_parts_16bit=inverted,
         dkdv_block_t=dkdv_block_t, dkdv_block_n=dkdv_block_n, dkdv_chunk=dkdv_chunk,
         dkdv_num_warps=8 if heavy and max(head_dim, head_dim_v) > 64 else 4, dkdv_num_stages=2 if heavy else 3)
 

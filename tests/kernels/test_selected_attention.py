@@ -374,13 +374,13 @@ def test_default_params_pack_positions_up_to_the_dot_size(group):
 
 @pytest.mark.parametrize("group", [1, 2, 4, 8, 16])
 def test_default_params_invert_small_groups_in_16_bits(group):
-    """The block-owned forward and dq for G <= 4 (where they were measured faster), 16-bit inputs and head dims
-    <= 128 only; fp32 and large heads keep the gather kernels."""
+    """The block-owned forward and dq, with 16-bit parts, for G <= 4 (where they were measured faster), 16-bit
+    inputs and head dims <= 128 only; fp32 and large heads keep the gather kernels."""
     p = default_params(NSAConfig(), 4 * group, 4, 128, 128, dtype=torch.bfloat16)
-    assert p.fwd_inverted == p.dq_inverted == (group <= 4)
+    assert p.fwd_inverted == p.dq_inverted == p.fwd_parts_16bit == p.dq_parts_16bit == (group <= 4)
     for dtype, dim in ((torch.float32, 128), (torch.float16, 192), (None, 128)):
         p = default_params(NSAConfig(), 4 * group, 4, dim, dim, dtype=dtype)
-        assert not p.fwd_inverted and not p.dq_inverted
+        assert not (p.fwd_inverted or p.dq_inverted or p.fwd_parts_16bit or p.dq_parts_16bit)
 
 
 # ----------------------------------------------------------------------------------------------------------------
