@@ -4,24 +4,23 @@ Memory-bound by design. A *row* is one query token of one sequence and one kv he
 rows of every score tile (padded to 16 for `tl.dot`), so each key/value byte is read once per GQA group. Work
 is split across the machine when the batch is small (split-K), and every size the grid depends on comes from
 the cache's capacity, never from the lengths on the device: no host synchronisation, so a step can be captured
-in a CUDA graph. Two launches. What needs all of a row's splits is done by the row's last split to finish,
-found by a per-row arrival counter (five launches of 3.5-6.3 us each made a step at B=1 on an H200):
+in a CUDA graph. Five launches:
 
-1. `compressed_window_kernel` (grid: (cmp_splits + win_splits) x rows): split-K over the compressed tokens the
-   row sees and over its sliding window (which does not depend on selection). A compressed split writes a
-   partial (max, sum, unnormalised output) and the raw scores (fp32, log2 units) that selection reuses instead
-   of recomputing q.k_cmp. The row's last compressed split merges the partials' log-sum-exp, turns the scores
-   into p_cmp summed over the group's heads, weighs them into selection-block importances (the overlap weights
-   of `nsa.kernels.selection`; forced blocks, initial and local, get +inf) and takes the top-n by a bitwise
-   search for the n-th largest importance (31 counts over the row in registers; a bitonic running top-n took
-   16 us at T=64k on an H200), ties to the lower index: block_indices, ascending, -1 padded.
-2. `selected_merge_kernel` (grid: slc_splits x rows): split-K over the selected blocks, reading keys through the
-   page table. The row's last selected split merges each branch's partials for the G heads and applies the
-   gates.
+1. `compressed_partials_kernel` (grid: cmp_splits x rows): each split attends to its share of the compressed
+   tokens the row sees, writes a partial (max, sum, unnormalised output) and the raw scores (fp32, log2 units)
+   that selection reuses instead of recomputing q.k_cmp.
+2. `block_importance_kernel` (grid: importance_splits x rows): merges the partials' log-sum-exp, turns the
+   scores into p_cmp summed over the group's heads and weighs them into selection-block importances (the
+   overlap weights of `nsa.kernels.selection`); forced blocks (initial, local) get +inf.
+3. `top_blocks_kernel` (grid: rows): the top-n by a bitwise search for the n-th largest importance (31 counts
+   over the row in registers; a bitonic running top-n took 16 us at T=64k on an H200), ties to the lower index;
+   block_indices come out ascending, -1 padded.
+4. `sparse_partials_kernel` (grid: (slc_splits + win_splits) x rows): split-K over the selected blocks and over
+   the sliding window, reading keys through the page table.
+5. `merge_branches_kernel` (grid: rows x G): merges each branch's partials and applies the gates.
 
-Merges read a row's splits in one load (the log-sum-exp) or in an unrolled loop that stores nothing (the
-outputs), never in a loop whose loads wait in turn: that is a chain of dependent loads, about half a microsecond
-each (the first version's merges made a 30 us floor at B=1 on an H200; see docs/performance.md).
+Merges load all of a row's splits at once: a loop over splits would be a chain of dependent loads, about half a
+microsecond each (the first version's merges made a 30 us floor at B=1 on an H200; see docs/performance.md).
 
 A token at position p of sequence b sits at row p % page_size of page block_table[b, p // page_size].
 """
@@ -77,13 +76,6 @@ def _load_queries(q, seq, token, hk, stride_qb, stride_qt, stride_qh, G: tl.cons
 
 
 @triton.jit
-def _softmax_start(BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """(acc, l_i, m_i) of a split that has seen no key yet."""
-    return (tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32), tl.zeros([BLOCK_H], dtype=tl.float32),
-            tl.full([BLOCK_H], _NEG_LARGE, dtype=tl.float32))
-
-
-@triton.jit
 def _softmax_step(acc, l_i, m_i, s, v_tile, PRECISION: tl.constexpr):
     """One online-softmax step: scores s [BLOCK_H, BLOCK_N] (log2 units, -inf where masked), values v_tile."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -108,31 +100,13 @@ def _store_partial(part_o, part_m, part_l, split, row, num_rows, acc, l_i, m_i, 
 
 
 @triton.jit
-def _arrive(arrivals, row, SPLITS: tl.constexpr):
-    """Count this program in as one of the row's SPLITS programs; True for the last to arrive, which then sees
-    every other program's stores and puts the counter back to 0 (all SPLITS have counted: the next to touch it is
-    the next launch, so no memset is needed between steps).
-
-    The barrier comes first so that the release follows the stores of every warp, not only those of the thread
-    that makes the atomic; the count is one value for the whole program (an atomic on a scalar), so all of its
-    threads decide alike. Under TRITON_INTERPRET=1 programs run one after another: that tests the logic, not the
-    memory ordering."""
-    tl.debug_barrier()
-    last = tl.atomic_add(arrivals + row, 1, sem="acq_rel") == SPLITS - 1
-    if last:
-        tl.debug_barrier()  # every thread's loads of the others' stores come after the acquire
-        tl.store(arrivals + row, 0)
-    return last
-
-
-@triton.jit
-def _branch_lse2(part_m, part_l, first, row, num_rows, G: tl.constexpr, SPLITS: tl.constexpr,
-                 SPLITS_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
-    """[BLOCK_H] log-sum-exp (log2 units) of a branch, from its SPLITS partials [first, first + SPLITS); +inf for
-    a head that sees nothing in the branch. All splits in one load: no chain of dependent loads."""
+def _compressed_lse2(part_m, part_l, row, num_rows, G: tl.constexpr, SPLITS: tl.constexpr,
+                     SPLITS_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """[BLOCK_H] log-sum-exp (log2 units) of the compressed branch, from its SPLITS partials (the first ones);
+    +inf for a head that sees no compressed block. All splits in one load: no chain of dependent loads."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_h = tl.arange(0, BLOCK_H)
-    at = ((first + offs_s[:, None]) * num_rows + row).to(tl.int64) * G + offs_h[None, :]
+    at = (offs_s[:, None] * num_rows + row).to(tl.int64) * G + offs_h[None, :]
     ok = (offs_s < SPLITS)[:, None] & (offs_h < G)[None, :]
     m_s = tl.load(part_m + at, mask=ok, other=_NEG_LARGE)
     l_s = tl.load(part_l + at, mask=ok, other=0.0)
@@ -142,42 +116,50 @@ def _branch_lse2(part_m, part_l, first, row, num_rows, G: tl.constexpr, SPLITS: 
 
 
 @triton.jit
-def _merge_branch(part_o, part_m, part_l, first, row, num_rows, G: tl.constexpr, DV: tl.constexpr,
-                  SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """The G heads' output [BLOCK_H, BLOCK_DV] of a branch, merged from its splits [first, first + SPLITS) (0 for a
-    head that sees nothing). The splits' loop is unrolled and stores nothing, so their loads need not wait for
-    each other; the sum runs in split order (deterministic)."""
-    lse2 = _branch_lse2(part_m, part_l, first, row, num_rows, G, SPLITS, SPLITS_PAD, BLOCK_H)
-    offs_h = tl.arange(0, BLOCK_H)
+def _merge_branch(part_o, part_m, part_l, first, row, head, num_rows, G: tl.constexpr, DV: tl.constexpr,
+                  SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One head's output [BLOCK_DV] of a branch, merged from its splits [first, first + SPLITS) in one load
+    (0 when the branch sees nothing)."""
+    offs_s = tl.arange(0, SPLITS_PAD)
     offs_dv = tl.arange(0, BLOCK_DV)
-    h_ok = offs_h < G
-    out = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        at = ((first + s) * num_rows + row).to(tl.int64) * G + offs_h
-        m_s = tl.load(part_m + at, mask=h_ok, other=_NEG_LARGE)
-        o_s = tl.load(part_o + at[:, None] * DV + offs_dv[None, :], mask=h_ok[:, None] & (offs_dv < DV)[None, :],
-                      other=0.0)
-        out += o_s * tl.exp2(m_s - lse2)[:, None]
-    return out
+    s_ok = offs_s < SPLITS
+    at = ((first + offs_s) * num_rows + row).to(tl.int64) * G + head
+    m_s = tl.load(part_m + at, mask=s_ok, other=_NEG_LARGE)
+    l_s = tl.load(part_l + at, mask=s_ok, other=0.0)
+    o_s = tl.load(part_o + at[:, None] * DV + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv < DV)[None, :],
+                  other=0.0)
+    weight = tl.exp2(m_s - tl.max(m_s, 0))
+    total = tl.sum(l_s * weight, 0)
+    return tl.sum(o_s * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
 
 
 @triton.jit
-def _compressed_partial(q_tile, k_cmp, v_cmp, scores, part_o, part_m, part_l, split, row, seq, hk, num_visible,
-                        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_sh, num_rows,
-                        scale_log2, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """Split `split` of the compressed attention of one row: its partial, and its raw scores into `scores` (at
-    the row)."""
+def compressed_partials_kernel(
+        q, k_cmp, v_cmp, seqlens, scores, part_o, part_m, part_l,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_sr, stride_sh, num_rows, scale_log2,
+        G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, CMP_BLOCK: tl.constexpr,
+        CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Split `program_id(0)` of the compressed attention of one row, and its raw scores."""
+    split = tl.program_id(0)
+    row = tl.program_id(1)
+    seq, token, hk, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
+    num_visible = _num_visible(pos, CMP_BLOCK, CMP_STRIDE)
     per_split = tl.cdiv(tl.cdiv(num_visible, BLOCK_N), SPLITS) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(lo + per_split, num_visible)
+
+    q_tile = _load_queries(q, seq, token, hk, stride_qb, stride_qt, stride_qh, G, DK, BLOCK_H, BLOCK_DK)
     offs_h = tl.arange(0, BLOCK_H)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_cmp += seq.to(tl.int64) * stride_kb + hk * stride_kh
     v_cmp += seq.to(tl.int64) * stride_vb + hk * stride_vh
-    acc, l_i, m_i = _softmax_start(BLOCK_H, BLOCK_DV)
+    scores += row.to(tl.int64) * stride_sr
+    m_i = tl.full([BLOCK_H], _NEG_LARGE, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
@@ -194,21 +176,33 @@ def _compressed_partial(q_tile, k_cmp, v_cmp, scores, part_o, part_m, part_l, sp
 
 
 @triton.jit
-def _block_importances(scores, part_m, part_l, importance, row, pos, num_visible, stride_sh, num_rows,
-                       G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr,
-                       INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, CMP_SPLITS: tl.constexpr,
-                       CMP_SPLITS_PAD: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
-                       RPAD: tl.constexpr):
-    """Importance of each of the row's causal selection blocks into `importance` (scores and importance at the
-    row), CHUNK blocks a step, from the compressed partials (the first CMP_SPLITS) and the raw scores."""
+def block_importance_kernel(
+        scores, part_m, part_l, seqlens, importance,
+        stride_sr, stride_sh, stride_ir, num_rows,
+        G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, CMP_BLOCK: tl.constexpr,
+        CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+        CMP_SPLITS: tl.constexpr, CMP_SPLITS_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
+        CHUNK: tl.constexpr, RPAD: tl.constexpr):
+    """Importance of split `program_id(0)`'s share of the row's causal selection blocks."""
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
     BLOCK_C: tl.constexpr = CHUNK * RPAD
+    split = tl.program_id(0)
+    row = tl.program_id(1)
+    _, _, _, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
+    num_visible = _num_visible(pos, CMP_BLOCK, CMP_STRIDE)
     current = pos // SLC_BLOCK
+    per_split = tl.cdiv(tl.cdiv(current + 1, CHUNK), SPLITS) * CHUNK
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, current + 1)
+    if lo >= hi:
+        return
+
     # p_cmp = exp2(score - lse2) with the compressed branch's log-sum-exp (log2 units; +inf: sees nothing).
-    lse2 = _branch_lse2(part_m, part_l, 0, row, num_rows, G, CMP_SPLITS, CMP_SPLITS_PAD, BLOCK_H)
+    lse2 = _compressed_lse2(part_m, part_l, row, num_rows, G, CMP_SPLITS, CMP_SPLITS_PAD, BLOCK_H)
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < G
-    scores += offs_h[:, None] * stride_sh
+    scores += row.to(tl.int64) * stride_sr + offs_h[:, None] * stride_sh
+    importance += row.to(tl.int64) * stride_ir
     # Weights of a compressed block at offset r*d of its selection block: to that block and to the next one.
     offs_rr = tl.arange(0, RPAD)
     w_in = tl.minimum(CMP_BLOCK, SLC_BLOCK - offs_rr * CMP_STRIDE)
@@ -217,14 +211,14 @@ def _block_importances(scores, part_m, part_l, importance, row, pos, num_visible
     offs_c = tl.arange(0, BLOCK_C)
     offs_j = tl.arange(0, CHUNK)
     shift = ((offs_j[:, None] + 1) == offs_j[None, :]).to(tl.float32)  # [k, j]: block k spills into j = k+1
-    for j0 in range(0, current + 1, CHUNK):
+    for j0 in range(lo, hi, CHUNK):
         cmp_idx = (j0 + offs_c // RPAD) * R + offs_c % RPAD
         col_ok = (offs_c % RPAD < R) & (cmp_idx < num_visible)
         s = tl.load(scores + cmp_idx[None, :], mask=h_ok[:, None] & col_ok[None, :], other=float("-inf"))
         prob = tl.reshape(tl.sum(tl.exp2(s - lse2[:, None]), 0), [CHUNK, RPAD])
         spill = tl.sum(prob * w_next[None, :], 1)
         imp = tl.sum(prob * w_self[None, :], 1) + tl.sum(spill[:, None] * shift, 0)
-        # What the compressed blocks of selection block j0 - 1 spill into j0 (the previous chunk's last block).
+        # What the compressed blocks of selection block j0 - 1 spill into j0 (that block is another chunk's).
         prev_idx = (j0 - 1) * R + offs_rr
         prev_ok = (j0 > 0) & (offs_rr < R) & (prev_idx < num_visible)
         s_prev = tl.load(scores + prev_idx[None, :], mask=h_ok[:, None] & prev_ok[None, :], other=float("-inf"))
@@ -233,19 +227,23 @@ def _block_importances(scores, part_m, part_l, importance, row, pos, num_visible
         blk = j0 + offs_j
         forced = (blk < INIT_BLOCKS) | (current - blk < LOCAL_BLOCKS)
         imp = tl.where(forced, float("inf"), imp)
-        tl.store(importance + blk, imp, mask=blk <= current)
+        tl.store(importance + blk, imp, mask=blk < hi)
 
 
 @triton.jit
-def _top_blocks(importance, block_indices, pos, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
-                TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr):
-    """block_indices of one row (both pointers at the row): the top min(n, current + 1) blocks by importance (ties
-    to the lower index), ascending, -1 padded. The whole row is one register tile of BLOCK_J blocks."""
+def top_blocks_kernel(
+        importance, seqlens, block_indices, stride_ir, stride_br,
+        NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
+        TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr):
+    """block_indices of one row: the top min(n, current + 1) blocks by importance (ties to the lower index),
+    ascending, -1 padded. The whole row is one register tile of BLOCK_J blocks."""
+    row = tl.program_id(0)
+    _, _, _, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
     current = pos // SLC_BLOCK
     count = tl.minimum(current + 1, TOPN)
     offs = tl.arange(0, BLOCK_J)
     causal = offs <= current
-    imp = tl.load(importance + offs, mask=causal, other=0.0)
+    imp = tl.load(importance + row.to(tl.int64) * stride_ir + offs, mask=causal, other=0.0)
     # Non-negative floats order like their bits as integers (forced blocks: +inf); -1 marks non-causal blocks.
     bits = tl.where(causal, imp.to(tl.int32, bitcast=True), -1)
     # The largest threshold that at least `count` blocks reach, built bit by bit from the top: 31 counts
@@ -258,16 +256,17 @@ def _top_blocks(importance, block_indices, pos, SLC_BLOCK: tl.constexpr, TOPN: t
     tied = bits == threshold
     need = count - tl.sum(above.to(tl.int32), 0)  # >= 1 blocks at the threshold, the lowest indices first
     take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
-    tl.store(block_indices + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)  # ascending j: ascending slots
+    out = block_indices + row.to(tl.int64) * stride_br
+    tl.store(out + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)  # ascending j: ascending slots
     pad = tl.arange(0, TOPN_PAD)
-    tl.store(block_indices + pad, tl.full([TOPN_PAD], -1, tl.int32), mask=(pad >= count) & (pad < TOPN))
+    tl.store(out + pad, tl.full([TOPN_PAD], -1, tl.int32), mask=(pad >= count) & (pad < TOPN))
 
 
 @triton.jit
 def _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, positions, valid, stride_kp,
                       stride_kt, stride_vp, stride_vt, scale_log2, DK: tl.constexpr, DV: tl.constexpr,
                       BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over the keys at `positions` [BLOCK_N] of one sequence (masked by `valid`; table:
+    """One online-softmax step over the tokens at `positions` [BLOCK_N] of one sequence where `valid` (`table`:
     its page-table row; k_pages, v_pages: at the kv head)."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -283,148 +282,78 @@ def _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size,
 
 
 @triton.jit
-def _window_partial(q_tile, k_pages, v_pages, table, split, pos, page_size, stride_kp, stride_kt, stride_vp,
-                    stride_vt, scale_log2, WINDOW: tl.constexpr, WIN_SPLITS: tl.constexpr, DK: tl.constexpr,
-                    DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """(acc, l_i, m_i) of window split `split` of one row (k_pages, v_pages at the kv head; table: the sequence's
-    page-table row)."""
-    acc, l_i, m_i = _softmax_start(BLOCK_H, BLOCK_DV)
-    first = tl.maximum(pos - WINDOW + 1, 0)
-    per_split = tl.cdiv(tl.cdiv(pos + 1 - first, BLOCK_N), WIN_SPLITS) * BLOCK_N
-    start = first + split * per_split
-    end = tl.minimum(start + per_split, pos + 1)
-    for t0 in range(start, end, BLOCK_N):
-        positions = t0 + tl.arange(0, BLOCK_N)
-        acc, l_i, m_i = _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, positions,
-                                          positions < end, stride_kp, stride_kt, stride_vp, stride_vt, scale_log2,
-                                          DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _selected_partial(q_tile, k_pages, v_pages, table, block_row, split, pos, page_size, stride_kp, stride_kt,
-                      stride_vp, stride_vt, scale_log2, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
-                      SLC_SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    """(acc, l_i, m_i) of selected split `split` of one row (block_row: its block_indices row; the rest as
-    `_window_partial`)."""
-    SLOTS: tl.constexpr = (TOPN + SLC_SPLITS - 1) // SLC_SPLITS  # selected blocks per selected split
-    acc, l_i, m_i = _softmax_start(BLOCK_H, BLOCK_DV)
-    # The split's blocks as one run of SLOTS * l' tokens, each token finding its block in the index row: no
-    # loop-carried chain from one block's index to the next block's loads, so tiles pipeline.
-    for t0 in range(0, SLOTS * SLC_BLOCK, BLOCK_N):
-        offs_n = t0 + tl.arange(0, BLOCK_N)
-        slot = split * SLOTS + offs_n // SLC_BLOCK
-        in_split = (offs_n < SLOTS * SLC_BLOCK) & (slot < TOPN)
-        blk = tl.load(block_row + slot, mask=in_split, other=-1)
-        positions = blk * SLC_BLOCK + offs_n % SLC_BLOCK
-        valid = in_split & (blk >= 0) & (positions <= pos)
-        acc, l_i, m_i = _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, positions,
-                                          valid, stride_kp, stride_kt, stride_vp, stride_vt, scale_log2, DK, DV,
-                                          BLOCK_DK, BLOCK_DV, PRECISION)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _merge_branches(part_o, part_m, part_l, g_cmp, g_slc, g_win, o, row, seq, token, hk, stride_gb, stride_gt,
-                    stride_gh, stride_ob, stride_ot, stride_oh, num_rows, G: tl.constexpr, DV: tl.constexpr,
-                    CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, WIN_SPLITS: tl.constexpr,
-                    CMP_PAD: tl.constexpr, SLC_PAD: tl.constexpr, WIN_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_DV: tl.constexpr):
-    """o of the G heads of one row: g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, each merged from its splits."""
-    o_cmp = _merge_branch(part_o, part_m, part_l, 0, row, num_rows, G, DV, CMP_SPLITS, CMP_PAD, BLOCK_H, BLOCK_DV)
-    o_slc = _merge_branch(part_o, part_m, part_l, CMP_SPLITS, row, num_rows, G, DV, SLC_SPLITS, SLC_PAD, BLOCK_H,
-                          BLOCK_DV)
-    o_win = _merge_branch(part_o, part_m, part_l, CMP_SPLITS + SLC_SPLITS, row, num_rows, G, DV, WIN_SPLITS,
-                          WIN_PAD, BLOCK_H, BLOCK_DV)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    h_ok = offs_h < G
-    seq = seq.to(tl.int64)
-    head = hk * G + offs_h
-    gate = seq * stride_gb + token * stride_gt + head * stride_gh
-    out = (tl.load(g_cmp + gate, mask=h_ok, other=0.0).to(tl.float32)[:, None] * o_cmp
-           + tl.load(g_slc + gate, mask=h_ok, other=0.0).to(tl.float32)[:, None] * o_slc
-           + tl.load(g_win + gate, mask=h_ok, other=0.0).to(tl.float32)[:, None] * o_win)
-    tl.store(o + seq * stride_ob + token * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-             out.to(o.dtype.element_ty), mask=h_ok[:, None] & (offs_dv < DV)[None, :])
-
-
-@triton.jit
-def compressed_window_kernel(
-        q, k_cmp, v_cmp, k_pages, v_pages, block_table, seqlens, scores, importance, block_indices, arrivals,
-        part_o, part_m, part_l,
-        stride_qb, stride_qt, stride_qh, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-        stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_bt, stride_sr, stride_sh,
-        stride_ir, stride_br, page_size, num_rows, scale_log2,
-        G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, CMP_BLOCK: tl.constexpr,
-        CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr, TOPN_PAD: tl.constexpr,
-        WINDOW: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, CMP_SPLITS: tl.constexpr,
-        CMP_PAD: tl.constexpr, SLC_SPLITS: tl.constexpr, WIN_SPLITS: tl.constexpr, DK: tl.constexpr,
-        DV: tl.constexpr, CMP_BLOCK_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr, RPAD: tl.constexpr,
-        BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
-    """Split `program_id(0)` of one row's compressed branch (the first CMP_SPLITS) or of its window (the rest); the
-    row's last compressed split to finish selects the row's blocks."""
-    split = tl.program_id(0)
-    row = tl.program_id(1)
-    seq, token, hk, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
-    q_tile = _load_queries(q, seq, token, hk, stride_qb, stride_qt, stride_qh, G, DK, BLOCK_H, BLOCK_DK)
-    if split < CMP_SPLITS:
-        num_visible = _num_visible(pos, CMP_BLOCK, CMP_STRIDE)
-        row_scores = scores + row.to(tl.int64) * stride_sr
-        _compressed_partial(q_tile, k_cmp, v_cmp, row_scores, part_o, part_m, part_l, split, row, seq, hk,
-                            num_visible, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-                            stride_sh, num_rows, scale_log2, G, DK, DV, CMP_SPLITS, CMP_BLOCK_N, BLOCK_H, BLOCK_DK,
-                            BLOCK_DV, PRECISION)
-        if _arrive(arrivals, row, CMP_SPLITS):
-            row_importance = importance + row.to(tl.int64) * stride_ir
-            _block_importances(row_scores, part_m, part_l, row_importance, row, pos, num_visible, stride_sh,
-                               num_rows, G, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK, INIT_BLOCKS, LOCAL_BLOCKS,
-                               CMP_SPLITS, CMP_PAD, BLOCK_H, CHUNK, RPAD)
-            tl.debug_barrier()  # the importances every thread stored, before the top-n loads them
-            _top_blocks(row_importance, block_indices + row.to(tl.int64) * stride_br, pos, SLC_BLOCK, TOPN,
-                        TOPN_PAD, BLOCK_J)
-    else:
-        acc, l_i, m_i = _window_partial(q_tile, k_pages + hk * stride_kh, v_pages + hk * stride_vh,
-                                        block_table + seq.to(tl.int64) * stride_bt, split - CMP_SPLITS, pos,
-                                        page_size, stride_kp, stride_kt, stride_vp, stride_vt, scale_log2, WINDOW,
-                                        WIN_SPLITS, DK, DV, BLOCK_N, BLOCK_H, BLOCK_DK, BLOCK_DV, PRECISION)
-        # Window partials come after the selected ones: [cmp | slc | win].
-        _store_partial(part_o, part_m, part_l, SLC_SPLITS + split, row, num_rows, acc, l_i, m_i, G, DV, BLOCK_H,
-                       BLOCK_DV)
-
-
-@triton.jit
-def selected_merge_kernel(
-        q, k_pages, v_pages, block_table, seqlens, block_indices, arrivals, part_o, part_m, part_l, g_cmp, g_slc,
-        g_win, o,
+def sparse_partials_kernel(
+        q, k_pages, v_pages, block_table, seqlens, block_indices, part_o, part_m, part_l,
         stride_qb, stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-        stride_bt, stride_br, stride_gb, stride_gt, stride_gh, stride_ob, stride_ot, stride_oh, page_size,
-        num_rows, scale_log2,
+        stride_bt, stride_br, page_size, num_rows, scale_log2,
         G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr,
-        TOPN: tl.constexpr, CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, WIN_SPLITS: tl.constexpr,
-        CMP_PAD: tl.constexpr, SLC_PAD: tl.constexpr, WIN_PAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-        PRECISION: tl.constexpr):
-    """Selected split `program_id(0)` of one row; the row's last selected split to finish writes its o."""
+        TOPN: tl.constexpr, WINDOW: tl.constexpr, CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr,
+        WIN_SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Split `program_id(0)` of the selected branch (the first SLC_SPLITS) or of the window branch (the rest)."""
+    SLOTS: tl.constexpr = (TOPN + SLC_SPLITS - 1) // SLC_SPLITS  # selected blocks per selected split
     split = tl.program_id(0)
     row = tl.program_id(1)
     seq, token, hk, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
     q_tile = _load_queries(q, seq, token, hk, stride_qb, stride_qt, stride_qh, G, DK, BLOCK_H, BLOCK_DK)
-    acc, l_i, m_i = _selected_partial(q_tile, k_pages + hk * stride_kh, v_pages + hk * stride_vh,
-                                      block_table + seq.to(tl.int64) * stride_bt,
-                                      block_indices + row.to(tl.int64) * stride_br, split, pos, page_size, stride_kp,
-                                      stride_kt, stride_vp, stride_vt, scale_log2, SLC_BLOCK, TOPN, SLC_SPLITS, DK,
-                                      DV, BLOCK_N, BLOCK_H, BLOCK_DK, BLOCK_DV, PRECISION)
+    table = block_table + seq.to(tl.int64) * stride_bt
+    k_pages += hk * stride_kh
+    v_pages += hk * stride_vh
+    m_i = tl.full([BLOCK_H], _NEG_LARGE, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    if split < SLC_SPLITS:
+        # The split's blocks as one run of SLOTS * l' tokens, each token finding its block in the index row: no
+        # loop-carried chain from one block's index to the next block's loads, so tiles pipeline.
+        block_row = block_indices + row.to(tl.int64) * stride_br
+        for t0 in range(0, SLOTS * SLC_BLOCK, BLOCK_N):
+            offs_n = t0 + tl.arange(0, BLOCK_N)
+            slot = split * SLOTS + offs_n // SLC_BLOCK
+            in_split = (offs_n < SLOTS * SLC_BLOCK) & (slot < TOPN)
+            blk = tl.load(block_row + slot, mask=in_split, other=-1)
+            positions = blk * SLC_BLOCK + offs_n % SLC_BLOCK
+            valid = in_split & (blk >= 0) & (positions <= pos)
+            acc, l_i, m_i = _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, positions,
+                                              valid, stride_kp, stride_kt, stride_vp, stride_vt, scale_log2, DK, DV,
+                                              BLOCK_DK, BLOCK_DV, PRECISION)
+    else:
+        first = tl.maximum(pos - WINDOW + 1, 0)
+        per_split = tl.cdiv(tl.cdiv(pos + 1 - first, BLOCK_N), WIN_SPLITS) * BLOCK_N
+        start = first + (split - SLC_SPLITS) * per_split
+        end = tl.minimum(start + per_split, pos + 1)
+        for t0 in range(start, end, BLOCK_N):
+            positions = t0 + tl.arange(0, BLOCK_N)
+            acc, l_i, m_i = _attend_positions(acc, l_i, m_i, q_tile, k_pages, v_pages, table, page_size, positions,
+                                              positions < end, stride_kp, stride_kt, stride_vp, stride_vt,
+                                              scale_log2, DK, DV, BLOCK_DK, BLOCK_DV, PRECISION)
     _store_partial(part_o, part_m, part_l, CMP_SPLITS + split, row, num_rows, acc, l_i, m_i, G, DV, BLOCK_H,
                    BLOCK_DV)
-    if _arrive(arrivals, row, SLC_SPLITS):
-        _merge_branches(part_o, part_m, part_l, g_cmp, g_slc, g_win, o, row, seq, token, hk, stride_gb, stride_gt,
-                        stride_gh, stride_ob, stride_ot, stride_oh, num_rows, G, DV, CMP_SPLITS, SLC_SPLITS,
-                        WIN_SPLITS, CMP_PAD, SLC_PAD, WIN_PAD, BLOCK_H, BLOCK_DV)
+
+
+@triton.jit
+def merge_branches_kernel(
+        part_o, part_m, part_l, g_cmp, g_slc, g_win, o,
+        stride_gb, stride_gt, stride_gh, stride_ob, stride_ot, stride_oh, num_rows,
+        G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, DV: tl.constexpr,
+        CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, WIN_SPLITS: tl.constexpr, CMP_PAD: tl.constexpr,
+        SLC_PAD: tl.constexpr, WIN_PAD: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """o of one head of one row: g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, each merged from its splits."""
+    row = tl.program_id(0)
+    g = tl.program_id(1)
+    seq, token, hk = _row_coords(row, NUM_QUERIES, NUM_KV_HEADS)
+    seq = seq.to(tl.int64)
+    o_cmp = _merge_branch(part_o, part_m, part_l, 0, row, g, num_rows, G, DV, CMP_SPLITS, CMP_PAD, BLOCK_DV)
+    o_slc = _merge_branch(part_o, part_m, part_l, CMP_SPLITS, row, g, num_rows, G, DV, SLC_SPLITS, SLC_PAD,
+                          BLOCK_DV)
+    o_win = _merge_branch(part_o, part_m, part_l, CMP_SPLITS + SLC_SPLITS, row, g, num_rows, G, DV, WIN_SPLITS,
+                          WIN_PAD, BLOCK_DV)
+    head = hk * G + g
+    gate = seq * stride_gb + token * stride_gt + head * stride_gh
+    out = (tl.load(g_cmp + gate).to(tl.float32) * o_cmp + tl.load(g_slc + gate).to(tl.float32) * o_slc
+           + tl.load(g_win + gate).to(tl.float32) * o_win)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(o + seq * stride_ob + token * stride_ot + head * stride_oh + offs_dv, out.to(o.dtype.element_ty),
+             mask=offs_dv < DV)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,17 +368,17 @@ class DecodeParams:
     Attributes:
         cmp_splits: programs sharing one row's compressed tokens (split-K).
         cmp_block_n: compressed tokens per tile.
-        importance_chunk: selection blocks weighed per step of a row's importance loop (run by the row's last
-            compressed split, over the whole row).
+        importance_splits: programs sharing one row's selection blocks when weighing importances.
+        importance_chunk: selection blocks weighed per step of an importance program.
         slc_splits: programs sharing one row's n selected blocks (each takes ceil(n / slc_splits) blocks).
         win_splits: programs sharing one row's window.
         block_n: keys per tile in the selected and window branches.
-        num_warps, num_stages: Triton launch options of both launches (the first takes more warps when a row's
-            selection blocks need them: at most 64 a thread in the top-n).
+        num_warps, num_stages: Triton launch options of the attention kernels.
     """
 
     cmp_splits: int = 8
     cmp_block_n: int = 64
+    importance_splits: int = 8
     importance_chunk: int = 64
     slc_splits: int = 4
     win_splits: int = 4
@@ -465,38 +394,36 @@ class DecodeParams:
                                  f"{getattr(self, name)}")
 
 
-# The default splits stop here even when the machine has room for more programs: a row's last selected split
-# reads every partial of the row (G x Dv fp32 each, 8 KB at the paper shape) in one program, so more splits
-# lengthen that tail (the five-launch step merged in a grid of its own and took up to 64 + 16 + 8).
-MAX_DEFAULT_SPLITS = dict(cmp_splits=16, slc_splits=8, win_splits=4)
-
-# What `nsa tune` searches (nsa.tuner.spaces): the split-K of the branches, which is what depends on the GPU and
-# the step's rows. Every split count feeds the one merge and the compressed and window splits share a launch,
-# so the ranges are searched together: 4 x 4 x 3 = 48 besides the default, fewer for short caches (the tuner's
-# splits_fit_tiles). The interpreter: with the default (2 splits each) 3 candidates, one with a non-power-of-two
-# split count (padded merges).
-SEARCH_SPACE = dict(cmp_splits=[4, 8, 16, 32], slc_splits=[2, 4, 8, 16], win_splits=[1, 2, 4])
-INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], slc_splits=[1, 3])
+# What `nsa tune` searches (nsa.tuner.spaces): the split-K of the launches, which is what depends on the GPU and
+# the step's rows. The launches run one after another, so the splits of each mostly act alone and the ranges stay
+# short: 3 x 2 x 3 x 2 = 36 besides the default, fewer for short caches (the tuner's splits_fit_tiles); a whole
+# paper-suite decode tune stays a few minutes. An H200 sweep at 64k found the splits of one launch within a few
+# percent. The interpreter: with the default (2 splits each) 3 candidates, one with a non-power-of-two split
+# count (padded merges).
+SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8])
+INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3])
 
 
 def default_params(batch: int, num_queries: int, num_kv_heads: int, config: NSAConfig, capacity: int,
                    device) -> DecodeParams:
-    """Splits that give about two programs per SM for the row count, up to MAX_DEFAULT_SPLITS (the tuner searches
-    better ones): a batch of one sequence and 4 kv heads spreads each row over many programs, a batch of 16 over
-    a few. Under the interpreter (which pays per program) two splits each, enough to exercise the merges."""
+    """Splits that give about two programs per SM for the row count (the tuner searches better ones): a batch
+    of one sequence and 4 kv heads spreads each row over many programs, a batch of 16 over a few. Under the
+    interpreter (which pays per program) two splits each, enough to exercise the merges."""
     return default_params_for_rows(batch * num_queries * num_kv_heads, config, capacity, device)
 
 
 def default_params_for_rows(rows: int, config: NSAConfig, capacity: int, device) -> DecodeParams:
     """`default_params` by the step's rows (B x n x Hkv), all it depends on: the tuner's untuned candidate."""
     if runtime.interpreting():
-        return DecodeParams(cmp_splits=2, cmp_block_n=16, importance_chunk=16, slc_splits=2, win_splits=2,
-                            block_n=16, num_warps=1, num_stages=1)
+        return DecodeParams(cmp_splits=2, cmp_block_n=16, importance_splits=2, importance_chunk=16,
+                            slc_splits=2, win_splits=2, block_n=16, num_warps=1, num_stages=1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, 2 * sms // rows)
-    work = dict(cmp_splits=triton.cdiv(config.num_cmp_blocks(capacity), DecodeParams.cmp_block_n),
-                slc_splits=config.slc_topn, win_splits=triton.cdiv(config.window, DecodeParams.block_n))
-    return DecodeParams(**{name: max(1, min(want, tiles, MAX_DEFAULT_SPLITS[name])) for name, tiles in work.items()})
+    cmp_tiles = triton.cdiv(config.num_cmp_blocks(capacity), 64)
+    chunks = triton.cdiv(config.num_slc_blocks(capacity), DecodeParams.importance_chunk)
+    return DecodeParams(cmp_splits=max(1, min(want, cmp_tiles)), importance_splits=max(1, min(want, chunks)),
+                        slc_splits=max(1, min(want, config.slc_topn)),
+                        win_splits=max(1, min(want, triton.cdiv(config.window, 64))))
 
 
 def resolve_params(q_shape, num_kv_heads: int, head_dim_v: int, config: NSAConfig, capacity: int, dtype,
@@ -520,29 +447,6 @@ def resolve_params(q_shape, num_kv_heads: int, head_dim_v: int, config: NSAConfi
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
 
-# Per-row arrival counters (int32, one per row of a step), shared by the two launches, which run in stream order.
-# They are 0 between launches because each row's last program puts its counter back: so a buffer is zeroed once,
-# when allocated, and a step needs no memset (a launch of its own). Cached per device and only ever grown, never
-# freed: a CUDA graph keeps the address of the buffer it was captured with. Two steps running at the same time on
-# two streams of one device would share the counters: decode on one stream per device.
-_arrivals: dict[torch.device, list[torch.Tensor]] = {}
-MIN_ARRIVALS = 4096
-
-
-def arrival_counters(device, rows: int) -> torch.Tensor:
-    """The device's counters, all 0, at least `rows` of them (allocated zeroed on first use or growth)."""
-    device = torch.device(device)
-    held = _arrivals.setdefault(device, [])
-    if held and held[-1].numel() >= rows:
-        return held[-1]
-    fresh = torch.zeros(max(rows, MIN_ARRIVALS), dtype=torch.int32, device=device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # Inside a capture the zeroing is a node of the graph, run on each replay but not now: not cached, as the
-        # cache holds only buffers that are 0 already. (Warming up outside the capture avoids this memset.)
-        return fresh
-    held.append(fresh)
-    return fresh
-
 
 def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, scale: float,
                    params: DecodeParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -564,40 +468,49 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     block_indices = runtime.new_output((batch, num_queries, num_kv_heads, config.slc_topn), dtype=torch.int32,
                                        device=device)
     o = runtime.new_output((batch, num_queries, num_heads, head_dim_v), dtype=q.dtype, device=device)
-    arrivals = arrival_counters(device, rows)
     k_pages, v_pages, k_cmp, v_cmp = (x.to(q.dtype) for x in (cache.k_pages, cache.v_pages, cache.k_cmp,
                                                                 cache.v_cmp))
     block_h = max(runtime.MIN_DOT, triton.next_power_of_2(group))
-    block_j = triton.next_power_of_2(importance.shape[1])
     sizes = dict(G=group, NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads)
     tiles = dict(BLOCK_H=block_h, BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
                  PRECISION=runtime.dot_precision(q.dtype), DK=head_dim, DV=head_dim_v)
-    counts = dict(CMP_SPLITS=params.cmp_splits, SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits,
-                  CMP_PAD=triton.next_power_of_2(params.cmp_splits))
-    pages = (k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), v_pages.stride(0), v_pages.stride(1),
-             v_pages.stride(2), cache.block_table.stride(0))
+    launch = dict(num_warps=params.num_warps, num_stages=params.num_stages)
     scale_log2 = scale * LOG2E
 
-    compressed_window_kernel[(params.cmp_splits + params.win_splits, rows)](
-        q, k_cmp, v_cmp, k_pages, v_pages, cache.block_table, cache.seqlens, scores, importance, block_indices,
-        arrivals, part_o, part_m, part_l,
+    compressed_partials_kernel[(params.cmp_splits, rows)](
+        q, k_cmp, v_cmp, cache.seqlens, scores, part_o, part_m, part_l,
         q.stride(0), q.stride(1), q.stride(2), k_cmp.stride(0), k_cmp.stride(1), k_cmp.stride(2),
-        v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), *pages, scores.stride(0), scores.stride(1),
-        importance.stride(0), config.slc_topn, cache.page_size, rows, scale_log2,
-        CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SLC_BLOCK=config.slc_block, TOPN=config.slc_topn,
-        TOPN_PAD=triton.next_power_of_2(config.slc_topn), WINDOW=config.window, INIT_BLOCKS=config.init_blocks,
-        LOCAL_BLOCKS=config.local_blocks, CMP_BLOCK_N=params.cmp_block_n, BLOCK_N=params.block_n,
-        CHUNK=params.importance_chunk, RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride),
-        BLOCK_J=block_j, **counts, **sizes, **tiles,
-        num_warps=max(params.num_warps, triton.cdiv(block_j, 32 * 64)), num_stages=params.num_stages)
-    selected_merge_kernel[(params.slc_splits, rows)](
-        q, k_pages, v_pages, cache.block_table, cache.seqlens, block_indices, arrivals, part_o, part_m, part_l,
-        g_cmp, g_slc, g_win, o,
-        q.stride(0), q.stride(1), q.stride(2), *pages, config.slc_topn, g_cmp.stride(0), g_cmp.stride(1),
-        g_cmp.stride(2), o.stride(0), o.stride(1), o.stride(2), cache.page_size, rows, scale_log2,
-        SLC_BLOCK=config.slc_block, TOPN=config.slc_topn, SLC_PAD=triton.next_power_of_2(params.slc_splits),
-        WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_N=params.block_n, **counts, **sizes, **tiles,
-        num_warps=params.num_warps, num_stages=params.num_stages)
+        v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), scores.stride(0), scores.stride(1), rows, scale_log2,
+        CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SPLITS=params.cmp_splits,
+        BLOCK_N=params.cmp_block_n, **sizes, **tiles, **launch)
+    block_importance_kernel[(params.importance_splits, rows)](
+        scores, part_m, part_l, cache.seqlens, importance, scores.stride(0), scores.stride(1), importance.stride(0),
+        rows, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SLC_BLOCK=config.slc_block,
+        INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, CMP_SPLITS=params.cmp_splits,
+        CMP_SPLITS_PAD=triton.next_power_of_2(params.cmp_splits), SPLITS=params.importance_splits, BLOCK_H=block_h,
+        CHUNK=params.importance_chunk, RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride), **sizes,
+        num_warps=4)
+    block_j = triton.next_power_of_2(importance.shape[1])
+    top_blocks_kernel[(rows,)](
+        importance, cache.seqlens, block_indices, importance.stride(0), config.slc_topn,
+        NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads, SLC_BLOCK=config.slc_block, TOPN=config.slc_topn,
+        TOPN_PAD=triton.next_power_of_2(config.slc_topn), BLOCK_J=block_j,
+        num_warps=min(MAX_TOPN_WARPS, max(4, block_j // 256)))
+    sparse_partials_kernel[(params.slc_splits + params.win_splits, rows)](
+        q, k_pages, v_pages, cache.block_table, cache.seqlens, block_indices, part_o, part_m, part_l,
+        q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), cache.block_table.stride(0), config.slc_topn,
+        cache.page_size, rows, scale_log2,
+        SLC_BLOCK=config.slc_block, TOPN=config.slc_topn, WINDOW=config.window, CMP_SPLITS=params.cmp_splits,
+        SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits, BLOCK_N=params.block_n, **sizes, **tiles,
+        **launch)
+    merge_branches_kernel[(rows, group)](
+        part_o, part_m, part_l, g_cmp, g_slc, g_win, o,
+        g_cmp.stride(0), g_cmp.stride(1), g_cmp.stride(2), o.stride(0), o.stride(1), o.stride(2), rows,
+        DV=head_dim_v, CMP_SPLITS=params.cmp_splits, SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits,
+        CMP_PAD=triton.next_power_of_2(params.cmp_splits), SLC_PAD=triton.next_power_of_2(params.slc_splits),
+        WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=head_dim_block(head_dim_v), **sizes,
+        num_warps=4)
     return o, block_indices
 
 

@@ -4,7 +4,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import pytest
@@ -256,8 +255,9 @@ decode_module = importlib.import_module("nsa.kernels.decode")
 SMOKE_CONFIG = NSAConfig(cmp_block=16, cmp_stride=8, slc_block=16, slc_topn=3, window=32)
 # The untuned decode params (and so the candidates) depend on the device; these tests pin the interpreter's.
 interpreter_only = pytest.mark.skipif(not runtime.interpreting(), reason="needs TRITON_INTERPRET=1")
-INTERPRETER_DECODE = decode_module.DecodeParams(cmp_splits=2, cmp_block_n=16, importance_chunk=16, slc_splits=2,
-                                                win_splits=2, block_n=16, num_warps=1, num_stages=1)
+INTERPRETER_DECODE = decode_module.DecodeParams(cmp_splits=2, cmp_block_n=16, importance_splits=2,
+                                                importance_chunk=16, slc_splits=2, win_splits=2, block_n=16,
+                                                num_warps=1, num_stages=1)
 
 
 def decode_problem():
@@ -325,13 +325,13 @@ def test_decode_search_space_default_is_what_nsa_decode_runs():
     assert cands[0] == untuned == decode_module.default_params(2, 1, 1, SMOKE_CONFIG, 100, "cpu") == \
         INTERPRETER_DECODE
     assert len(cands) == 3 and pruned == {}
-    # The GPU ranges at T=100 (one compressed tile, n=3 selected blocks, one window tile) all ask for
+    # The GPU ranges at T=100 (one compressed / importance tile, n=3 selected blocks, 2 window tiles) all ask for
     # more splits than there is work: only the default is left. At 64k, most of the ranges are searched.
     gpu, gpu_pruned = spaces.search_space("decode", shape, SMOKE_CONFIG, 2, 1, interpreter=False)
     assert set(gpu_pruned) == {"splits_fit_tiles"} and len(gpu) == 1
     long = dataclasses.replace(shape, seqlen=65536)
     gpu, _ = spaces.search_space("decode", long, SMOKE_CONFIG, 2, 1, interpreter=False)
-    assert 1 < len(gpu) <= 1 + math.prod(len(values) for values in decode_module.SEARCH_SPACE.values())
+    assert 1 < len(gpu) <= 1 + 3 * 2 * 3 * 2
 
 
 def test_decode_buckets_only_from_decode_problems():
@@ -401,7 +401,7 @@ def test_nsa_decode_runs_with_cached_params_and_ignores_a_corrupt_cache(tmp_path
 
     monkeypatch.setattr(decode_module, "nsa_decode_fwd", recording_fwd)
     monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "env"))
-    tuned = decode_entry(cmp_splits=1, slc_splits=3, win_splits=1)
+    tuned = decode_entry(cmp_splits=1, importance_splits=1, slc_splits=3, win_splits=1)
     write_cache(tmp_path / "env", {cache.bucket_key("decode", decode_shape()): tuned})
     o = nsa_decode(x["q"], kv, *gates, SMOKE_CONFIG)
     assert dataclasses.asdict(used[-1]) == tuned["params"]

@@ -107,13 +107,14 @@ def _registers_ok(params, shape, props, config) -> bool:
 
 
 def _decode_splits_fit(params, shape: Shape, props, config: NSAConfig) -> bool:
-    """Every split of every decode branch gets at least one tile of work in a full cache of T tokens."""
+    """Every split of every decode launch gets at least one tile of work in a full cache of T tokens."""
     if not hasattr(params, "cmp_splits"):
         return True
     tiles = (triton.cdiv(config.num_cmp_blocks(shape.seqlen), params.cmp_block_n),
+             triton.cdiv(config.num_slc_blocks(shape.seqlen), params.importance_chunk),
              min(config.slc_topn, config.num_slc_blocks(shape.seqlen)),
              triton.cdiv(min(config.window, shape.seqlen), params.block_n))
-    splits = (params.cmp_splits, params.slc_splits, params.win_splits)
+    splits = (params.cmp_splits, params.importance_splits, params.slc_splits, params.win_splits)
     return all(s <= max(1, t) for s, t in zip(splits, tiles))
 
 

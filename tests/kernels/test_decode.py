@@ -3,10 +3,7 @@
 Decoding the newest n tokens of a cached sequence must give the last n rows of the full computation. Checked
 on ragged batches (contiguous and paged caches with a shuffled page table), for one and several new tokens,
 for sequences grown token by token across compression-block boundaries with real compressors, for prefill and
-chunked prefill, and (GPU) for a step captured in a CUDA graph and replayed. A step is two launches whose
-row-wide work (selection, then the merge) is done by the last split of each row to finish, found by arrival
-counters: the interpreter runs programs one after another, so it tests the counting; the memory ordering
-between programs running at the same time is only tested on a GPU (test_arrival_counters_over_many_steps_on_gpu).
+chunked prefill, and (GPU) for a step captured in a CUDA graph and replayed.
 """
 
 import copy
@@ -18,7 +15,6 @@ from nsa import NSAConfig, reference
 from nsa.accuracy import SELECTION_RTOL, allowed_error, assert_close, selection_mismatches
 from nsa.inputs import resolve_scale
 from nsa.kernels import DecodeParams, KVCache, nsa_attention, nsa_decode, nsa_prefill, runtime
-from nsa.kernels import decode as decode_module
 from nsa.reference.decode import decode_rows
 
 needs_interpreter = pytest.mark.skipif(not runtime.interpreting(),
@@ -132,10 +128,10 @@ def test_decode_with_one_split_each_equals_many_splits():
     config = cfg(16, 8, 16, 4, 32)
     cache, seqs = filled_caches(config, [180, 60], 2, 16, 16, dtype=torch.float32, device="cpu", seed=3)
     q, gates = random_queries(2, 1, 4, 16, dtype=torch.float32, device="cpu", seed=3)
-    one = DecodeParams(cmp_splits=1, cmp_block_n=16, importance_chunk=16, slc_splits=1, win_splits=1, block_n=16,
-                       num_warps=1, num_stages=1)
-    many = DecodeParams(cmp_splits=5, cmp_block_n=16, importance_chunk=32, slc_splits=3, win_splits=3, block_n=16,
-                        num_warps=1, num_stages=1)
+    one = DecodeParams(cmp_splits=1, cmp_block_n=16, importance_splits=1, importance_chunk=16, slc_splits=1,
+                       win_splits=1, block_n=16, num_warps=1, num_stages=1)
+    many = DecodeParams(cmp_splits=5, cmp_block_n=16, importance_splits=3, importance_chunk=32, slc_splits=3,
+                        win_splits=3, block_n=16, num_warps=1, num_stages=1)
     o1, i1 = check_decode(q, cache, seqs, gates, config, params=one, exact_selection=True)
     o2, i2 = check_decode(q, cache, seqs, gates, config, params=many, exact_selection=True)
     assert torch.equal(i1, i2)
@@ -152,27 +148,6 @@ def test_exact_ties_go_to_the_lower_index():
     seqs = [(k, v, torch.zeros_like(k_cmp), v_cmp) for k, v, k_cmp, v_cmp in seqs]
     q, gates = random_queries(2, 2, 4, 16, dtype=torch.float32, device="cpu", seed=5)
     check_decode(q, cache, seqs, gates, config, exact_selection=True)
-
-
-@needs_interpreter
-def test_arrival_counters_reset_themselves_and_only_grow(monkeypatch):
-    """The per-row arrival counters are back at 0 after every launch (the next step needs no memset) and a step
-    with more rows grows them, keeping the old buffer (a CUDA graph may hold its address). The interpreter runs
-    the programs one after another: this tests the counting, not the memory ordering."""
-    monkeypatch.setattr(decode_module, "_arrivals", {})
-    monkeypatch.setattr(decode_module, "MIN_ARRIVALS", 1)
-    config = cfg(16, 8, 16, 4, 32)
-    small, small_seqs = filled_caches(config, [70], 2, 16, 16, dtype=torch.float32, device="cpu", seed=8)
-    big, big_seqs = filled_caches(config, [90, 41], 2, 16, 16, dtype=torch.float32, device="cpu", seed=9)
-    q1, gates1 = random_queries(1, 1, 4, 16, dtype=torch.float32, device="cpu", seed=8)
-    q2, gates2 = random_queries(2, 1, 4, 16, dtype=torch.float32, device="cpu", seed=9)
-    o, idx = check_decode(q1, small, small_seqs, gates1, config, exact_selection=True)
-    held = decode_module._arrivals[torch.device("cpu")]
-    assert [c.numel() for c in held] == [2] and not held[0].any()
-    again, again_idx = nsa_decode(q1, small, *gates1, config, return_block_indices=True)
-    assert torch.equal(o, again) and torch.equal(idx, again_idx)
-    check_decode(q2, big, big_seqs, gates2, config, exact_selection=True)
-    assert [c.numel() for c in held] == [2, 4] and not any(c.any() for c in held)
 
 
 def grow_and_compare(config, prompts, steps, *, dtype, device, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -384,47 +359,3 @@ def test_cuda_graph_replay_equals_eager_steps():
             torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert graphed.sync_lengths() == eager.lengths == [2040] * batch
     torch.testing.assert_close(graphed.k_cmp, eager.k_cmp, rtol=0, atol=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("splits", [(1, 1, 1), (64, 16, 8), None], ids=["one-split", "many-splits", "resolved"])
-def test_arrival_counters_over_many_steps_on_gpu(splits):
-    """The last split of each row does the row's selection (launch 1) and its merge (launch 2), found by arrival
-    counters: on a GPU, where a launch's programs run at the same time, the others' partials and scores must be
-    visible to it (a barrier and a release before the count, an acquire after it), which the interpreter cannot
-    test. 200 steps of new queries over a ragged paged cache (16 rows): every step run 3 times gives the same o
-    and block_indices bit for bit and passes the reference check, and every counter is back at 0."""
-    lengths, hq, hkv, dtype = [16384, 9000, 4100, 700], 64, 4, torch.bfloat16
-    cache, seqs = filled_caches(PAPER, lengths, hkv, 128, 128, dtype=dtype, device="cuda", seed=21, page_size=64)
-    params = None if splits is None else DecodeParams(cmp_splits=splits[0], slc_splits=splits[1],
-                                                      win_splits=splits[2])
-    for step in range(200):
-        q, gates = random_queries(len(lengths), 1, hq, 128, dtype=dtype, device="cuda", seed=100 + step)
-        o, idx = check_decode(q, cache, seqs, gates, PAPER, params=params, exact_selection=False)
-        for _ in range(2):
-            again, again_idx = nsa_decode(q, cache, *gates, PAPER, return_block_indices=True, params=params)
-            assert torch.equal(again, o) and torch.equal(again_idx, idx), f"step {step} differs between runs"
-    assert not any(c.any() for c in decode_module._arrivals[q.device])
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_counters_first_made_inside_a_capture_on_gpu(monkeypatch):
-    """Counters first needed inside a CUDA-graph capture are zeroed by the graph itself (not cached, since the
-    capture runs nothing): replays equal eager steps, and eager steps afterwards still start from zeroed ones."""
-    lengths, hq, hkv, dtype = [5000, 3000], 16, 4, torch.bfloat16
-    cache, seqs = filled_caches(PAPER, lengths, hkv, 128, 128, dtype=dtype, device="cuda", seed=22, page_size=64)
-    q, gates = random_queries(len(lengths), 1, hq, 128, dtype=dtype, device="cuda", seed=22)
-    with torch.no_grad():
-        want = nsa_decode(q, cache, *gates, PAPER)  # compiles the kernels outside the capture
-        monkeypatch.setattr(decode_module, "_arrivals", {})
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = nsa_decode(q, cache, *gates, PAPER)
-        assert not decode_module._arrivals[q.device]
-        for _ in range(5):
-            graph.replay()
-            torch.testing.assert_close(out, want, rtol=0, atol=0)
-        torch.testing.assert_close(nsa_decode(q, cache, *gates, PAPER), want, rtol=0, atol=0)
-    check_decode(q, cache, seqs, gates, PAPER, exact_selection=False)
