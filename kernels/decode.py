@@ -12,9 +12,9 @@ in a CUDA graph. Five launches:
 2. `block_importance_kernel` (grid: importance_splits x rows): merges the partials' log-sum-exp, turns the
    scores into p_cmp summed over the group's heads and weighs them into selection-block importances (the
    overlap weights of `nsa.kernels.selection`); forced blocks (initial, local) get +inf.
-3. `top_blocks_kernel` (grid: rows): the top-n by a bitwise search for the n-th largest importance (31 counts
-   over the row in registers; a bitonic running top-n took 16 us at T=64k on an H200), ties to the lower index;
-   block_indices come out ascending, -1 padded.
+3. `top_blocks_kernel` (grid: rows): the top-n by a digit-wise search for the n-th largest importance (counts
+   over the row in registers, `topn_digit_bits` bits a round; a bitonic running top-n took 16 us at T=64k on an
+   H200), ties to the lower index; block_indices come out ascending, -1 padded.
 4. `sparse_partials_kernel` (grid: (slc_splits + win_splits) x rows): split-K over the selected blocks and over
    the sliding window, reading keys through the page table.
 5. `merge_branches_kernel` (grid: rows x G): merges each branch's partials and applies the gates.
@@ -44,6 +44,7 @@ _NEG_LARGE = tl.constexpr(-1.0e30)  # a running max that starts finite, so no (-
 # The top-n holds a row's importances in registers: up to 16 warps x 32 threads x 64 blocks.
 MAX_TOPN_WARPS = 16
 MAX_SELECTION_BLOCKS = MAX_TOPN_WARPS * 32 * 64
+MAX_DIGIT_BITS = 4  # the top-n's count tile is [blocks, 2**bits]: 16 columns at most
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def block_importance_kernel(
 def top_blocks_kernel(
         importance, seqlens, block_indices, stride_ir, stride_br,
         NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
-        TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr):
+        TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr, DIGIT_BITS: tl.constexpr):
     """block_indices of one row: the top min(n, current + 1) blocks by importance (ties to the lower index),
     ascending, -1 padded. The whole row is one register tile of BLOCK_J blocks."""
     row = tl.program_id(0)
@@ -246,12 +247,21 @@ def top_blocks_kernel(
     imp = tl.load(importance + row.to(tl.int64) * stride_ir + offs, mask=causal, other=0.0)
     # Non-negative floats order like their bits as integers (forced blocks: +inf); -1 marks non-causal blocks.
     bits = tl.where(causal, imp.to(tl.int32, bitcast=True), -1)
-    # The largest threshold that at least `count` blocks reach, built bit by bit from the top: 31 counts
-    # instead of sorting the row.
+    # The largest threshold that at least `count` blocks reach, built from the top one digit of DIGIT_BITS bits
+    # at a time (1: bit by bit, 31 rounds, as v3 measured; 4: 8 rounds). A round counts the blocks that reach
+    # each of the digit's 2**DIGIT_BITS candidates in one [BLOCK_J, 2**DIGIT_BITS] reduction: fewer dependent
+    # cross-warp sums for more registers. The counts fall as the digit grows, so the digit is how many of the
+    # nonzero candidates still reach `count`; bit 31 is the sign, so a top digit reaching it stops short.
+    ROUNDS: tl.constexpr = (31 + DIGIT_BITS - 1) // DIGIT_BITS
+    offs_d = tl.arange(0, 1 << DIGIT_BITS)
     threshold = 0
-    for b in tl.static_range(30, -1, -1):
-        candidate = threshold | (1 << b)
-        threshold = tl.where(tl.sum((bits >= candidate).to(tl.int32), 0) >= count, candidate, threshold)
+    for r in tl.static_range(ROUNDS):
+        shift: tl.constexpr = DIGIT_BITS * (ROUNDS - 1 - r)
+        candidate = threshold | (offs_d << shift)
+        reach = tl.sum((bits[:, None] >= candidate[None, :]).to(tl.int32), 0) >= count
+        if shift + DIGIT_BITS > 31:
+            reach = reach & (offs_d < (1 << (31 - shift)))
+        threshold = threshold | ((tl.sum(reach.to(tl.int32), 0) - 1) << shift)
     above = bits > threshold
     tied = bits == threshold
     need = count - tl.sum(above.to(tl.int32), 0)  # >= 1 blocks at the threshold, the lowest indices first
@@ -374,6 +384,8 @@ class DecodeParams:
         win_splits: programs sharing one row's window.
         block_n: keys per tile in the selected and window branches.
         num_warps, num_stages: Triton launch options of the attention kernels.
+        topn_digit_bits: bits of the n-th largest importance found per round of the top-n (1, 2 or 4: 31, 16 or
+            8 rounds, each a [blocks, 2**bits] count).
     """
 
     cmp_splits: int = 8
@@ -385,9 +397,13 @@ class DecodeParams:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    topn_digit_bits: int = 1
 
     def __post_init__(self):
         runtime.check_launch_params(self, counts=("num_stages", "splits"))
+        if self.topn_digit_bits > MAX_DIGIT_BITS:
+            raise ValueError(f"DecodeParams.topn_digit_bits must be 1, 2 or {MAX_DIGIT_BITS}, got "
+                             f"{self.topn_digit_bits}")
         for name in ("cmp_block_n", "block_n"):
             if getattr(self, name) < runtime.MIN_DOT:
                 raise ValueError(f"DecodeParams.{name} must be >= {runtime.MIN_DOT} (tl.dot on a GPU), got "
@@ -395,13 +411,14 @@ class DecodeParams:
 
 
 # What `nsa tune` searches (nsa.tuner.spaces): the split-K of the launches, which is what depends on the GPU and
-# the step's rows. The launches run one after another, so the splits of each mostly act alone and the ranges stay
-# short: 3 x 2 x 3 x 2 = 36 besides the default, fewer for short caches (the tuner's splits_fit_tiles); a whole
-# paper-suite decode tune stays a few minutes. An H200 sweep at 64k found the splits of one launch within a few
-# percent. The interpreter: with the default (2 splits each) 3 candidates, one with a non-power-of-two split
-# count (padded merges).
-SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8])
-INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3])
+# the step's rows, and the top-n's digit width. The launches run one after another, so the splits of each mostly
+# act alone and the ranges stay short: 3 x 2 x 3 x 2 x 2 = 72 besides the default, fewer for short caches (the
+# tuner's splits_fit_tiles). An H200 sweep at 64k found the splits of one launch within a few percent. The
+# interpreter: with the default (2 splits each) 3 candidates, one with a non-power-of-two split count (padded
+# merges), both with 2-bit digits (checked against the reference like any candidate).
+SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8],
+                    topn_digit_bits=[1, 4])
+INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3], topn_digit_bits=[2])
 
 
 def default_params(batch: int, num_queries: int, num_kv_heads: int, config: NSAConfig, capacity: int,
@@ -494,7 +511,7 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     top_blocks_kernel[(rows,)](
         importance, cache.seqlens, block_indices, importance.stride(0), config.slc_topn,
         NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads, SLC_BLOCK=config.slc_block, TOPN=config.slc_topn,
-        TOPN_PAD=triton.next_power_of_2(config.slc_topn), BLOCK_J=block_j,
+        TOPN_PAD=triton.next_power_of_2(config.slc_topn), BLOCK_J=block_j, DIGIT_BITS=params.topn_digit_bits,
         num_warps=min(MAX_TOPN_WARPS, max(4, block_j // 256)))
     sparse_partials_kernel[(params.slc_splits + params.win_splits, rows)](
         q, k_pages, v_pages, cache.block_table, cache.seqlens, block_indices, part_o, part_m, part_l,
