@@ -19,6 +19,10 @@ in a CUDA graph. Five launches:
    the sliding window, reading keys through the page table.
 5. `merge_branches_kernel` (grid: rows x G): merges each branch's partials and applies the gates.
 
+With `DecodeParams.pdl` (Hopper and later) the five kernels are launched with programmatic dependent launch:
+each one's programs start while the previous kernel finishes and wait for its writes before their first load, so
+the launch gaps between them, about 2 us each under a CUDA graph, overlap work.
+
 Merges load all of a row's splits at once: a loop over splits would be a chain of dependent loads, about half a
 microsecond each (the first version's merges made a 30 us floor at B=1 on an H200; see docs/performance.md).
 
@@ -64,6 +68,16 @@ def _row_position(seqlens, row, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.cons
     seq, token, hk = _row_coords(row, NUM_QUERIES, NUM_KV_HEADS)
     pos = tl.load(seqlens + seq) - NUM_QUERIES + token
     return seq, token, hk, pos
+
+
+@triton.jit
+def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    """With programmatic dependent launch (Hopper and later) a kernel's programs may start while the kernel before
+    it in the stream still runs: wait here until that kernel's writes are visible, before any load, then let the
+    next kernel's programs start (they wait likewise). What is hidden is the launch gap between two kernels."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -141,8 +155,10 @@ def compressed_partials_kernel(
         stride_sr, stride_sh, num_rows, scale_log2,
         G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, CMP_BLOCK: tl.constexpr,
         CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr):
     """Split `program_id(0)` of the compressed attention of one row, and its raw scores."""
+    _wait_for_previous_kernel(USE_PDL)
     split = tl.program_id(0)
     row = tl.program_id(1)
     seq, token, hk, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
@@ -183,8 +199,9 @@ def block_importance_kernel(
         G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, CMP_BLOCK: tl.constexpr,
         CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
         CMP_SPLITS: tl.constexpr, CMP_SPLITS_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
-        CHUNK: tl.constexpr, RPAD: tl.constexpr):
+        CHUNK: tl.constexpr, RPAD: tl.constexpr, USE_PDL: tl.constexpr):
     """Importance of split `program_id(0)`'s share of the row's causal selection blocks."""
+    _wait_for_previous_kernel(USE_PDL)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
     BLOCK_C: tl.constexpr = CHUNK * RPAD
     split = tl.program_id(0)
@@ -235,9 +252,10 @@ def block_importance_kernel(
 def top_blocks_kernel(
         importance, seqlens, block_indices, stride_ir, stride_br,
         NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
-        TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr, DIGIT_BITS: tl.constexpr):
+        TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr, DIGIT_BITS: tl.constexpr, USE_PDL: tl.constexpr):
     """block_indices of one row: the top min(n, current + 1) blocks by importance (ties to the lower index),
     ascending, -1 padded. The whole row is one register tile of BLOCK_J blocks."""
+    _wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0)
     _, _, _, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
     current = pos // SLC_BLOCK
@@ -299,8 +317,10 @@ def sparse_partials_kernel(
         G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr,
         TOPN: tl.constexpr, WINDOW: tl.constexpr, CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr,
         WIN_SPLITS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr):
     """Split `program_id(0)` of the selected branch (the first SLC_SPLITS) or of the window branch (the rest)."""
+    _wait_for_previous_kernel(USE_PDL)
     SLOTS: tl.constexpr = (TOPN + SLC_SPLITS - 1) // SLC_SPLITS  # selected blocks per selected split
     split = tl.program_id(0)
     row = tl.program_id(1)
@@ -346,8 +366,9 @@ def merge_branches_kernel(
         stride_gb, stride_gt, stride_gh, stride_ob, stride_ot, stride_oh, num_rows,
         G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, DV: tl.constexpr,
         CMP_SPLITS: tl.constexpr, SLC_SPLITS: tl.constexpr, WIN_SPLITS: tl.constexpr, CMP_PAD: tl.constexpr,
-        SLC_PAD: tl.constexpr, WIN_PAD: tl.constexpr, BLOCK_DV: tl.constexpr):
+        SLC_PAD: tl.constexpr, WIN_PAD: tl.constexpr, BLOCK_DV: tl.constexpr, USE_PDL: tl.constexpr):
     """o of one head of one row: g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, each merged from its splits."""
+    _wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0)
     g = tl.program_id(1)
     seq, token, hk = _row_coords(row, NUM_QUERIES, NUM_KV_HEADS)
@@ -386,6 +407,8 @@ class DecodeParams:
         num_warps, num_stages: Triton launch options of the attention kernels.
         topn_digit_bits: bits of the n-th largest importance found per round of the top-n (1, 2 or 4: 31, 16 or
             8 rounds, each a [blocks, 2**bits] count).
+        pdl: launch the five kernels with programmatic dependent launch (Hopper and later; ignored before), so
+            each kernel's programs start during the previous kernel and wait for its writes.
     """
 
     cmp_splits: int = 8
@@ -398,9 +421,10 @@ class DecodeParams:
     num_warps: int = 4
     num_stages: int = 2
     topn_digit_bits: int = 1
+    pdl: bool = False
 
     def __post_init__(self):
-        runtime.check_launch_params(self, counts=("num_stages", "splits"))
+        runtime.check_launch_params(self, counts=("num_stages", "splits"), flags=("pdl",))
         if self.topn_digit_bits > MAX_DIGIT_BITS:
             raise ValueError(f"DecodeParams.topn_digit_bits must be 1, 2 or {MAX_DIGIT_BITS}, got "
                              f"{self.topn_digit_bits}")
@@ -411,13 +435,14 @@ class DecodeParams:
 
 
 # What `nsa tune` searches (nsa.tuner.spaces): the split-K of the launches, which is what depends on the GPU and
-# the step's rows, and the top-n's digit width. The launches run one after another, so the splits of each mostly
-# act alone and the ranges stay short: 3 x 2 x 3 x 2 x 2 = 72 besides the default, fewer for short caches (the
-# tuner's splits_fit_tiles). An H200 sweep at 64k found the splits of one launch within a few percent. The
-# interpreter: with the default (2 splits each) 3 candidates, one with a non-power-of-two split count (padded
-# merges), both with 2-bit digits (checked against the reference like any candidate).
+# the step's rows, the top-n's digit width and programmatic dependent launch. The launches run one after another,
+# so the splits of each mostly act alone and the ranges stay short: 3 x 2 x 3 x 2 x 2 x 2 = 144 besides the
+# default, fewer for short caches (the tuner's splits_fit_tiles). An H200 sweep at 64k found the splits of one
+# launch within a few percent. The interpreter (no PDL): with the default (2 splits each) 3 candidates, one with a
+# non-power-of-two split count (padded merges), both with 2-bit digits (checked against the reference like any
+# candidate).
 SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8],
-                    topn_digit_bits=[1, 4])
+                    topn_digit_bits=[1, 4], pdl=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3], topn_digit_bits=[2])
 
 
@@ -491,7 +516,9 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     sizes = dict(G=group, NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads)
     tiles = dict(BLOCK_H=block_h, BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
                  PRECISION=runtime.dot_precision(q.dtype), DK=head_dim, DV=head_dim_v)
-    launch = dict(num_warps=params.num_warps, num_stages=params.num_stages)
+    use_pdl = params.pdl and runtime.supports_pdl(device)
+    pdl = dict(USE_PDL=use_pdl, launch_pdl=use_pdl)
+    launch = dict(num_warps=params.num_warps, num_stages=params.num_stages, **pdl)
     scale_log2 = scale * LOG2E
 
     compressed_partials_kernel[(params.cmp_splits, rows)](
@@ -506,13 +533,13 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, CMP_SPLITS=params.cmp_splits,
         CMP_SPLITS_PAD=triton.next_power_of_2(params.cmp_splits), SPLITS=params.importance_splits, BLOCK_H=block_h,
         CHUNK=params.importance_chunk, RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride), **sizes,
-        num_warps=4)
+        num_warps=4, **pdl)
     block_j = triton.next_power_of_2(importance.shape[1])
     top_blocks_kernel[(rows,)](
         importance, cache.seqlens, block_indices, importance.stride(0), config.slc_topn,
         NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads, SLC_BLOCK=config.slc_block, TOPN=config.slc_topn,
         TOPN_PAD=triton.next_power_of_2(config.slc_topn), BLOCK_J=block_j, DIGIT_BITS=params.topn_digit_bits,
-        num_warps=min(MAX_TOPN_WARPS, max(4, block_j // 256)))
+        num_warps=min(MAX_TOPN_WARPS, max(4, block_j // 256)), **pdl)
     sparse_partials_kernel[(params.slc_splits + params.win_splits, rows)](
         q, k_pages, v_pages, cache.block_table, cache.seqlens, block_indices, part_o, part_m, part_l,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
@@ -527,7 +554,7 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         DV=head_dim_v, CMP_SPLITS=params.cmp_splits, SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits,
         CMP_PAD=triton.next_power_of_2(params.cmp_splits), SLC_PAD=triton.next_power_of_2(params.slc_splits),
         WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=head_dim_block(head_dim_v), **sizes,
-        num_warps=4)
+        num_warps=4, **pdl)
     return o, block_indices
 
 

@@ -22,6 +22,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def supports_pdl(device) -> bool:
+    """Programmatic dependent launch: CUDA devices of compute capability 9.0 (Hopper) and later, not the
+    interpreter."""
+    device = torch.device(device)
+    return (device.type == "cuda" and not interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact fp32 products for fp32 inputs (the selection's ranking depends on it)."""
     return "ieee" if dtype == torch.float32 else "tf32"

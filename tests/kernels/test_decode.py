@@ -133,7 +133,8 @@ def test_decode_with_one_split_each_equals_many_splits():
     one = DecodeParams(cmp_splits=1, cmp_block_n=16, importance_splits=1, importance_chunk=16, slc_splits=1,
                        win_splits=1, block_n=16, num_warps=1, num_stages=1)
     many = DecodeParams(cmp_splits=5, cmp_block_n=16, importance_splits=3, importance_chunk=32, slc_splits=3,
-                        win_splits=3, block_n=16, num_warps=1, num_stages=1, topn_digit_bits=4)
+                        win_splits=3, block_n=16, num_warps=1, num_stages=1, topn_digit_bits=4,
+                        pdl=True)  # no PDL under the interpreter: accepted and ignored
     o1, i1 = check_decode(q, cache, seqs, gates, config, params=one, exact_selection=True)
     o2, i2 = check_decode(q, cache, seqs, gates, config, params=many, exact_selection=True)
     assert torch.equal(i1, i2)
@@ -284,6 +285,8 @@ def test_decode_rejects_bad_inputs():
     for bits in (3, 8):
         with pytest.raises(ValueError, match="topn_digit_bits"):
             DecodeParams(topn_digit_bits=bits)
+    with pytest.raises(ValueError, match="pdl must be a bool"):
+        DecodeParams(pdl=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,17 +305,17 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("digit_bits", [1, 4])
+@pytest.mark.parametrize("digit_bits, pdl", [(1, False), (4, True)], ids=["bitwise", "digits4-pdl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_decode_matches_reference_on_gpu(case, dtype, digit_bits):
+def test_decode_matches_reference_on_gpu(case, dtype, digit_bits, pdl):
     lengths, n, hq, hkv, page_size = GPU_CASES[case]
     seed = sorted(GPU_CASES).index(case)
     cache, seqs = filled_caches(PAPER, lengths, hkv, 128, 128, dtype=dtype, device="cuda", seed=seed,
                                 page_size=page_size, spare=100)
     q, gates = random_queries(len(lengths), n, hq, 128, dtype=dtype, device="cuda", seed=seed)
     params = dataclasses.replace(default_params(len(lengths), n, hkv, PAPER, cache.capacity, "cuda"),
-                                 topn_digit_bits=digit_bits)
+                                 topn_digit_bits=digit_bits, pdl=pdl)
     check_decode(q, cache, seqs, gates, PAPER, params=params, exact_selection=False)
 
 
@@ -324,9 +327,11 @@ def test_grows_across_compression_blocks_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_replay_equals_eager_steps():
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_cuda_graph_replay_equals_eager_steps(pdl):
     """append + nsa_decode captured once in a CUDA graph and replayed for 40 steps (crossing compression
-    blocks) gives the outputs of the same steps run eagerly."""
+    blocks) gives the outputs of the same steps run eagerly; with PDL too (the first decode kernel reads what
+    the append before it wrote)."""
     config, dtype, batch, hq, hkv, dim = PAPER, torch.bfloat16, 3, 64, 4, 128
     torch.manual_seed(0)
     k_comp = reference.Compressor(config, dim).cuda().to(dtype)
@@ -347,9 +352,11 @@ def test_cuda_graph_replay_equals_eager_steps():
               "v": torch.randn(batch, 1, hkv, dim, device="cuda", dtype=dtype),
               "g": torch.rand(3, batch, 1, hq, device="cuda", dtype=dtype)}
 
+    params = dataclasses.replace(default_params(batch, 1, hkv, config, 4096, "cuda"), pdl=pdl)
+
     def step(cache):
         cache.append(static["k"], static["v"])
-        return nsa_decode(static["q"], cache, *static["g"], config)
+        return nsa_decode(static["q"], cache, *static["g"], config, params=params)
 
     with torch.no_grad():
         side = torch.cuda.Stream()
