@@ -273,13 +273,12 @@ def top_blocks_kernel(
     ROUNDS: tl.constexpr = (31 + DIGIT_BITS - 1) // DIGIT_BITS
     offs_d = tl.arange(0, 1 << DIGIT_BITS)
     threshold = 0
-    for r in tl.static_range(ROUNDS):
-        shift: tl.constexpr = DIGIT_BITS * (ROUNDS - 1 - r)
-        candidate = threshold | (offs_d << shift)
+    for r in tl.static_range(ROUNDS):  # the digit's shift, DIGIT_BITS * (ROUNDS - 1 - r), inline: a constexpr
+        candidate = threshold | (offs_d << (DIGIT_BITS * (ROUNDS - 1 - r)))  # can't be reassigned in the loop
         reach = tl.sum((bits[:, None] >= candidate[None, :]).to(tl.int32), 0) >= count
-        if shift + DIGIT_BITS > 31:
-            reach = reach & (offs_d < (1 << (31 - shift)))
-        threshold = threshold | ((tl.sum(reach.to(tl.int32), 0) - 1) << shift)
+        if r == 0:  # the top digit: candidates must stay below bit 31
+            reach = reach & (offs_d < (1 << (31 - DIGIT_BITS * (ROUNDS - 1))))
+        threshold = threshold | ((tl.sum(reach.to(tl.int32), 0) - 1) << (DIGIT_BITS * (ROUNDS - 1 - r)))
     above = bits > threshold
     tied = bits == threshold
     need = count - tl.sum(above.to(tl.int32), 0)  # >= 1 blocks at the threshold, the lowest indices first
