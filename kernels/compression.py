@@ -320,11 +320,6 @@ def compressed_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def head_dim_block(dim: int) -> int:
-    """BLOCK_D for a head dim: next power of two, at least 16 (tl.dot needs K >= 16 on GPU)."""
-    return max(16, triton.next_power_of_2(dim))
-
-
 @dataclasses.dataclass(frozen=True)
 class CompressionParams:
     """Launch parameters of the compressed-attention kernels (one source for forward, backward and the tuner).
@@ -455,7 +450,8 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, seqs: PackedSequences, config: NSA
         scale * LOG2E,
         G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
         BLOCK_P=params.fwd_block_m, HEADS=params.fwd_block_h, NUM_HEAD_CHUNKS=heads_chunks,
-        BLOCK_N=params.fwd_block_n, BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+        BLOCK_N=params.fwd_block_n, BLOCK_DK=runtime.head_dim_block(head_dim),
+        BLOCK_DV=runtime.head_dim_block(head_dim_v),
         PRECISION=runtime.dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
     return o, lse
 
@@ -483,7 +479,7 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
     delta = attention_delta(o, do)
 
     shared = dict(G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
-                  BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+                  BLOCK_DK=runtime.head_dim_block(head_dim), BLOCK_DV=runtime.head_dim_block(head_dim_v),
                   PRECISION=runtime.dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
                do.stride(0), do.stride(1), lse.stride(0))

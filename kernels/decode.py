@@ -41,7 +41,7 @@ from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, expect_shape, resolve_scale
 from nsa.kernels import runtime
 from nsa.kernels.attention import nsa_attention
-from nsa.kernels.compression import LOG2E, _num_visible, head_dim_block
+from nsa.kernels.compression import LOG2E, _num_visible
 from nsa.kernels.kv_cache import KVCache
 
 _NEG_LARGE = tl.constexpr(-1.0e30)  # a running max that starts finite, so no (-inf) - (-inf)
@@ -513,7 +513,8 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
                                                                 cache.v_cmp))
     block_h = max(runtime.MIN_DOT, triton.next_power_of_2(group))
     sizes = dict(G=group, NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads)
-    tiles = dict(BLOCK_H=block_h, BLOCK_DK=head_dim_block(head_dim), BLOCK_DV=head_dim_block(head_dim_v),
+    tiles = dict(BLOCK_H=block_h, BLOCK_DK=runtime.head_dim_block(head_dim),
+                 BLOCK_DV=runtime.head_dim_block(head_dim_v),
                  PRECISION=runtime.dot_precision(q.dtype), DK=head_dim, DV=head_dim_v)
     use_pdl = params.pdl and runtime.supports_pdl(device)
     pdl = dict(USE_PDL=use_pdl, launch_pdl=use_pdl)
@@ -552,7 +553,7 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         g_cmp.stride(0), g_cmp.stride(1), g_cmp.stride(2), o.stride(0), o.stride(1), o.stride(2), rows,
         DV=head_dim_v, CMP_SPLITS=params.cmp_splits, SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits,
         CMP_PAD=triton.next_power_of_2(params.cmp_splits), SLC_PAD=triton.next_power_of_2(params.slc_splits),
-        WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=head_dim_block(head_dim_v), **sizes,
+        WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=runtime.head_dim_block(head_dim_v), **sizes,
         num_warps=4, **pdl)
     return o, block_indices
 

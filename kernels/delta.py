@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.kernels.runtime import new_output
+from nsa.kernels.runtime import head_dim_block, new_output
 
 # Elements of O per program: 64 rows (token, head) of 128 values at the paper's head dim.
 ROW_ELEMENTS = 8192
@@ -41,7 +41,7 @@ def attention_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     delta = new_output((num_heads, total), dtype=torch.float32, device=o.device)
     if total * num_heads == 0:
         return delta
-    block_dv = max(16, triton.next_power_of_2(head_dim_v))
+    block_dv = head_dim_block(head_dim_v)
     block_r = max(1, min(128, ROW_ELEMENTS // block_dv))
     attention_delta_kernel[(triton.cdiv(total * num_heads, block_r),)](
         o, do, delta, total * num_heads, num_heads, o.stride(0), o.stride(1), do.stride(0), do.stride(1),

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import torch
+import triton
 
 
 def interpreting() -> bool:
@@ -64,6 +65,11 @@ def pack(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # tl.dot's smallest dimension on a GPU (the interpreter accepts smaller ones, the GPU compile fails).
 MIN_DOT = 16
+
+
+def head_dim_block(dim: int) -> int:
+    """BLOCK_D for a head dim: the next power of two, at least MIN_DOT."""
+    return max(MIN_DOT, triton.next_power_of_2(dim))
 
 
 def check_launch_params(params, *, counts=("num_stages",), tiles=(), flags=()) -> None:

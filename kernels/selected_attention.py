@@ -54,7 +54,8 @@ from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences, device_offsets
-from nsa.kernels.runtime import MIN_DOT, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision, new_output, pack
+from nsa.kernels.runtime import (MIN_DOT, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
+                                 head_dim_block, new_output, pack)
 
 LOG2E = 1.4426950408889634
 # Kernels may only read globals declared as constexpr.
@@ -892,9 +893,7 @@ def build_forward_items(block_indices: torch.Tensor, seqs: PackedSequences, conf
 
 def _dims(q, k, v):
     group = q.shape[1] // k.shape[1]
-    block_dk = max(MIN_DOT, triton.next_power_of_2(q.shape[2]))
-    block_dv = max(MIN_DOT, triton.next_power_of_2(v.shape[2]))
-    return group, block_dk, block_dv
+    return group, head_dim_block(q.shape[2]), head_dim_block(v.shape[2])
 
 
 def _rows(block_t: int, group: int) -> int:

@@ -33,7 +33,7 @@ import triton.language as tl
 from nsa.config import NSAConfig
 from nsa.inputs import resolve_scale
 from nsa.kernels import runtime
-from nsa.kernels.compression import LOG2E, check_compression_inputs, compressed_attention_fwd, head_dim_block
+from nsa.kernels.compression import LOG2E, check_compression_inputs, compressed_attention_fwd
 from nsa.kernels.compression import default_params as compression_default_params
 from nsa.kernels.packing import PackedSequences
 
@@ -281,7 +281,7 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
         scale * LOG2E,
         G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SLC_BLOCK=config.slc_block, TOPN=n,
         INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, DK=head_dim, BLOCK_P=params.block_m,
-        HEADS=params.block_h, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_DK=head_dim_block(head_dim),
+        HEADS=params.block_h, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_DK=runtime.head_dim_block(head_dim),
         NPAD=chunk_width(config), LOG_NPAD=chunk_width(config).bit_length() - 1,
         RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride),
         PRECISION=runtime.dot_precision(q.dtype), num_warps=params.num_warps, num_stages=params.num_stages)

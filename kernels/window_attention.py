@@ -26,8 +26,8 @@ from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences
-from nsa.kernels.runtime import (check_kernel_inputs, check_launch_params, compute_dtype, dot_precision, interpreting,
-                                 new_output, pack)
+from nsa.kernels.runtime import (check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
+                                 head_dim_block, interpreting, new_output, pack)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
@@ -463,7 +463,7 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v:
 
 
 def _head_tiles(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(q.shape[-1])), max(16, triton.next_power_of_2(v.shape[-1]))
+    return head_dim_block(q.shape[-1]), head_dim_block(v.shape[-1])
 
 
 def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: PackedSequences,
