@@ -433,8 +433,8 @@ SEARCH_SPACE = dict(fwd_block_m=[16, 32, 64, 128], fwd_block_n=[16, 32, 64, 128]
                     fwd_num_stages=[1, 2, 3])
 INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[32, 64])
 # The backward kernels (`window_bwd`). The dk/dv key tile is the M side of its products: 64 keys on 8 warps
-# leave each warpgroup's MMA half empty, which 4 warps (or 128 keys) avoid: 4 warps and 3 stages took the
-# selected dk/dv, the same shape, from 25.7 to 12.2 ms on an H200 (docs/performance.md). Not yet measured here.
+# leave each warpgroup's MMA half empty, which 4 warps (or 128 keys) avoid. The H200 paper-suite tune chose 64
+# keys on 4 warps from 4k to 128k (the dk/dv kernel 11.3 -> 6.4 ms at 64k; docs/performance.md).
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_m=[8, 16, 32], dkdv_block_n=[64, 128], dkdv_num_warps=[4, 8],
                              dq_block_m=[8, 16, 32])
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 64])
