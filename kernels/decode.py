@@ -221,27 +221,26 @@ def block_importance_kernel(
     h_ok = offs_h < G
     scores += row.to(tl.int64) * stride_sr + offs_h[:, None] * stride_sh
     importance += row.to(tl.int64) * stride_ir
-    # Weights of a compressed block at offset r*d of its selection block: to that block and to the next one.
-    offs_rr = tl.arange(0, RPAD)
-    w_in = tl.minimum(CMP_BLOCK, SLC_BLOCK - offs_rr * CMP_STRIDE)
-    w_self = tl.where(offs_rr < R, w_in.to(tl.float32) / CMP_STRIDE, 0.0)
-    w_next = tl.where(offs_rr < R, (CMP_BLOCK - w_in).to(tl.float32) / CMP_STRIDE, 0.0)
+    # Column c: compressed block r = c % RPAD of selection block j0 + c // RPAD. A compressed block at offset r*d
+    # weighs into its selection block and the rest into the next one, so block j sums its own compressed blocks'
+    # self weights and block j-1's next weights: a second load of the scores shifted by R columns (cache hits),
+    # where a [CHUNK, CHUNK] shift of the spills cost every thread registers for the whole tile.
     offs_c = tl.arange(0, BLOCK_C)
+    col_r = offs_c % RPAD
+    w_in = tl.minimum(CMP_BLOCK, SLC_BLOCK - col_r * CMP_STRIDE)
+    w_self = tl.where(col_r < R, w_in.to(tl.float32) / CMP_STRIDE, 0.0)
+    w_next = tl.where(col_r < R, (CMP_BLOCK - w_in).to(tl.float32) / CMP_STRIDE, 0.0)
     offs_j = tl.arange(0, CHUNK)
-    shift = ((offs_j[:, None] + 1) == offs_j[None, :]).to(tl.float32)  # [k, j]: block k spills into j = k+1
     for j0 in range(lo, hi, CHUNK):
-        cmp_idx = (j0 + offs_c // RPAD) * R + offs_c % RPAD
-        col_ok = (offs_c % RPAD < R) & (cmp_idx < num_visible)
-        s = tl.load(scores + cmp_idx[None, :], mask=h_ok[:, None] & col_ok[None, :], other=float("-inf"))
-        prob = tl.reshape(tl.sum(tl.exp2(s - lse2[:, None]), 0), [CHUNK, RPAD])
-        spill = tl.sum(prob * w_next[None, :], 1)
-        imp = tl.sum(prob * w_self[None, :], 1) + tl.sum(spill[:, None] * shift, 0)
-        # What the compressed blocks of selection block j0 - 1 spill into j0 (that block is another chunk's).
-        prev_idx = (j0 - 1) * R + offs_rr
-        prev_ok = (j0 > 0) & (offs_rr < R) & (prev_idx < num_visible)
-        s_prev = tl.load(scores + prev_idx[None, :], mask=h_ok[:, None] & prev_ok[None, :], other=float("-inf"))
-        carry = tl.sum(tl.sum(tl.exp2(s_prev - lse2[:, None]), 0) * w_next, 0)
-        imp += tl.where(offs_j == 0, carry, 0.0)
+        col_blk = j0 + offs_c // RPAD
+        own = col_blk * R + col_r
+        own_ok = (col_r < R) & (own < num_visible)
+        s = tl.load(scores + own[None, :], mask=h_ok[:, None] & own_ok[None, :], other=float("-inf"))
+        prev_ok = (w_next > 0.0) & (col_blk > 0) & (own - R < num_visible)
+        s_prev = tl.load(scores + (own - R)[None, :], mask=h_ok[:, None] & prev_ok[None, :], other=float("-inf"))
+        weighed = (tl.sum(tl.exp2(s - lse2[:, None]), 0) * w_self
+                   + tl.sum(tl.exp2(s_prev - lse2[:, None]), 0) * w_next)
+        imp = tl.sum(tl.reshape(weighed, [CHUNK, RPAD]), 1)
         blk = j0 + offs_j
         forced = (blk < INIT_BLOCKS) | (current - blk < LOCAL_BLOCKS)
         imp = tl.where(forced, float("inf"), imp)
