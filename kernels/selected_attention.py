@@ -622,12 +622,12 @@ class SelectedAttentionParams:
 # What `nsa tune` searches (nsa.tuner.spaces builds candidates from these, prunes them by the device's limits):
 # ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
 # pays per program (CI runs those).
-SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[4, 8],
+SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[1, 4, 8],
                     fwd_num_stages=[1, 2, 3], fwd_inverted=[False, True], fwd_parts_16bit=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[False, True])
 # The backward kernels (`selected_bwd`).
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[1024, 4096], dkdv_num_stages=[2, 3],
-                             dq_inverted=[False, True], dq_parts_16bit=[False, True])
+                             dq_inverted=[False, True], dq_parts_16bit=[False, True], dq_num_warps=[2, 4])
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096], dq_inverted=[False, True])
 
 
@@ -642,7 +642,11 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
     inputs, head dims <= 128 and groups of at most 4 heads, the forward and dq are inverted: at 64k on an H200
     the inverted forward took G=1 from 227 to 124 ms and G=4 from 115 to 93 ms (G=16: 43 -> 73 ms at best), the
     inverted dq the G=1 step from 519 to 448 ms and G=4's from 249 to 243 ms. Their parts are 16-bit: at G=4 that
-    took the 64k step from 216 to 198 ms (H200), for one more rounding of each part at the inputs' precision."""
+    took the 64k step from 216 to 198 ms (H200), for one more rounding of each part at the inputs' precision.
+    Gathering forward and dq tiles of 16 rows (16-bit, head dims <= 128) run on 1 and 2 warps: on 4, a step's 64
+    keys are split across warps, so its row max and sum cross warps and p goes through shared memory to become
+    the PV operand. At 64k, G=16 on an H200 the forward took 16.2 -> 14.6 ms on 1 warp, and the selected fwd +
+    bwd 60.5 -> 49.2 ms with the dq on 2 (G=8, also 16 rows, was not measured)."""
     group = num_heads // max(1, num_kv_heads)
     block_n = max(MIN_DOT, min(64, triton.next_power_of_2(config.slc_block)))
     block_t = min(MAX_BLOCK_T, _floor_pow2(max(1, MIN_DOT // group)))
@@ -652,9 +656,11 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
     dkdv_chunk = max(dkdv_block_t, 2 * config.slc_topn * config.slc_block)
     dkdv_chunk = triton.cdiv(dkdv_chunk, dkdv_block_t) * dkdv_block_t
     inverted = group <= (0 if heavy or dtype not in (torch.float16, torch.bfloat16) else 4)  # the groups measured
+    narrow = not heavy and not inverted and _rows(block_t, group) == MIN_DOT  # a 16-row gathering tile
     return SelectedAttentionParams(
-        fwd_block_t=block_t, fwd_block_n=block_n, fwd_num_warps=4, fwd_num_stages=2, fwd_inverted=inverted,
-        fwd_parts_16bit=inverted, dq_block_t=block_t, dq_block_n=block_n, dq_num_warps=4, dq_num_stages=2,
+        fwd_block_t=block_t, fwd_block_n=block_n, fwd_num_warps=1 if narrow else 4, fwd_num_stages=2,
+        fwd_inverted=inverted, fwd_parts_16bit=inverted, dq_block_t=block_t, dq_block_n=block_n,
+        dq_num_warps=2 if narrow else 4, dq_num_stages=2,
         dq_inverted=inverted, dq_parts_16bit=inverted,
         dkdv_block_t=dkdv_block_t, dkdv_block_n=dkdv_block_n, dkdv_chunk=dkdv_chunk,
         dkdv_num_warps=8 if heavy and max(head_dim, head_dim_v) > 64 else 4, dkdv_num_stages=2 if heavy else 3)

@@ -220,8 +220,9 @@ class SelectionParams:
 
 # What `nsa tune` searches (nsa.tuner.spaces builds candidates from these, prunes them by the device's limits):
 # ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
-# pays per program (CI runs those).
-SEARCH_SPACE = dict(block_m=[1, 2, 4, 8, 16, 32], num_warps=[2, 4, 8])
+# pays per program (CI runs those). Stages > 1 prefetch the next chunk's k_cmp tile (cp.async) during the scores,
+# sums and sort of this one; with 1 each chunk waits for its load.
+SEARCH_SPACE = dict(block_m=[1, 2, 4, 8, 16, 32], num_warps=[2, 4, 8], num_stages=[1, 2, 3])
 INTERPRETER_SEARCH_SPACE = dict(block_m=[8, 16])
 
 
