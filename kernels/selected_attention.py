@@ -645,8 +645,8 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
     took the 64k step from 216 to 198 ms (H200), for one more rounding of each part at the inputs' precision.
     Gathering forward and dq tiles of 16 rows (16-bit, head dims <= 128) run on 1 and 2 warps: on 4, a step's 64
     keys are split across warps, so its row max and sum cross warps and p goes through shared memory to become
-    the PV operand. At 64k, G=16 on an H200 the forward took 16.2 -> 14.6 ms on 1 warp, and the selected fwd +
-    bwd 60.5 -> 49.2 ms with the dq on 2 (G=8, also 16 rows, was not measured)."""
+    the PV operand. At 64k, G=16 on an H200 (`nsa profile`) the forward kernel took 16.1 -> 14.8 ms on 1 warp and
+    the dq kernel 17.4 -> 16.0 ms on 2 (G=8, also 16 rows, was not measured)."""
     group = num_heads // max(1, num_kv_heads)
     block_n = max(MIN_DOT, min(64, triton.next_power_of_2(config.slc_block)))
     block_t = min(MAX_BLOCK_T, _floor_pow2(max(1, MIN_DOT // group)))
