@@ -232,7 +232,8 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, config: NSA
     16-bit inputs: 256 rows and 4 warps for groups of 8 or more (16 positions x 16 heads: 5.6 -> 3.1 ms against
     128 rows and 8 warps on an H200, paper shape, T=32k), 128 rows for groups of 4 (32 positions: 25.2 -> 19.1 ms
     against 16 at 64k on an H200, the running top-n being most of the difference), else 64 rows (not measured);
-    4 warps; fp32 (FMA-unit `ieee` dot): 16 rows.
+    4 warps; fp32 (FMA-unit `ieee` dot): 16 rows. 2 stages, so the next chunk's k_cmp tile loads during this
+    one's scores and sort (64k on an H200: 11.98 -> 11.44 ms at G=16, 19.2 -> 17.1 ms at G=4, tuned tiles).
     Larger tiles under the interpreter (it pays per program, not per element)."""
     group = num_heads // num_kv_heads
     heads = min(triton.next_power_of_2(group), 64)
@@ -246,7 +247,7 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, config: NSA
         rows, warps = 128, 4
     else:
         rows, warps = max(64, heads), 4
-    return SelectionParams(block_m=rows // heads, block_h=heads, num_warps=warps, num_stages=1)
+    return SelectionParams(block_m=rows // heads, block_h=heads, num_warps=warps, num_stages=2)
 
 
 def chunk_width(config: NSAConfig) -> int:
