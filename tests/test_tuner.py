@@ -149,6 +149,35 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     assert entries[next(iter(first))] == first[next(iter(first))]
 
 
+@kernels_run
+def test_resume_inside_a_bucket_redoes_no_candidate(tmp_path, monkeypatch):
+    """A run stopped after the first candidate of a bucket keeps it (a shard file); the next run evaluates only
+    the others and writes the bucket, then leaves no shard folder behind."""
+    real, calls = search._evaluate, []
+
+    def stop_at_the_second(case, params, device, timeout_s):
+        calls.append(params)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(case, params, device, timeout_s)
+
+    monkeypatch.setattr(search, "_evaluate", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False)
+    path = tmp_path / "cpu-interpreter.json"
+    assert not path.exists() and search.shard_folder(path).is_dir()
+    first = calls[0]
+
+    calls.clear()
+    monkeypatch.setattr(search, "_evaluate", lambda *a: (calls.append(a[1]), real(*a))[1])
+    result = search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False)
+    assert calls and first not in calls
+    assert [row["key"].split("|")[0] for row in result["done"]] == ["window"]
+    assert result["done"][0]["tried"] == len(calls) + 1
+    assert list(json.loads(path.read_text())["entries"]) == [result["done"][0]["key"]]
+    assert not search.shard_folder(path).exists()
+
+
 def test_write_reload_lookup_nearest_bucket(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "env"))
     far = dataclasses.replace(SMOKE_SHAPE, seqlen=8192)

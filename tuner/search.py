@@ -10,7 +10,9 @@ after the call returns: a hung kernel is not interrupted). Long problems are che
 row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
 forward kernel; for a `<family>_bwd` family, the family's forward and backward with only the backward kernels'
 params varied (the forward at its default), checked on every gradient. After each bucket the cache file is
-rewritten atomically; buckets already in it are skipped, so an interrupted run resumes.
+rewritten atomically; buckets already in it are skipped, so an interrupted run resumes. The bucket in progress
+is kept candidate by candidate in a shard file (as the ranks of a sharded run keep theirs): a budget or an
+interruption inside a long bucket loses at most the candidate in progress.
 
 Under torchrun (several GPUs, one process each) the candidates themselves are shared between the ranks and rank
 0 writes the one cache, in the same format: see `_tune_sharded` and `nsa.tuner.distributed`.
@@ -363,9 +365,13 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
         return _tune_sharded(suite, families, device, path, world or World(), budget_s=budget_s,
                              candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune,
                              skip=skip, match=match)
+    from nsa.tuner.distributed import ShardLog, remove_shards
     entries = _read_existing(path, key)
     todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip, match=match)
     result = dict(path=str(path), done=[], skipped=skipped, stopped=False)
+    # The bucket in progress, one record per candidate: a run stopped inside it leaves the shard folder, and the
+    # next run resumes through the sharded path (a world of one), redoing none of them.
+    shard = ShardLog(shard_folder(path), 0)
     deadline = None if budget_s is None else time.monotonic() + budget_s
     bar = progress_bar(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", enabled=progress)
     try:
@@ -380,18 +386,21 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
                                            errors=[f"setup: {type(e).__name__}: {str(e)[:200]}"]))
                 continue
             outcomes = []
-            for params in cands:
+            for i, params in enumerate(cands):
                 if deadline is not None and time.monotonic() > deadline:
                     result["stopped"] = True
-                    log.warning("tune: budget spent; %s left for a later run (it resumes)", bkey)
+                    log.warning("tune: budget spent; %s left for a later run (it resumes from its %d finished "
+                                "candidates)", bkey, len(outcomes))
                     return result
                 ms, failure = _evaluate(case, params, device, candidate_timeout_s)
                 bar.update(1)
+                shard.append(_record(bkey, i, params, ms, failure))
                 outcomes.append((dataclasses.asdict(params), ms, failure))
             row, entry = _summarize(bkey, outcomes, pruned)
             if entry is not None:
                 entries[bkey] = entry
                 cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
+            remove_shards(shard_folder(path))  # the bucket is decided: nothing of it to resume
             result["done"].append(row)
     finally:
         bar.close()
