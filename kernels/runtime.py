@@ -23,9 +23,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+# Set by the compile-only check (tests/compile_sm90.py): launches compile for a CUDA device of this compute
+# capability and do not run, so the kernels take CPU tensors and nothing is computed.
+COMPILE_ONLY_CAPABILITY: tuple[int, int] | None = None
+
+
 def supports_pdl(device) -> bool:
     """Programmatic dependent launch: CUDA devices of compute capability 9.0 (Hopper) and later, not the
     interpreter."""
+    if COMPILE_ONLY_CAPABILITY is not None:
+        return COMPILE_ONLY_CAPABILITY[0] >= 9
     device = torch.device(device)
     return (device.type == "cuda" and not interpreting()
             and torch.cuda.get_device_capability(device)[0] >= 9)
@@ -51,7 +58,7 @@ def new_output(shape, *, dtype, device) -> torch.Tensor:
 def check_kernel_inputs(x: torch.Tensor, max_head_dim: int) -> None:
     """What only the kernels require, beyond nsa.inputs' checks: a CUDA device (or the interpreter), a dtype
     they take, head dims up to 256."""
-    if x.device.type != "cuda" and not interpreting():
+    if x.device.type != "cuda" and not interpreting() and COMPILE_ONLY_CAPABILITY is None:
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {x.device}")
     compute_dtype(x.dtype)
     if max_head_dim > 256:

@@ -1,0 +1,201 @@
+"""Compile, without a GPU, the kernels that the shipped config caches select and the defaults take, for the GPU
+each cache was tuned on: `python tests/compile_sm90.py [CACHE.json ...]` (run by test_compile_sm90.py).
+
+Run without TRITON_INTERPRET. Triton's active driver is replaced by one that names the GPU (compute capability
+from the cache's meta), and every launch goes through JITFunction's warm-up path: it compiles to a cubin and
+launches nothing. The launchers' host code runs on small CPU tensors (`runtime.COMPILE_ONLY_CAPABILITY`) and
+nothing is computed, so inputs only need valid shapes and indices. A kernel that the interpreter runs but the
+GPU compiler rejects (a tl.dot under 16, a constexpr reassigned in a loop) or that asks for more shared memory
+than the GPU has fails here. Prints one line per family and params; exits 1 after any failure.
+`--part I/N` does every N-th check from the I-th (0-based), for N processes in parallel.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+REPO = Path(__file__).resolve().parents[1]
+SEQLEN = 256  # tokens per call: shapes only matter through the kernels' constexprs
+SHARED_MEMORY = {(9, 0): 227 * 1024, (8, 0): 163 * 1024}  # opt-in shared memory per block
+
+runtime = importlib.import_module("nsa.kernels.runtime")
+cache = importlib.import_module("nsa.tuner.cache")
+from nsa.config import NSAConfig  # noqa: E402
+from nsa.kernels import (KVCache, combine_branches, compressed_attention, nsa_decode, select_blocks,  # noqa: E402
+                         selected_attention, window_attention)
+
+
+class CompileOnlyDriver:
+    """What JITFunction asks of the active driver when it compiles."""
+
+    def __init__(self, capability):
+        self.target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+class Compiled:
+    """Every kernel compiled since the last `take`, with its shared memory."""
+
+    def __init__(self):
+        self.kernels = []
+        self._run = JITFunction.run
+        recorder = self
+
+        def compile_only(jit_fn, *args, grid, warmup, **kwargs):
+            kernel = recorder._run(jit_fn, *args, grid=grid, warmup=True, **kwargs)
+            recorder.kernels.append((jit_fn.fn.__name__, kernel.metadata.num_warps, kernel.metadata.shared))
+            return kernel
+
+        JITFunction.run = compile_only
+
+    def take(self):
+        kernels, self.kernels = self.kernels, []
+        return kernels
+
+
+def parse_key(key: str) -> dict:
+    """family|T=..|G=..|Dk=..|Dv=..|l=..|d=..|ls=..|n=..|(rows=..|)dtype as a dict (family, G, Dk, ... dtype)."""
+    parts = key.split("|")
+    fields = dict(part.split("=", 1) for part in parts[1:-1])
+    return dict(family=parts[0], dtype=getattr(torch, parts[-1]), **{k: int(v) for k, v in fields.items()})
+
+
+def run_family(family: str, shape: dict, params) -> None:
+    """One call of the family's public function (forward and backward for a `_bwd` family and for combine, which
+    has no separate backward family) at SEQLEN tokens, 4 kv heads."""
+    dtype, group, dk, dv = shape["dtype"], shape["G"], shape["Dk"], shape["Dv"]
+    config = NSAConfig(cmp_block=shape["l"], cmp_stride=shape["d"], slc_block=shape["ls"], slc_topn=shape["n"])
+    kv_heads, heads, t = 4, 4 * group, SEQLEN
+    grad = family.endswith("_bwd") or family == "combine"
+
+    def x(*size):
+        return torch.randn(*size, dtype=dtype).requires_grad_(grad)
+
+    if family == "decode":
+        batch = max(1, shape["rows"] // kv_heads)
+        tc = config.num_cmp_blocks(t)
+        kv = KVCache.from_tensors(x(batch, t, kv_heads, dk), x(batch, t, kv_heads, dv), x(batch, tc, kv_heads, dk),
+                                  x(batch, tc, kv_heads, dv), config)
+        gates = [torch.rand(batch, 1, heads, dtype=dtype) for _ in range(3)]
+        nsa_decode(x(batch, 1, heads, dk), kv, *gates, config, params=params)
+        return
+    q = x(1, t, heads, dk)
+    if family.startswith("compression"):
+        tc = config.num_cmp_blocks(t)
+        out = compressed_attention(q, x(1, tc, kv_heads, dk), x(1, tc, kv_heads, dv), config, params=params)
+    elif family == "selection":
+        tc = config.num_cmp_blocks(t)
+        select_blocks(q, x(1, tc, kv_heads, dk), config, lse=torch.zeros(1, heads, t), params=params)
+        return
+    elif family.startswith("selected"):
+        # The first blocks each query can see: ascending, causal, -1 padded.
+        slot = torch.arange(config.slc_topn)
+        current = torch.arange(t)[:, None] // config.slc_block
+        indices = torch.where(slot <= current, slot, -1).to(torch.int32)
+        indices = indices[None, :, None, :].expand(1, t, kv_heads, config.slc_topn).contiguous()
+        out = selected_attention(q, x(1, t, kv_heads, dk), x(1, t, kv_heads, dv), indices, config, params=params)
+    elif family.startswith("window"):
+        out = window_attention(q, x(1, t, kv_heads, dk), x(1, t, kv_heads, dv), config, params=params)
+    elif family == "combine":
+        gates = [torch.rand(1, t, heads, dtype=dtype) for _ in range(3)]
+        out = combine_branches(*(x(1, t, heads, dv) for _ in range(3)), *gates, params=params)
+    else:
+        raise ValueError(f"unknown family {family}")
+    if grad:
+        out.backward(torch.randn_like(out))
+
+
+def check(label: str, family: str, shape: dict, params, compiled: Compiled, limit: int) -> bool:
+    try:
+        run_family(family, shape, params)
+    except Exception:
+        print(f"FAIL {label}: {traceback.format_exc(limit=-3)}")
+        compiled.take()
+        return False
+    kernels = compiled.take()
+    over = [(name, smem) for name, _, smem in kernels if smem > limit]
+    if over:
+        print(f"FAIL {label}: shared memory over {limit} bytes: {over}")
+        return False
+    print(f"ok   {label}: " + ", ".join(f"{name}({warps}w, {smem // 1024} KB)" for name, warps, smem in kernels))
+    return True
+
+
+# The defaults' branches: inverted (G <= 4) and gathering kernels in 16 bits, and the fp32 tiles.
+DEFAULT_SHAPES = [dict(G=g, Dk=128, Dv=128, l=32, d=16, ls=64, n=16, dtype=dtype)
+                  for g, dtype in ((1, torch.bfloat16), (4, torch.bfloat16), (16, torch.bfloat16),
+                                   (16, torch.float32))]
+
+
+def main(paths, part: int = 0, parts: int = 1) -> int:
+    ok, index = True, -1
+
+    def mine() -> bool:
+        nonlocal index
+        index += 1
+        return index % parts == part
+
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        major, minor = (int(v) for v in str(data["meta"]["compute_capability"]).split("."))
+        capability = (major, minor)
+        driver.set_active(CompileOnlyDriver(capability))
+        runtime.COMPILE_ONLY_CAPABILITY = capability
+        limit = SHARED_MEMORY.get(capability, 99 * 1024)
+        compiled = Compiled()
+        seen = set()
+        for key, entry in sorted(data["entries"].items()):
+            shape = parse_key(key)
+            family = shape["family"]
+            params_class = cache.params_class(family)
+            params = params_class(**entry["params"])
+            if family.endswith("_bwd") or family == "decode":
+                dedup = (family, json.dumps(entry["params"], sort_keys=True), shape["G"], shape["Dk"], shape["Dv"])
+            else:
+                dedup = (family, json.dumps(entry["params"], sort_keys=True), shape["G"], shape["Dk"], shape["Dv"],
+                         shape["l"], shape["d"], shape["ls"], shape["n"])
+            if dedup in seen:
+                continue
+            seen.add(dedup)
+            if not mine():
+                continue
+            ok &= check(f"{Path(path).name} {key}", family, shape, params, compiled, limit)
+        # The defaults (what runs without a cache entry), forward and backward of every training family.
+        for shape in DEFAULT_SHAPES:
+            for family in ("compression_bwd", "selection", "selected_bwd", "window_bwd", "combine"):
+                if not mine():
+                    continue
+                label = f"default {family} G={shape['G']} {shape['dtype']}"
+                ok &= check(label, family, shape, None, compiled, limit)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    if runtime.interpreting():
+        sys.exit("run without TRITON_INTERPRET: the kernels must compile, not be interpreted")
+    args = sys.argv[1:]
+    part, parts = 0, 1
+    if args[:1] == ["--part"]:
+        part, parts = (int(v) for v in args[1].split("/"))
+        args = args[2:]
+    sys.exit(main(args or sorted(str(p) for p in (REPO / "tuner" / "configs").glob("*.json")), part, parts))
