@@ -142,16 +142,18 @@ def test_decode_with_one_split_each_equals_many_splits():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("digit_bits", [1, 2, 4])
-def test_exact_ties_go_to_the_lower_index(digit_bits):
+@pytest.mark.parametrize("digit_bits, chunk", [(1, 16), (2, 16), (4, 16), (1, 8), (4, 8)])
+def test_exact_ties_go_to_the_lower_index(digit_bits, chunk):
     """k_cmp = 0: every visible compression block gets the same probability, so selection blocks with the same
-    overlap pattern tie exactly and the rule alone decides, whatever the top-n's digit width."""
+    overlap pattern tie exactly and the rule alone decides, whatever the top-n's digit width; with chunks of 8
+    blocks each chunk keeps 4 of its 8 as candidates (n = 4), ties to the lower index there too."""
     config = cfg(16, 8, 16, 4, 16)
     cache, seqs = filled_caches(config, [230, 101], 2, 16, 16, dtype=torch.float32, device="cpu", seed=5)
     cache.k_cmp.zero_()
     seqs = [(k, v, torch.zeros_like(k_cmp), v_cmp) for k, v, k_cmp, v_cmp in seqs]
     q, gates = random_queries(2, 2, 4, 16, dtype=torch.float32, device="cpu", seed=5)
-    params = dataclasses.replace(default_params(2, 2, 2, config, cache.capacity, "cpu"), topn_digit_bits=digit_bits)
+    params = dataclasses.replace(default_params(2, 2, 2, config, cache.capacity, "cpu"), topn_digit_bits=digit_bits,
+                                 importance_chunk=chunk)
     check_decode(q, cache, seqs, gates, config, params=params, exact_selection=True)
 
 
