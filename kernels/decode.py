@@ -11,8 +11,9 @@ in a CUDA graph. Five launches:
    that selection reuses instead of recomputing q.k_cmp.
 2. `block_importance_kernel` (grid: importance_splits x rows): merges the partials' log-sum-exp, turns the
    scores into p_cmp summed over the group's heads and weighs them into selection-block importances (the
-   overlap weights of `nsa.kernels.selection`); forced blocks (initial, local) get +inf. Each chunk of
-   importance_chunk blocks keeps only its own top n as candidates (the row's top n are among them).
+   overlap weights of `nsa.kernels.selection`); forced blocks (initial, local) get +inf. With
+   `DecodeParams.chunk_candidates` each chunk of importance_chunk blocks keeps only its own top n as candidates
+   (the row's top n are among them); otherwise every block is one.
 3. `top_blocks_kernel` (grid: rows): the top-n of the row's candidates by a digit-wise search for the n-th
    largest importance (counts over the candidates in registers, `topn_digit_bits` bits a round; a bitonic
    running top-n took 16 us at T=64k on an H200), ties to the lower index; block_indices come out ascending,
@@ -203,8 +204,9 @@ def block_importance_kernel(
         CMP_SPLITS: tl.constexpr, CMP_SPLITS_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
         CHUNK: tl.constexpr, RPAD: tl.constexpr, TOPN: tl.constexpr, KEEP: tl.constexpr, DIGIT_BITS: tl.constexpr,
         USE_PDL: tl.constexpr):
-    """Importance of split `program_id(0)`'s share of the row's causal selection blocks, each chunk's top
-    min(n, its blocks) kept as candidates: KEEP slots per chunk, in ascending block order, the rest -1."""
+    """Importance of split `program_id(0)`'s share of the row's causal selection blocks, as candidates: KEEP
+    slots per chunk, in ascending block order, the rest -1; KEEP < CHUNK keeps each chunk's top min(n, its
+    blocks), KEEP = CHUNK all of them."""
     _wait_for_previous_kernel(USE_PDL)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
     BLOCK_C: tl.constexpr = CHUNK * RPAD
@@ -250,8 +252,10 @@ def block_importance_kernel(
         blk = j0 + offs_j
         forced = (blk < INIT_BLOCKS) | (current - blk < LOCAL_BLOCKS)
         bits = tl.where(blk < hi, tl.where(forced, float("inf"), imp).to(tl.int32, bitcast=True), -1)
-        # The chunk's top n (all its blocks when fewer): a block in the row's top n is in its chunk's top n.
-        take = _take_top(bits, tl.minimum(hi - j0, TOPN), DIGIT_BITS)
+        if KEEP < CHUNK:  # the chunk's top n: a block in the row's top n is in its chunk's top n
+            take = _take_top(bits, tl.minimum(hi - j0, TOPN), DIGIT_BITS)
+        else:
+            take = bits >= 0
         slot = (j0 // CHUNK) * KEEP + tl.cumsum(take.to(tl.int32), 0) - 1
         tl.store(cand_bits + slot, bits, mask=take)
         tl.store(cand_blocks + slot, blk, mask=take)
@@ -429,6 +433,8 @@ class DecodeParams:
             8 rounds, each a [blocks, 2**bits] count).
         pdl: launch the five kernels with programmatic dependent launch (Hopper and later; ignored before), so
             each kernel's programs start during the previous kernel and wait for its writes.
+        chunk_candidates: the importance kernel keeps each chunk's top n, so the top-n searches chunks x n
+            candidates instead of every selection block (256 instead of 1024 at 64k; not yet timed on a GPU).
     """
 
     cmp_splits: int = 8
@@ -442,9 +448,10 @@ class DecodeParams:
     num_stages: int = 2
     topn_digit_bits: int = 1
     pdl: bool = False
+    chunk_candidates: bool = False
 
     def __post_init__(self):
-        runtime.check_launch_params(self, counts=("num_stages", "splits"), flags=("pdl",))
+        runtime.check_launch_params(self, counts=("num_stages", "splits"), flags=("pdl", "chunk_candidates"))
         if self.topn_digit_bits > MAX_DIGIT_BITS:
             raise ValueError(f"DecodeParams.topn_digit_bits must be 1, 2 or {MAX_DIGIT_BITS}, got "
                              f"{self.topn_digit_bits}")
@@ -526,8 +533,10 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     part_m = torch.empty(splits, rows, group, dtype=torch.float32, device=device)
     part_l = torch.empty(splits, rows, group, dtype=torch.float32, device=device)
     scores = torch.empty(rows, group, max(cache.cmp_capacity, 1), dtype=torch.float32, device=device)
-    # Per chunk of importance_chunk selection blocks, its top n candidates (importance bits, block).
-    keep = min(triton.next_power_of_2(config.slc_topn), params.importance_chunk)
+    # Per chunk of importance_chunk selection blocks, its candidates (importance bits, block): its top n, or all.
+    keep = params.importance_chunk
+    if params.chunk_candidates:
+        keep = min(triton.next_power_of_2(config.slc_topn), keep)
     chunks = triton.cdiv(config.num_slc_blocks(cache.capacity), params.importance_chunk)
     cand_bits = torch.empty(rows, chunks * keep, dtype=torch.int32, device=device)
     cand_blocks = torch.empty(rows, chunks * keep, dtype=torch.int32, device=device)
