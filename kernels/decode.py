@@ -206,7 +206,8 @@ def block_importance_kernel(
         USE_PDL: tl.constexpr):
     """Importance of split `program_id(0)`'s share of the row's causal selection blocks, as candidates: KEEP
     slots per chunk, in ascending block order, the rest -1; KEEP < CHUNK keeps each chunk's top min(n, its
-    blocks), KEEP = CHUNK all of them."""
+    blocks) and their block numbers in cand_blocks, KEEP = CHUNK all of them (slot j is block j: cand_blocks is
+    not written)."""
     _wait_for_previous_kernel(USE_PDL)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
     BLOCK_C: tl.constexpr = CHUNK * RPAD
@@ -254,13 +255,14 @@ def block_importance_kernel(
         bits = tl.where(blk < hi, tl.where(forced, float("inf"), imp).to(tl.int32, bitcast=True), -1)
         if KEEP < CHUNK:  # the chunk's top n: a block in the row's top n is in its chunk's top n
             take = _take_top(bits, tl.minimum(hi - j0, TOPN), DIGIT_BITS)
-        else:
-            take = bits >= 0
-        slot = (j0 // CHUNK) * KEEP + tl.cumsum(take.to(tl.int32), 0) - 1
-        tl.store(cand_bits + slot, bits, mask=take)
-        tl.store(cand_blocks + slot, blk, mask=take)
-        kept = tl.sum(take.to(tl.int32), 0)
-        tl.store(cand_bits + (j0 // CHUNK) * KEEP + offs_keep, tl.full([KEEP], -1, tl.int32), mask=offs_keep >= kept)
+            base = (j0 // CHUNK) * KEEP
+            slot = base + tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.store(cand_bits + slot, bits, mask=take)
+            tl.store(cand_blocks + slot, blk, mask=take)
+            kept = tl.sum(take.to(tl.int32), 0)
+            tl.store(cand_bits + base + offs_keep, tl.full([KEEP], -1, tl.int32), mask=offs_keep >= kept)
+        else:  # every block, at its own slot (-1 past the causal ones)
+            tl.store(cand_bits + blk, bits)
 
 
 @triton.jit
@@ -307,7 +309,10 @@ def top_blocks_kernel(
     written = offs < tl.cdiv(current + 1, CHUNK) * KEEP  # later chunks were not weighed for this row
     bits = tl.load(cand_bits + row.to(tl.int64) * stride_cr + offs, mask=written, other=-1)
     take = _take_top(bits, count, DIGIT_BITS)
-    blocks = tl.load(cand_blocks + row.to(tl.int64) * stride_cr + offs, mask=take, other=0)
+    if KEEP < CHUNK:
+        blocks = tl.load(cand_blocks + row.to(tl.int64) * stride_cr + offs, mask=take, other=0)
+    else:  # every block is its own slot
+        blocks = offs
     out = block_indices + row.to(tl.int64) * stride_br
     tl.store(out + tl.cumsum(take.to(tl.int32), 0) - 1, blocks, mask=take)  # ascending blocks: ascending slots
     pad = tl.arange(0, TOPN_PAD)
@@ -539,7 +544,7 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         keep = min(triton.next_power_of_2(config.slc_topn), keep)
     chunks = triton.cdiv(config.num_slc_blocks(cache.capacity), params.importance_chunk)
     cand_bits = torch.empty(rows, chunks * keep, dtype=torch.int32, device=device)
-    cand_blocks = torch.empty(rows, chunks * keep, dtype=torch.int32, device=device)
+    cand_blocks = torch.empty_like(cand_bits) if params.chunk_candidates else cand_bits  # else unused
     block_indices = runtime.new_output((batch, num_queries, num_kv_heads, config.slc_topn), dtype=torch.int32,
                                        device=device)
     o = runtime.new_output((batch, num_queries, num_heads, head_dim_v), dtype=q.dtype, device=device)
