@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.kernels.runtime import head_dim_block, new_output
+from nsa.kernels.runtime import head_dim_block, new_output, row_mask
 
 # Elements of O per program: 64 rows (token, head) of 128 values at the paper's head dim.
 ROW_ELEMENTS = 8192
@@ -25,10 +25,7 @@ def attention_delta_kernel(O, DO, DELTA, num_rows, num_heads, stride_ot, stride_
     offs_d = tl.arange(0, BLOCK_DV)
     t = (offs_r // num_heads).to(tl.int64)
     h = offs_r % num_heads
-    if BLOCK_DV == HEAD_DIM_V:  # a mask constant along the row keeps the loads vectorised
-        mask = (offs_r < num_rows)[:, None]
-    else:
-        mask = (offs_r < num_rows)[:, None] & (offs_d < HEAD_DIM_V)[None, :]
+    mask = row_mask(offs_r < num_rows, offs_d, HEAD_DIM_V, BLOCK_DV)
     o = tl.load(O + t[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + t[:, None] * stride_dot + h[:, None] * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)

@@ -7,6 +7,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -77,6 +78,16 @@ MIN_DOT = 16
 def head_dim_block(dim: int) -> int:
     """BLOCK_D for a head dim: the next power of two, at least MIN_DOT."""
     return max(MIN_DOT, triton.next_power_of_2(dim))
+
+
+@triton.jit
+def row_mask(row_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[rows, BLOCK_D] load/store mask: valid rows, and columns < HEAD_DIM when BLOCK_D pads the head dim (a mask
+    constant along the row keeps the accesses vectorised)."""
+    if BLOCK_D == HEAD_DIM:
+        return row_valid[:, None]
+    else:
+        return row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
 
 
 def check_launch_params(params, *, counts=("num_stages",), tiles=(), flags=()) -> None:

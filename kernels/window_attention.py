@@ -27,7 +27,7 @@ from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, chec
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import (check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
-                                 head_dim_block, interpreting, new_output, pack)
+                                 head_dim_block, interpreting, new_output, pack, row_mask)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
@@ -36,15 +36,6 @@ _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _row_mask(row_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[rows, BLOCK_D] load/store mask: valid rows, and columns < HEAD_DIM when BLOCK_D pads the head dim."""
-    if BLOCK_D == HEAD_DIM:
-        return row_valid[:, None]
-    else:
-        return row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-
 
 @triton.jit
 def _key_band(m0, seqlen, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -76,7 +67,7 @@ def _query_band(n0, seqlen, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 def _load_rows(ptrs, row_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Load a [rows, BLOCK_D] tile; rows masked by `row_valid` only when CHECK_ROWS, zeros past HEAD_DIM."""
     if CHECK_ROWS:
-        return tl.load(ptrs, mask=_row_mask(row_valid, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+        return tl.load(ptrs, mask=row_mask(row_valid, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
     elif BLOCK_D == HEAD_DIM:
         return tl.load(ptrs)
     else:
@@ -155,7 +146,7 @@ def window_attention_fwd_kernel(
     pos, head, row_valid = _query_rows(m0, seqlen, hk, hb, group, BLOCK_M, BLOCK_H, EVEN_HEADS)
 
     q_ptrs = Q + (seq_start + pos)[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :]
-    q = tl.load(q_ptrs, mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
+    q = tl.load(q_ptrs, mask=row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
     k_ptr = K + seq_start * stride_kt + hk * stride_kh
     v_ptr = V + seq_start * stride_vt + hk * stride_vh
 
@@ -179,7 +170,7 @@ def window_attention_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
     o_ptrs = O + (seq_start + pos)[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=_row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV))
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV))
     lse = (m_i + tl.math.log2(l_safe)) / _LOG2E
     tl.store(LSE + head * stride_lseh + seq_start + pos, lse, mask=row_valid)
 
@@ -251,9 +242,9 @@ def window_attention_bwd_dkdv_kernel(
     keys = n0 + offs_n
     key_valid = keys < seqlen
     k = tl.load(K + (seq_start + keys)[:, None] * stride_kt + hk * stride_kh + offs_dk[None, :],
-                mask=_row_mask(key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
+                mask=row_mask(key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
     v = tl.load(V + (seq_start + keys)[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :],
-                mask=_row_mask(key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+                mask=row_mask(key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -282,9 +273,9 @@ def window_attention_bwd_dkdv_kernel(
 
     dk = dk * scale
     tl.store(DK + (seq_start + keys)[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
-             dk.to(DK.dtype.element_ty), mask=_row_mask(key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK))
+             dk.to(DK.dtype.element_ty), mask=row_mask(key_valid, offs_dk, HEAD_DIM_K, BLOCK_DK))
     tl.store(DV + (seq_start + keys)[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=_row_mask(key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV))
+             dv.to(DV.dtype.element_ty), mask=row_mask(key_valid, offs_dv, HEAD_DIM_V, BLOCK_DV))
 
 
 @triton.jit
@@ -332,9 +323,9 @@ def window_attention_bwd_dq_kernel(
     pos, head, row_valid = _query_rows(m0, seqlen, hk, hb, group, BLOCK_M, BLOCK_H, EVEN_HEADS)
 
     q = tl.load(Q + (seq_start + pos)[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
+                mask=row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), other=0.0)
     do = tl.load(DO + (seq_start + pos)[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
-                 mask=_row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+                 mask=row_mask(row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
     lse2 = tl.load(LSE + head * stride_lseh + seq_start + pos, mask=row_valid, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + head * stride_lseh + seq_start + pos, mask=row_valid, other=0.0)
     k_ptr = K + seq_start * stride_kt + hk * stride_kh
@@ -353,7 +344,7 @@ def window_attention_bwd_dq_kernel(
                               BLOCK_DK, BLOCK_DV, True, DOT_PRECISION)
     dq = dq * scale
     tl.store(DQ + (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
-             dq.to(DQ.dtype.element_ty), mask=_row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK))
+             dq.to(DQ.dtype.element_ty), mask=row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK))
 
 
 # ----------------------------------------------------------------------------------------------------------------
