@@ -360,7 +360,8 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     families = list(families or cache.ALL_FAMILIES)
     key = cache.device_key(device)
     path = cache.config_path(key, out if out is not None else cache.user_dir())
-    if (world is not None and world.size > 1) or shard_folder(path).exists():
+    shards = shard_folder(path)
+    if (world is not None and world.size > 1) or shards.exists():
         from nsa.tuner.distributed import World
         return _tune_sharded(suite, families, device, path, world or World(), budget_s=budget_s,
                              candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune,
@@ -371,7 +372,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     result = dict(path=str(path), done=[], skipped=skipped, stopped=False)
     # The bucket in progress, one record per candidate: a run stopped inside it leaves the shard folder, and the
     # next run resumes through the sharded path (a world of one), redoing none of them.
-    shard = ShardLog(shard_folder(path), 0)
+    shard = ShardLog(shards, 0)
     deadline = None if budget_s is None else time.monotonic() + budget_s
     bar = progress_bar(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", enabled=progress)
     try:
@@ -400,7 +401,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
             if entry is not None:
                 entries[bkey] = entry
                 cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
-            remove_shards(shard_folder(path))  # the bucket is decided: nothing of it to resume
+            remove_shards(shards)  # the bucket is decided: nothing of it to resume
             result["done"].append(row)
     finally:
         bar.close()
