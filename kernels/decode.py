@@ -11,13 +11,10 @@ in a CUDA graph. Five launches:
    that selection reuses instead of recomputing q.k_cmp.
 2. `block_importance_kernel` (grid: importance_splits x rows): merges the partials' log-sum-exp, turns the
    scores into p_cmp summed over the group's heads and weighs them into selection-block importances (the
-   overlap weights of `nsa.kernels.selection`); forced blocks (initial, local) get +inf. With
-   `DecodeParams.chunk_candidates` each chunk of importance_chunk blocks keeps only its own top n as candidates
-   (the row's top n are among them); otherwise every block is one.
-3. `top_blocks_kernel` (grid: rows): the top-n of the row's candidates by a digit-wise search for the n-th
-   largest importance (counts over the candidates in registers, `topn_digit_bits` bits a round; a bitonic
-   running top-n took 16 us at T=64k on an H200), ties to the lower index; block_indices come out ascending,
-   -1 padded.
+   overlap weights of `nsa.kernels.selection`); forced blocks (initial, local) get +inf.
+3. `top_blocks_kernel` (grid: rows): the top-n by a digit-wise search for the n-th largest importance (counts
+   over the row in registers, `topn_digit_bits` bits a round; a bitonic running top-n took 16 us at T=64k on an
+   H200), ties to the lower index; block_indices come out ascending, -1 padded.
 4. `sparse_partials_kernel` (grid: (slc_splits + win_splits) x rows): split-K over the selected blocks and over
    the sliding window, reading keys through the page table.
 5. `merge_branches_kernel` (grid: rows x G): merges each branch's partials and applies the gates.
@@ -197,17 +194,13 @@ def compressed_partials_kernel(
 
 @triton.jit
 def block_importance_kernel(
-        scores, part_m, part_l, seqlens, cand_bits, cand_blocks,
-        stride_sr, stride_sh, stride_cr, num_rows,
+        scores, part_m, part_l, seqlens, importance,
+        stride_sr, stride_sh, stride_ir, num_rows,
         G: tl.constexpr, NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, CMP_BLOCK: tl.constexpr,
         CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
         CMP_SPLITS: tl.constexpr, CMP_SPLITS_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
-        CHUNK: tl.constexpr, RPAD: tl.constexpr, TOPN: tl.constexpr, KEEP: tl.constexpr, DIGIT_BITS: tl.constexpr,
-        USE_PDL: tl.constexpr):
-    """Importance of split `program_id(0)`'s share of the row's causal selection blocks, as candidates: KEEP
-    slots per chunk, in ascending block order, the rest -1; KEEP < CHUNK keeps each chunk's top min(n, its
-    blocks) and their block numbers in cand_blocks, KEEP = CHUNK all of them (slot j is block j: cand_blocks is
-    not written)."""
+        CHUNK: tl.constexpr, RPAD: tl.constexpr, USE_PDL: tl.constexpr):
+    """Importance of split `program_id(0)`'s share of the row's causal selection blocks."""
     _wait_for_previous_kernel(USE_PDL)
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
     BLOCK_C: tl.constexpr = CHUNK * RPAD
@@ -227,8 +220,7 @@ def block_importance_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < G
     scores += row.to(tl.int64) * stride_sr + offs_h[:, None] * stride_sh
-    cand_bits += row.to(tl.int64) * stride_cr
-    cand_blocks += row.to(tl.int64) * stride_cr
+    importance += row.to(tl.int64) * stride_ir
     # Column c: compressed block r = c % RPAD of selection block j0 + c // RPAD. A compressed block at offset r*d
     # weighs into its selection block and the rest into the next one, so block j sums its own compressed blocks'
     # self weights and block j-1's next weights: a second load of the scores shifted by R columns (cache hits),
@@ -239,7 +231,6 @@ def block_importance_kernel(
     w_self = tl.where(col_r < R, w_in.to(tl.float32) / CMP_STRIDE, 0.0)
     w_next = tl.where(col_r < R, (CMP_BLOCK - w_in).to(tl.float32) / CMP_STRIDE, 0.0)
     offs_j = tl.arange(0, CHUNK)
-    offs_keep = tl.arange(0, KEEP)
     for j0 in range(lo, hi, CHUNK):
         col_blk = j0 + offs_c // RPAD
         own = col_blk * R + col_r
@@ -252,30 +243,32 @@ def block_importance_kernel(
         imp = tl.sum(tl.reshape(weighed, [CHUNK, RPAD]), 1)
         blk = j0 + offs_j
         forced = (blk < INIT_BLOCKS) | (current - blk < LOCAL_BLOCKS)
-        bits = tl.where(blk < hi, tl.where(forced, float("inf"), imp).to(tl.int32, bitcast=True), -1)
-        if KEEP < CHUNK:  # the chunk's top n: a block in the row's top n is in its chunk's top n
-            take = _take_top(bits, tl.minimum(hi - j0, TOPN), DIGIT_BITS)
-            base = (j0 // CHUNK) * KEEP
-            slot = base + tl.cumsum(take.to(tl.int32), 0) - 1
-            tl.store(cand_bits + slot, bits, mask=take)
-            tl.store(cand_blocks + slot, blk, mask=take)
-            kept = tl.sum(take.to(tl.int32), 0)
-            tl.store(cand_bits + base + offs_keep, tl.full([KEEP], -1, tl.int32), mask=offs_keep >= kept)
-        else:  # every block, at its own slot (-1 past the causal ones)
-            tl.store(cand_bits + blk, bits)
+        imp = tl.where(forced, float("inf"), imp)
+        tl.store(importance + blk, imp, mask=blk < hi)
 
 
 @triton.jit
-def _take_top(bits, count, DIGIT_BITS: tl.constexpr):
-    """Which of `bits` (a 1-D tile of importances as int32: non-negative floats order like their bits as
-    integers, forced blocks are +inf; -1 for no block) are the top `count` (1 <= count <= how many are >= 0),
-    ties to the earlier element.
-
-    The largest threshold that at least `count` of them reach is built from the top one digit of DIGIT_BITS bits
-    at a time (1: bit by bit, 31 rounds; 4: 8 rounds). A round counts the elements that reach each of the
-    digit's 2**DIGIT_BITS candidates in one [elements, 2**DIGIT_BITS] reduction: fewer dependent cross-warp sums
-    for more registers. The counts fall as the digit grows, so the digit is how many of the nonzero candidates
-    still reach `count`; bit 31 is the sign, so a top digit reaching it stops short."""
+def top_blocks_kernel(
+        importance, seqlens, block_indices, stride_ir, stride_br,
+        NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
+        TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr, DIGIT_BITS: tl.constexpr, USE_PDL: tl.constexpr):
+    """block_indices of one row: the top min(n, current + 1) blocks by importance (ties to the lower index),
+    ascending, -1 padded. The whole row is one register tile of BLOCK_J blocks."""
+    _wait_for_previous_kernel(USE_PDL)
+    row = tl.program_id(0)
+    _, _, _, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
+    current = pos // SLC_BLOCK
+    count = tl.minimum(current + 1, TOPN)
+    offs = tl.arange(0, BLOCK_J)
+    causal = offs <= current
+    imp = tl.load(importance + row.to(tl.int64) * stride_ir + offs, mask=causal, other=0.0)
+    # Non-negative floats order like their bits as integers (forced blocks: +inf); -1 marks non-causal blocks.
+    bits = tl.where(causal, imp.to(tl.int32, bitcast=True), -1)
+    # The largest threshold that at least `count` blocks reach, built from the top one digit of DIGIT_BITS bits
+    # at a time (1: bit by bit, 31 rounds, as v3 measured; 4: 8 rounds). A round counts the blocks that reach
+    # each of the digit's 2**DIGIT_BITS candidates in one [BLOCK_J, 2**DIGIT_BITS] reduction: fewer dependent
+    # cross-warp sums for more registers. The counts fall as the digit grows, so the digit is how many of the
+    # nonzero candidates still reach `count`; bit 31 is the sign, so a top digit reaching it stops short.
     ROUNDS: tl.constexpr = (31 + DIGIT_BITS - 1) // DIGIT_BITS
     offs_d = tl.arange(0, 1 << DIGIT_BITS)
     threshold = 0
@@ -287,34 +280,10 @@ def _take_top(bits, count, DIGIT_BITS: tl.constexpr):
         threshold = threshold | ((tl.sum(reach.to(tl.int32), 0) - 1) << (DIGIT_BITS * (ROUNDS - 1 - r)))
     above = bits > threshold
     tied = bits == threshold
-    need = count - tl.sum(above.to(tl.int32), 0)  # >= 1 elements at the threshold, the earliest first
-    return above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
-
-
-@triton.jit
-def top_blocks_kernel(
-        cand_bits, cand_blocks, seqlens, block_indices, stride_cr, stride_br,
-        NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
-        TOPN_PAD: tl.constexpr, CHUNK: tl.constexpr, KEEP: tl.constexpr, BLOCK_J: tl.constexpr,
-        DIGIT_BITS: tl.constexpr, USE_PDL: tl.constexpr):
-    """block_indices of one row: the top min(n, current + 1) blocks by importance (ties to the lower index),
-    ascending, -1 padded, from the KEEP candidates of each of the row's causal chunks (in ascending block order,
-    -1 padded). The candidates are one register tile of BLOCK_J."""
-    _wait_for_previous_kernel(USE_PDL)
-    row = tl.program_id(0)
-    _, _, _, pos = _row_position(seqlens, row, NUM_QUERIES, NUM_KV_HEADS)
-    current = pos // SLC_BLOCK
-    count = tl.minimum(current + 1, TOPN)
-    offs = tl.arange(0, BLOCK_J)
-    written = offs < tl.cdiv(current + 1, CHUNK) * KEEP  # later chunks were not weighed for this row
-    bits = tl.load(cand_bits + row.to(tl.int64) * stride_cr + offs, mask=written, other=-1)
-    take = _take_top(bits, count, DIGIT_BITS)
-    if KEEP < CHUNK:
-        blocks = tl.load(cand_blocks + row.to(tl.int64) * stride_cr + offs, mask=take, other=0)
-    else:  # every block is its own slot
-        blocks = offs
+    need = count - tl.sum(above.to(tl.int32), 0)  # >= 1 blocks at the threshold, the lowest indices first
+    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
     out = block_indices + row.to(tl.int64) * stride_br
-    tl.store(out + tl.cumsum(take.to(tl.int32), 0) - 1, blocks, mask=take)  # ascending blocks: ascending slots
+    tl.store(out + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)  # ascending j: ascending slots
     pad = tl.arange(0, TOPN_PAD)
     tl.store(out + pad, tl.full([TOPN_PAD], -1, tl.int32), mask=(pad >= count) & (pad < TOPN))
 
@@ -438,8 +407,6 @@ class DecodeParams:
             8 rounds, each a [blocks, 2**bits] count).
         pdl: launch the five kernels with programmatic dependent launch (Hopper and later; ignored before), so
             each kernel's programs start during the previous kernel and wait for its writes.
-        chunk_candidates: the importance kernel keeps each chunk's top n, so the top-n searches chunks x n
-            candidates instead of every selection block (256 instead of 1024 at 64k; not yet timed on a GPU).
     """
 
     cmp_splits: int = 8
@@ -453,10 +420,9 @@ class DecodeParams:
     num_stages: int = 2
     topn_digit_bits: int = 1
     pdl: bool = False
-    chunk_candidates: bool = False
 
     def __post_init__(self):
-        runtime.check_launch_params(self, counts=("num_stages", "splits"), flags=("pdl", "chunk_candidates"))
+        runtime.check_launch_params(self, counts=("num_stages", "splits"), flags=("pdl",))
         if self.topn_digit_bits > MAX_DIGIT_BITS:
             raise ValueError(f"DecodeParams.topn_digit_bits must be 1, 2 or {MAX_DIGIT_BITS}, got "
                              f"{self.topn_digit_bits}")
@@ -538,13 +504,7 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     part_m = torch.empty(splits, rows, group, dtype=torch.float32, device=device)
     part_l = torch.empty(splits, rows, group, dtype=torch.float32, device=device)
     scores = torch.empty(rows, group, max(cache.cmp_capacity, 1), dtype=torch.float32, device=device)
-    # Per chunk of importance_chunk selection blocks, its candidates (importance bits, block): its top n, or all.
-    keep = params.importance_chunk
-    if params.chunk_candidates:
-        keep = min(triton.next_power_of_2(config.slc_topn), keep)
-    chunks = triton.cdiv(config.num_slc_blocks(cache.capacity), params.importance_chunk)
-    cand_bits = torch.empty(rows, chunks * keep, dtype=torch.int32, device=device)
-    cand_blocks = torch.empty_like(cand_bits) if params.chunk_candidates else cand_bits  # else unused
+    importance = torch.empty(rows, config.num_slc_blocks(cache.capacity), dtype=torch.float32, device=device)
     block_indices = runtime.new_output((batch, num_queries, num_kv_heads, config.slc_topn), dtype=torch.int32,
                                        device=device)
     o = runtime.new_output((batch, num_queries, num_heads, head_dim_v), dtype=q.dtype, device=device)
@@ -566,19 +526,18 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         v_cmp.stride(0), v_cmp.stride(1), v_cmp.stride(2), scores.stride(0), scores.stride(1), rows, scale_log2,
         CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SPLITS=params.cmp_splits,
         BLOCK_N=params.cmp_block_n, **sizes, **tiles, **launch)
-    topn = dict(TOPN=config.slc_topn, CHUNK=params.importance_chunk, KEEP=keep, DIGIT_BITS=params.topn_digit_bits)
     block_importance_kernel[(params.importance_splits, rows)](
-        scores, part_m, part_l, cache.seqlens, cand_bits, cand_blocks, scores.stride(0), scores.stride(1),
-        cand_bits.stride(0), rows, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride,
-        SLC_BLOCK=config.slc_block, INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks,
-        CMP_SPLITS=params.cmp_splits, CMP_SPLITS_PAD=triton.next_power_of_2(params.cmp_splits),
-        SPLITS=params.importance_splits, BLOCK_H=block_h,
-        RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride), **topn, **sizes, num_warps=4, **pdl)
-    block_j = triton.next_power_of_2(cand_bits.shape[1])
+        scores, part_m, part_l, cache.seqlens, importance, scores.stride(0), scores.stride(1), importance.stride(0),
+        rows, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SLC_BLOCK=config.slc_block,
+        INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, CMP_SPLITS=params.cmp_splits,
+        CMP_SPLITS_PAD=triton.next_power_of_2(params.cmp_splits), SPLITS=params.importance_splits, BLOCK_H=block_h,
+        CHUNK=params.importance_chunk, RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride), **sizes,
+        num_warps=4, **pdl)
+    block_j = triton.next_power_of_2(importance.shape[1])
     top_blocks_kernel[(rows,)](
-        cand_bits, cand_blocks, cache.seqlens, block_indices, cand_bits.stride(0), config.slc_topn,
-        NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads, SLC_BLOCK=config.slc_block,
-        TOPN_PAD=triton.next_power_of_2(config.slc_topn), BLOCK_J=block_j, **topn,
+        importance, cache.seqlens, block_indices, importance.stride(0), config.slc_topn,
+        NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads, SLC_BLOCK=config.slc_block, TOPN=config.slc_topn,
+        TOPN_PAD=triton.next_power_of_2(config.slc_topn), BLOCK_J=block_j, DIGIT_BITS=params.topn_digit_bits,
         num_warps=min(MAX_TOPN_WARPS, max(4, block_j // 256)), **pdl)
     sparse_partials_kernel[(params.slc_splits + params.win_splits, rows)](
         q, k_pages, v_pages, cache.block_table, cache.seqlens, block_indices, part_o, part_m, part_l,

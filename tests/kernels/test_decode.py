@@ -134,7 +134,7 @@ def test_decode_with_one_split_each_equals_many_splits():
                        win_splits=1, block_n=16, num_warps=1, num_stages=1)
     many = DecodeParams(cmp_splits=5, cmp_block_n=16, importance_splits=3, importance_chunk=32, slc_splits=3,
                         win_splits=3, block_n=16, num_warps=1, num_stages=1, topn_digit_bits=4,
-                        pdl=True, chunk_candidates=True)  # no PDL under the interpreter: accepted and ignored
+                        pdl=True)  # no PDL under the interpreter: accepted and ignored
     o1, i1 = check_decode(q, cache, seqs, gates, config, params=one, exact_selection=True)
     o2, i2 = check_decode(q, cache, seqs, gates, config, params=many, exact_selection=True)
     assert torch.equal(i1, i2)
@@ -142,19 +142,16 @@ def test_decode_with_one_split_each_equals_many_splits():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("digit_bits, chunk, candidates", [(1, 16, False), (2, 16, False), (4, 16, False),
-                                                         (1, 8, True), (4, 8, True), (2, 16, True)])
-def test_exact_ties_go_to_the_lower_index(digit_bits, chunk, candidates):
+@pytest.mark.parametrize("digit_bits", [1, 2, 4])
+def test_exact_ties_go_to_the_lower_index(digit_bits):
     """k_cmp = 0: every visible compression block gets the same probability, so selection blocks with the same
-    overlap pattern tie exactly and the rule alone decides, whatever the top-n's digit width; with chunk
-    candidates and chunks of 8 blocks each chunk keeps 4 of its 8 (n = 4), ties to the lower index there too."""
+    overlap pattern tie exactly and the rule alone decides, whatever the top-n's digit width."""
     config = cfg(16, 8, 16, 4, 16)
     cache, seqs = filled_caches(config, [230, 101], 2, 16, 16, dtype=torch.float32, device="cpu", seed=5)
     cache.k_cmp.zero_()
     seqs = [(k, v, torch.zeros_like(k_cmp), v_cmp) for k, v, k_cmp, v_cmp in seqs]
     q, gates = random_queries(2, 2, 4, 16, dtype=torch.float32, device="cpu", seed=5)
-    params = dataclasses.replace(default_params(2, 2, 2, config, cache.capacity, "cpu"), topn_digit_bits=digit_bits,
-                                 importance_chunk=chunk, chunk_candidates=candidates)
+    params = dataclasses.replace(default_params(2, 2, 2, config, cache.capacity, "cpu"), topn_digit_bits=digit_bits)
     check_decode(q, cache, seqs, gates, config, params=params, exact_selection=True)
 
 
@@ -308,18 +305,17 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("digit_bits, pdl, candidates", [(1, False, False), (4, True, False), (4, True, True)],
-                         ids=["bitwise", "digits4-pdl", "digits4-pdl-chunk-candidates"])
+@pytest.mark.parametrize("digit_bits, pdl", [(1, False), (4, True)], ids=["bitwise", "digits4-pdl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_decode_matches_reference_on_gpu(case, dtype, digit_bits, pdl, candidates):
+def test_decode_matches_reference_on_gpu(case, dtype, digit_bits, pdl):
     lengths, n, hq, hkv, page_size = GPU_CASES[case]
     seed = sorted(GPU_CASES).index(case)
     cache, seqs = filled_caches(PAPER, lengths, hkv, 128, 128, dtype=dtype, device="cuda", seed=seed,
                                 page_size=page_size, spare=100)
     q, gates = random_queries(len(lengths), n, hq, 128, dtype=dtype, device="cuda", seed=seed)
     params = dataclasses.replace(default_params(len(lengths), n, hkv, PAPER, cache.capacity, "cuda"),
-                                 topn_digit_bits=digit_bits, pdl=pdl, chunk_candidates=candidates)
+                                 topn_digit_bits=digit_bits, pdl=pdl)
     check_decode(q, cache, seqs, gates, PAPER, params=params, exact_selection=False)
 
 
