@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--suite", default="smoke", choices=list(SUITES), help="problems to tune for (default: smoke)")
     tune.add_argument("--families", type=_comma_list(list(FAMILIES)), metavar="NAME[,NAME...]",
                       help=f"kernel families (default: all of {', '.join(FAMILIES)})")
-    tune.add_argument("--budget-s", type=float, metavar="N", help="stop starting candidates after N seconds")
+    tune.add_argument("--budget-s", type=float, metavar="N", help="start no candidate that would end after N "
+                      "seconds from the start (the longest candidate so far is the estimate); a later run resumes")
     tune.add_argument("--retune", action="store_true", help="tune the buckets the cache already holds too, and "
                       "replace their entries (after a search space grew or a kernel changed)")
     tune.add_argument("--match", type=_comma_list(), metavar="TEXT[,TEXT...]",

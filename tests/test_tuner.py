@@ -178,6 +178,22 @@ def test_resume_inside_a_bucket_redoes_no_candidate(tmp_path, monkeypatch):
     assert not search.shard_folder(path).exists()
 
 
+def test_budget_starts_no_candidate_that_would_end_past_it(monkeypatch):
+    """The longest gap between candidate starts so far is the estimate: once a 4 s candidate was seen, one starting
+    at 6 s (ends by 10 s) fits a 10 s budget and one at 8 s does not, so the run ends inside its budget."""
+    clock = [100.0]
+    monkeypatch.setattr(search.time, "monotonic", lambda: clock[0])
+    budget = search.Budget(10.0)
+    starts = []
+    for step in (1.0, 4.0, 1.0, 2.0, 1.0):
+        if not budget.start_next():
+            break
+        starts.append(clock[0] - 100.0)
+        clock[0] += step
+    assert starts == [0.0, 1.0, 5.0, 6.0]
+    assert search.Budget(None).start_next()
+
+
 def test_write_reload_lookup_nearest_bucket(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "env"))
     far = dataclasses.replace(SMOKE_SHAPE, seqlen=8192)

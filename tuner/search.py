@@ -47,6 +47,28 @@ DEFAULT_CANDIDATE_TIMEOUT_S = 120.0
 GPU_TUNE_TIMER = TimerSettings(warmup_ms=10.0, rep_ms=50.0, min_reps=5, max_reps=250)
 
 
+class Budget:
+    """The seconds a tune may spend, counted from its start. A candidate starts only when the longest gap between
+    two candidate starts so far (its evaluation, and a bucket's setup) still fits before the deadline: a run then
+    ends near its budget with its results folded, rather than one long candidate (seconds at 128k) past it and
+    into a caller's hard time limit. None: no limit."""
+
+    def __init__(self, budget_s: float | None):
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.longest = 0.0
+        self.last_start = None
+
+    def start_next(self) -> bool:
+        """Whether the next candidate fits; when it does, it counts as started now."""
+        now = time.monotonic()
+        if self.last_start is not None:
+            self.longest = max(self.longest, now - self.last_start)
+        if self.deadline is not None and now + self.longest > self.deadline:
+            return False
+        self.last_start = now
+        return True
+
+
 def _kernel(family: str):
     return importlib.import_module(cache.ALL_FAMILIES[family][0])
 
@@ -355,6 +377,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     from nsa.progress import progress_bar
 
     from nsa.suites import get_suite
+    budget = Budget(budget_s)
     suite = get_suite(suite) if isinstance(suite, str) else suite
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     families = list(families or cache.ALL_FAMILIES)
@@ -363,7 +386,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     shards = shard_folder(path)
     if (world is not None and world.size > 1) or shards.exists():
         from nsa.tuner.distributed import World
-        return _tune_sharded(suite, families, device, path, world or World(), budget_s=budget_s,
+        return _tune_sharded(suite, families, device, path, world or World(), budget=budget,
                              candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune,
                              skip=skip, match=match)
     from nsa.tuner.distributed import ShardLog, remove_shards
@@ -373,7 +396,6 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     # The bucket in progress, one record per candidate: a run stopped inside it leaves the shard folder, and the
     # next run resumes through the sharded path (a world of one), redoing none of them.
     shard = ShardLog(shards, 0)
-    deadline = None if budget_s is None else time.monotonic() + budget_s
     bar = progress_bar(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", enabled=progress)
     try:
         for family, bkey, problem, cands, pruned in todo:
@@ -388,7 +410,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
                 continue
             outcomes = []
             for i, params in enumerate(cands):
-                if deadline is not None and time.monotonic() > deadline:
+                if not budget.start_next():
                     result["stopped"] = True
                     log.warning("tune: budget spent; %s left for a later run (it resumes from its %d finished "
                                 "candidates)", bkey, len(outcomes))
@@ -431,7 +453,7 @@ def _record(bkey: str, index: int, params, ms, failure) -> dict:
                                       failure=failure)))
 
 
-def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candidate_timeout_s, progress,
+def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget, candidate_timeout_s, progress,
                   retune=False, skip=frozenset(), match=()) -> dict:
     """`tune` over the ranks of `world`: the work is (family, bucket, candidate), shared round-robin.
 
@@ -475,13 +497,12 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget_s, candi
     mine = world.share(work["items"])
     shard = ShardLog(shards, world.rank)
     made, stopped = [], False
-    deadline = None if budget_s is None else time.monotonic() + budget_s
     bar = progress_bar(total=len(mine), desc=f"tune {key} rank {world.rank}/{world.size}", unit="cand",
                        enabled=progress and world.is_main)
     current, case, setup_error = None, None, None
     try:
         for b, i in mine:
-            if deadline is not None and time.monotonic() > deadline:
+            if not budget.start_next():
                 stopped = True
                 log.warning("tune: rank %d: budget spent; %d candidates left for a later run (it resumes)",
                             world.rank, len(mine) - len(made))
