@@ -75,6 +75,20 @@ def test_search_space_default_first_and_named_pruning():
         spaces.search_space("combine", SMOKE_SHAPE, config, 2, 1, space=dict(nope=[1]))
 
 
+def test_selection_score_tiles_that_spill_are_pruned_on_a_gpu(monkeypatch):
+    """The selection's fp32 score tile (rows x 16 blocks x 4 compressed blocks at the paper config) over 192 per
+    thread: 512 rows on 4 warps and 256 on 2 are pruned, 512 on 8 and 256 on 4 kept; off GPU nothing is."""
+    paper = cache.Shape(65536, 16, 128, 128, 32, 16, 64, 16, "bfloat16")
+    config = NSAConfig()
+    space = dict(block_m=[16, 32], num_warps=[2, 4, 8])
+    monkeypatch.setattr(spaces, "device_properties", lambda device: object())
+    cands, pruned = spaces.search_space("selection", paper, config, 64, 4, interpreter=False, space=space)
+    assert {(c.block_m * c.block_h, c.num_warps) for c in cands} == {(256, 4), (256, 8), (512, 8)}
+    assert pruned == {"registers": 3}
+    monkeypatch.setattr(spaces, "device_properties", lambda device: None)
+    assert len(spaces.search_space("selection", paper, config, 64, 4, interpreter=False, space=space)[0]) == 6
+
+
 @kernels_run
 def test_tune_smoke_tiny_space_writes_checked_entries(tmp_path):
     result = search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False)

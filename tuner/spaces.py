@@ -97,7 +97,16 @@ def _smem_ok(params, shape, props, config) -> bool:
 
 
 def _registers_ok(params, shape, props, config) -> bool:
-    if props is None or not hasattr(params, "fwd_block_n"):
+    if props is None:
+        return True
+    if isinstance(params, params_class("selection")):
+        # The fp32 score tile, rows x (chunk of selection blocks x their compressed blocks), per thread. On an
+        # H200 at 64k every selection candidate above 192 was slower than the best (21.1 ms): 512 rows on 4 warps
+        # 26.4 ms, 256 rows on 2 warps 40-56 ms, 512 rows on 2 warps 710-890 ms.
+        from nsa.kernels.selection import chunk_width
+        columns = chunk_width(config) * triton.next_power_of_2(config.slc_block // config.cmp_stride)
+        return _rows(params, shape) * columns / (32 * params.num_warps) <= 192
+    if not hasattr(params, "fwd_block_n"):
         return True
     dv = triton.next_power_of_2(max(16, shape.head_dim_v))
     threads = 32 * params.fwd_num_warps
@@ -132,7 +141,7 @@ PREDICATES = (
      lambda p, s, d, c: not hasattr(p, "block_r") or p.block_d == min(256, triton.next_power_of_2(s.head_dim_v))),
     ("shared_memory", "q tile plus stages x K/V tiles must fit the device's shared memory per block",
      _smem_ok),
-    ("registers", "accumulator + score tile above ~192 fp32 registers per thread spills",
+    ("registers", "accumulator + score tile (selection: score tile) above ~192 fp32 registers per thread spills",
      _registers_ok),
     ("splits_fit_tiles", "a decode split with no tile of work in a full cache is an idle program and a partial "
      "to merge", _decode_splits_fit),
