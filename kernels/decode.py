@@ -43,6 +43,7 @@ from nsa.kernels import runtime
 from nsa.kernels.attention import nsa_attention
 from nsa.kernels.compression import LOG2E, _num_visible
 from nsa.kernels.kv_cache import KVCache
+from nsa.kernels.selection import block_width
 
 _NEG_LARGE = tl.constexpr(-1.0e30)  # a running max that starts finite, so no (-inf) - (-inf)
 # The top-n holds a row's importances in registers: up to 16 warps x 32 threads x 64 blocks.
@@ -531,7 +532,7 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         rows, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SLC_BLOCK=config.slc_block,
         INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, CMP_SPLITS=params.cmp_splits,
         CMP_SPLITS_PAD=triton.next_power_of_2(params.cmp_splits), SPLITS=params.importance_splits, BLOCK_H=block_h,
-        CHUNK=params.importance_chunk, RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride), **sizes,
+        CHUNK=params.importance_chunk, RPAD=block_width(config), **sizes,
         num_warps=4, **pdl)
     block_j = triton.next_power_of_2(importance.shape[1])
     top_blocks_kernel[(rows,)](

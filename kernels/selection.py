@@ -255,6 +255,11 @@ def chunk_width(config: NSAConfig) -> int:
     return max(16, triton.next_power_of_2(config.slc_topn))
 
 
+def block_width(config: NSAConfig) -> int:
+    """RPAD: score columns per selection block, its l'/d compressed blocks rounded up to a power of two."""
+    return triton.next_power_of_2(config.slc_block // config.cmp_stride)
+
+
 def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, scale: float,
                       params: SelectionParams) -> torch.Tensor:
     """Top-n selection blocks of packed sequences.
@@ -285,7 +290,7 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
         INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, DK=head_dim, BLOCK_P=params.block_m,
         HEADS=params.block_h, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_DK=runtime.head_dim_block(head_dim),
         NPAD=chunk_width(config), LOG_NPAD=chunk_width(config).bit_length() - 1,
-        RPAD=triton.next_power_of_2(config.slc_block // config.cmp_stride),
+        RPAD=block_width(config),
         PRECISION=runtime.dot_precision(q.dtype), num_warps=params.num_warps, num_stages=params.num_stages)
     return out
 

@@ -103,8 +103,8 @@ def _registers_ok(params, shape, props, config) -> bool:
         # The fp32 score tile, rows x (chunk of selection blocks x their compressed blocks), per thread. On an
         # H200 at 64k every selection candidate above 192 was slower than the best (21.1 ms): 512 rows on 4 warps
         # 26.4 ms, 256 rows on 2 warps 40-56 ms, 512 rows on 2 warps 710-890 ms.
-        from nsa.kernels.selection import chunk_width
-        columns = chunk_width(config) * triton.next_power_of_2(config.slc_block // config.cmp_stride)
+        from nsa.kernels.selection import block_width, chunk_width
+        columns = chunk_width(config) * block_width(config)
         return _rows(params, shape) * columns / (32 * params.num_warps) <= 192
     if not hasattr(params, "fwd_block_n"):
         return True
