@@ -13,11 +13,14 @@ the importance beyond one chunk:
    and the rest, (l - min(l, l'-o))/d, to j+1 (l <= l', so never further). The spill to j+1 is shifted by one
    block inside the chunk with an exact broadcast-compare-sum ([BLOCK_P, NPAD, NPAD] adds of zeros, negligible
    next to the G * BLOCK_P * NPAD * RPAD * Dk score products), and the chunk's last spill is carried over;
-3. a running top-NPAD in registers: `best` [BLOCK_P, NPAD] int64 keys sorted descending. A key packs the
-   importance (non-negative float32, so its bits as an integer are monotone) above (2**31 - 1 - j), so one
-   integer order ranks by importance, then by LOWER index. Forced blocks get the bits of +inf, non-causal ones
-   key -1. Each chunk's keys are sorted ascending and merged by an elementwise max with `best`, which is
-   exactly the top NPAD of the union, a bitonic row that a log2(NPAD)-step merge sorts descending again.
+3. a running top-NPAD in registers: `best` [BLOCK_P, NPAD] integer keys sorted descending. A key packs the
+   importance (non-negative float32, so its bits as an integer are monotone) above (2**B - 1 - j), B index
+   bits, so one integer order ranks by importance, then by LOWER index. Forced blocks get the bits of +inf,
+   non-causal ones key -1. Each chunk's keys are sorted ascending and merged by an elementwise max with `best`,
+   which is exactly the top NPAD of the union, a bitonic row that a log2(NPAD)-step merge sorts descending
+   again. Keys are int64 (B = 31, the whole float) or, for 16-bit inputs with few enough blocks, int32: the
+   float's bits above B + 1 (`selection_keys`; importances closer than 2**-11 relative may then tie and go to
+   the lower index, well under the 16-bit inputs' own rounding), which halves the sort's shuffles and compares.
 
 Finally the first min(n, t//l' + 1) indices are sorted ascending and written, -1 after.
 """
@@ -38,8 +41,6 @@ from nsa.kernels.compression import default_params as compression_default_params
 from nsa.kernels.packing import PackedSequences
 
 # Kernel constants (tl.constexpr: the only module globals a GPU kernel may read).
-INDEX_BITS = tl.constexpr(31)  # key = (importance bits << 31) | (INDEX_BIAS - j) < 2**62: a pair sum fits int64
-INDEX_BIAS = tl.constexpr(2**31 - 1)  # larger low word for a lower block index j
 INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32: above any finite importance
 NO_BLOCK = tl.constexpr(2**29)  # placeholder for unchosen slots while sorting the output (pair sums fit int32)
 _LOG2E = tl.constexpr(LOG2E)
@@ -55,8 +56,8 @@ _LOG2E = tl.constexpr(LOG2E)
 # element is (pair sum) - element instead of tl.sort's xor_sum exchange: one size-2 reduction per step on the
 # GPU either way, while the interpreter runs tl.sum as one numpy call but xor_sum as a Python loop per element
 # (and pays per dimension of tl.sort's full hypercube view). Values must not overflow a pair sum: keys stay
-# below 2**62, int32 values at most 2**29. Written inline, without nested jit helpers: the interpreter pays for
-# every device-function call.
+# below 2**62 (int64) or 2**30 (int32), block indices at most 2**29. Written inline, without nested jit helpers:
+# the interpreter pays for every device-function call.
 
 
 @triton.jit
@@ -89,7 +90,7 @@ def select_blocks_fwd_kernel(
         TOPN: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, DK: tl.constexpr,
         BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_DK: tl.constexpr,
         NPAD: tl.constexpr, RPAD: tl.constexpr, LOG_NPAD: tl.constexpr,
-        PRECISION: tl.constexpr):
+        KEY_DTYPE: tl.constexpr, KEY_DROP: tl.constexpr, INDEX_BITS: tl.constexpr, PRECISION: tl.constexpr):
     """block_indices [BLOCK_P positions, n] of one kv head of one sequence."""
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
     BLOCK_M: tl.constexpr = BLOCK_P * HEADS
@@ -98,6 +99,7 @@ def select_blocks_fwd_kernel(
     tl.static_assert(RPAD >= R)
     tl.static_assert(CMP_BLOCK <= SLC_BLOCK)
     tl.static_assert(NPAD == 1 << LOG_NPAD)
+    INDEX_MASK: tl.constexpr = (1 << INDEX_BITS) - 1  # a key's low word INDEX_MASK - j: larger for a lower j
 
     pid_p = tl.num_programs(0) - 1 - tl.program_id(0)  # late tiles have the most blocks: start them first
     pid_s = tl.program_id(1)
@@ -130,7 +132,7 @@ def select_blocks_fwd_kernel(
     current = (p0 + offs_p) // SLC_BLOCK  # [BLOCK_P]: the block holding the position
     offs_j = tl.arange(0, NPAD)
     shift = ((offs_j[:, None] + 1) == offs_j[None, :]).to(tl.float32)  # [k, j]: block k spills into j = k+1
-    best = tl.full([BLOCK_P, NPAD], -1, dtype=tl.int64)
+    best = tl.full([BLOCK_P, NPAD], -1, dtype=KEY_DTYPE)
     carry = tl.zeros([BLOCK_P], dtype=tl.float32)
 
     if NUM_HEAD_CHUNKS == 1:  # the whole group fits one tile: keep q and lse in registers
@@ -148,7 +150,9 @@ def select_blocks_fwd_kernel(
         col_ok = (col_r < R) & (cmp_idx < num_cmp)
         k_t = tl.load(k + (cmp_start + cmp_idx).to(tl.int64)[None, :] * stride_kt + hk * stride_kh
                       + offs_dk[:, None], mask=col_ok[None, :] & dk_ok[:, None], other=0.0)  # [BLOCK_DK, BLOCK_C]
-        visible = col_ok[None, :] & (cmp_idx[None, :] * CMP_STRIDE + (CMP_BLOCK - 1) <= pos_r[:, None])
+        # Every column visible to every row (all chunks but the last one or two): no per-element compare and
+        # select. Rows past the sequence or the group have lse +inf, so their p is 0 either way.
+        whole = (R == RPAD) & (((j0 + NPAD) * R - 1) * CMP_STRIDE + (CMP_BLOCK - 1) <= p0)
         prob = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)  # p_cmp summed over the group's heads
         for hc in range(NUM_HEAD_CHUNKS):
             if NUM_HEAD_CHUNKS > 1:
@@ -159,7 +163,11 @@ def select_blocks_fwd_kernel(
                                  mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
                 lse2 = tl.load(lse + head_r * stride_lh + tok_r, mask=row_ok, other=float("inf")) * _LOG2E
             s = tl.dot(q_tile, k_t, input_precision=PRECISION) * scale_log2
-            p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_M, BLOCK_C]
+            if whole:
+                p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_C]
+            else:
+                visible = col_ok[None, :] & (cmp_idx[None, :] * CMP_STRIDE + (CMP_BLOCK - 1) <= pos_r[:, None])
+                p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
             prob += tl.sum(tl.reshape(p, [BLOCK_P, HEADS, BLOCK_C]), 1)
         prob3 = tl.reshape(prob, [BLOCK_P, NPAD, RPAD])
         imp_self = tl.sum(prob3 * w_self[None, None, :], 2)  # [BLOCK_P, NPAD]
@@ -169,17 +177,18 @@ def select_blocks_fwd_kernel(
         carry = tl.sum(tl.where(offs_j[None, :] == NPAD - 1, spill, 0.0), 1)
 
         blk = j0 + offs_j
-        low = (~blk & INDEX_BIAS).to(tl.int64)[None, :]  # INDEX_BIAS - j (constexpr on the right: interpreter)
-        key = (imp.to(tl.int32, bitcast=True).to(tl.int64) << INDEX_BITS) | low
+        low = (~blk & INDEX_MASK).to(KEY_DTYPE)[None, :]  # INDEX_MASK - j (constexpr on the right: interpreter)
+        key = ((imp.to(tl.int32, bitcast=True) >> KEY_DROP).to(KEY_DTYPE) << INDEX_BITS) | low
         forced = (blk[None, :] < INIT_BLOCKS) | (current[:, None] - blk[None, :] < LOCAL_BLOCKS)
-        key = tl.where(forced, (tl.full([BLOCK_P, NPAD], INF_BITS, tl.int64) << INDEX_BITS) | low, key)
+        inf_key = (tl.full([BLOCK_P, NPAD], INF_BITS >> KEY_DROP, tl.int32).to(KEY_DTYPE) << INDEX_BITS) | low
+        key = tl.where(forced, inf_key, key)
         key = tl.where(blk[None, :] <= current[:, None], key, -1)
         # Ascending against descending: the elementwise max is the top NPAD of both, as one bitonic row.
         best = tl.maximum(best, _sort_rows(key, BLOCK_P, LOG_NPAD, 0, False))
         best = _sort_rows(best, BLOCK_P, LOG_NPAD, 1, True)
 
     count = tl.minimum(current + 1, TOPN)
-    chosen = (~best & INDEX_BIAS).to(tl.int32)  # j back from its low word INDEX_BIAS - j
+    chosen = (~best & INDEX_MASK).to(tl.int32)  # j back from its low word INDEX_MASK - j
     chosen = tl.where(offs_j[None, :] < count[:, None], chosen, NO_BLOCK)
     chosen = _sort_rows(chosen, BLOCK_P, LOG_NPAD, 0, False)
     chosen = tl.where(chosen == NO_BLOCK, -1, chosen)
@@ -260,6 +269,17 @@ def block_width(config: NSAConfig) -> int:
     return triton.next_power_of_2(config.slc_block // config.cmp_stride)
 
 
+def selection_keys(config: NSAConfig, max_seqlen: int, dtype: torch.dtype) -> tuple[tl.dtype, int, int]:
+    """The top-n's key layout: (integer dtype, importance bits dropped, index bits). int32 keys hold the
+    importance's float32 bits above INDEX_BITS + 1 (keys < 2**30, so a pair sum in the sort fits) and need
+    16-bit inputs and at most 2**10 selection blocks (64k tokens at l' = 64): 12 mantissa bits stay, a
+    truncation under 2.5e-4 relative, a quarter of the 16-bit selections' tolerance. Else int64, exact."""
+    index_bits = max(1, (triton.cdiv(max_seqlen, config.slc_block) - 1).bit_length())
+    if dtype in (torch.float16, torch.bfloat16) and index_bits <= 10:
+        return tl.int32, index_bits + 1, index_bits
+    return tl.int64, 0, 31
+
+
 def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, scale: float,
                       params: SelectionParams) -> torch.Tensor:
     """Top-n selection blocks of packed sequences.
@@ -281,6 +301,7 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
         k_cmp = torch.zeros((1, num_kv_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = lse.contiguous()
     heads_chunks = triton.cdiv(group, params.block_h)
+    key_dtype, key_drop, index_bits = selection_keys(config, seqs.max_seqlen, q.dtype)
     grid = (triton.cdiv(seqs.max_seqlen, params.block_m), seqs.num_seqs, num_kv_heads)
     select_blocks_fwd_kernel[grid](
         q, k_cmp, lse, out, seqs.cu_seqlens, seqs.cu_cmp,
@@ -290,7 +311,7 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
         INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, DK=head_dim, BLOCK_P=params.block_m,
         HEADS=params.block_h, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_DK=runtime.head_dim_block(head_dim),
         NPAD=chunk_width(config), LOG_NPAD=chunk_width(config).bit_length() - 1,
-        RPAD=block_width(config),
+        RPAD=block_width(config), KEY_DTYPE=key_dtype, KEY_DROP=key_drop, INDEX_BITS=index_bits,
         PRECISION=runtime.dot_precision(q.dtype), num_warps=params.num_warps, num_stages=params.num_stages)
     return out
 

@@ -11,10 +11,11 @@ import inspect
 
 import pytest
 import torch
+import triton.language as tl
 
 from nsa import NSAConfig
 from nsa.accuracy import SELECTION_RTOL, selection_mismatches
-from nsa.kernels import runtime
+from nsa.kernels import runtime, selection
 from nsa.kernels.compression import compressed_attention
 from nsa.kernels.selection import SelectionParams, default_params, select_blocks
 from nsa.problems import random_inputs
@@ -47,6 +48,8 @@ CASES = {
     "l16d16ls16-n16-more-than-blocks": (cfg(16, 16, 16, 16), 1, 100, None, 4, 2, 16, SMALL),
     "l4d4ls8-n20-npad32-G2": (cfg(4, 4, 8, 20), 1, 300, None, 4, 2, 16, None),
     "l8d4ls24-R6-n4-G2": (cfg(8, 4, 24, 4), 1, 250, None, 4, 2, 16, SMALL),
+    # Chunks wholly visible to their rows (no causal mask), and no local blocks to hide a masking error.
+    "l4d2ls8-n6-G4-local0-whole-chunks": (cfg(4, 2, 8, 6, 1, 0), 1, 280, None, 8, 2, 16, PACKED),
     "l8d4ls16-G16-MQA-packed": (cfg(8, 4, 16, 4), 1, 150, None, 16, 1, 16, PACKED),
     "l8d4ls16-G16-Hkv2-head-tiles": (cfg(8, 4, 16, 4), 1, 90, None, 32, 2, 16, UNEVEN),
     "l8d4ls16-MQA-G4": (cfg(8, 4, 16, 4), 1, 180, None, 4, 1, 16, SMALL),
@@ -73,6 +76,35 @@ def test_select_blocks_matches_reference(case):
     imp = block_importance(q.double(), k_cmp.double(), config, cu_seqlens=cu)
     assert selection_mismatches(idx, imp, config, seqlens=lengths) == []
     assert torch.equal(idx, ref), f"{(idx != ref).any(-1).sum().item()} rows differ from the reference"
+
+
+NARROW_KEY_CASES = ["l8d4ls16-n4-G1-T200", "l4d2ls8-n6-G4-local0-whole-chunks", "varlen-l8d4ls16-init2-local3",
+                    "l4d4ls8-n20-npad32-G2"]
+
+
+@pytest.mark.parametrize("case", NARROW_KEY_CASES)
+def test_int32_keys_select_within_the_16bit_tolerance(case, monkeypatch):
+    """The int32 key layout (16-bit inputs on a GPU) forced onto the interpreter's float32 maths: the truncated
+    importance may only swap blocks within the 16-bit tolerance, and exact ties still go to the lower index."""
+    config, params, q, k_cmp, _, cu, lengths = problem(case, 3)
+    layout = selection.selection_keys
+    assert layout(config, q.shape[1], torch.bfloat16)[0] == tl.int32
+    monkeypatch.setattr(selection, "selection_keys",
+                        lambda cfg, max_seqlen, dtype: layout(cfg, max_seqlen, torch.bfloat16))
+    idx = select_blocks(q, k_cmp, config, cu_seqlens=cu, params=params)
+    imp = block_importance(q.double(), k_cmp.double(), config, cu_seqlens=cu)
+    assert selection_mismatches(idx, imp, config, seqlens=lengths, rtol=SELECTION_RTOL[torch.bfloat16]) == []
+    k_cmp = torch.zeros_like(k_cmp)
+    idx = select_blocks(q, k_cmp, config, cu_seqlens=cu, params=params)
+    assert torch.equal(idx, reference_select_blocks(q.double(), k_cmp.double(), config, cu_seqlens=cu))
+
+
+def test_key_layout():
+    paper = NSAConfig()  # l' = 64
+    assert selection.selection_keys(paper, 65536, torch.bfloat16) == (tl.int32, 11, 10)  # 1024 blocks
+    assert selection.selection_keys(paper, 65537, torch.float16) == (tl.int64, 0, 31)  # 1025 blocks
+    assert selection.selection_keys(paper, 64, torch.bfloat16) == (tl.int32, 2, 1)
+    assert selection.selection_keys(paper, 4096, torch.float32) == (tl.int64, 0, 31)  # fp32: exact keys
 
 
 @pytest.mark.parametrize("case", ["l8d4ls16-n4-G1-T200", "l16d16ls16-n4-G2-B2-T100"])
