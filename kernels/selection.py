@@ -15,12 +15,14 @@ the importance beyond one chunk:
    next to the G * BLOCK_P * NPAD * RPAD * Dk score products), and the chunk's last spill is carried over;
 3. a running top-NPAD in registers: `best` [BLOCK_P, NPAD] integer keys sorted descending. A key packs the
    importance (non-negative float32, so its bits as an integer are monotone) above (2**B - 1 - j), B index
-   bits, so one integer order ranks by importance, then by LOWER index. Forced blocks get the bits of +inf,
-   non-causal ones key -1. Each chunk's keys are sorted ascending and merged by an elementwise max with `best`,
-   which is exactly the top NPAD of the union, a bitonic row that a log2(NPAD)-step merge sorts descending
-   again. Keys are int64 (B = 31, the whole float) or, for 16-bit inputs with few enough blocks, int32: the
-   float's bits above B + 1 (`selection_keys`; importances closer than 2**-11 relative may then tie and go to
-   the lower index, well under the 16-bit inputs' own rounding), which halves the sort's shuffles and compares.
+   bits, so one integer order ranks by importance, then by LOWER index. Forced blocks get a high word above
+   every importance's, non-causal ones key -1. Each chunk's keys are sorted ascending and merged by an
+   elementwise max with `best`, which is exactly the top NPAD of the union, a bitonic row that a
+   log2(NPAD)-step merge sorts descending again. Keys are int64 (B = 31, the whole float) or, for 16-bit
+   inputs, int32, which halves the sort's shuffles and compares: the importance scaled below 1/2 by a power of
+   two, its float bits counted from 2**-32 (smaller ones tie at 0) and cut to the bits left beside B
+   (`KeyLayout`: at least 12 mantissa bits, so only importances closer than 2.5e-4 relative may tie, well
+   under the 16-bit inputs' own rounding).
 
 Finally the first min(n, t//l' + 1) indices are sorted ascending and written, -1 after.
 """
@@ -28,6 +30,8 @@ Finally the first min(n, t//l' + 1) indices are sorted ascending and written, -1
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -41,7 +45,6 @@ from nsa.kernels.compression import default_params as compression_default_params
 from nsa.kernels.packing import PackedSequences
 
 # Kernel constants (tl.constexpr: the only module globals a GPU kernel may read).
-INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf as int32: above any finite importance
 NO_BLOCK = tl.constexpr(2**29)  # placeholder for unchosen slots while sorting the output (pair sums fit int32)
 _LOG2E = tl.constexpr(LOG2E)
 
@@ -90,7 +93,8 @@ def select_blocks_fwd_kernel(
         TOPN: tl.constexpr, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, DK: tl.constexpr,
         BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_DK: tl.constexpr,
         NPAD: tl.constexpr, RPAD: tl.constexpr, LOG_NPAD: tl.constexpr,
-        KEY_DTYPE: tl.constexpr, KEY_DROP: tl.constexpr, INDEX_BITS: tl.constexpr, PRECISION: tl.constexpr):
+        KEY_DTYPE: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_FLOOR: tl.constexpr, KEY_DROP: tl.constexpr,
+        INDEX_BITS: tl.constexpr, KEY_TOP: tl.constexpr, PRECISION: tl.constexpr):
     """block_indices [BLOCK_P positions, n] of one kv head of one sequence."""
     R: tl.constexpr = SLC_BLOCK // CMP_STRIDE  # compressed blocks starting in one selection block
     BLOCK_M: tl.constexpr = BLOCK_P * HEADS
@@ -178,10 +182,10 @@ def select_blocks_fwd_kernel(
 
         blk = j0 + offs_j
         low = (~blk & INDEX_MASK).to(KEY_DTYPE)[None, :]  # INDEX_MASK - j (constexpr on the right: interpreter)
-        key = ((imp.to(tl.int32, bitcast=True) >> KEY_DROP).to(KEY_DTYPE) << INDEX_BITS) | low
+        high = tl.maximum((imp * KEY_SCALE).to(tl.int32, bitcast=True) - KEY_FLOOR, 0) >> KEY_DROP
+        key = (high.to(KEY_DTYPE) << INDEX_BITS) | low
         forced = (blk[None, :] < INIT_BLOCKS) | (current[:, None] - blk[None, :] < LOCAL_BLOCKS)
-        inf_key = (tl.full([BLOCK_P, NPAD], INF_BITS >> KEY_DROP, tl.int32).to(KEY_DTYPE) << INDEX_BITS) | low
-        key = tl.where(forced, inf_key, key)
+        key = tl.where(forced, (tl.full([BLOCK_P, NPAD], KEY_TOP, KEY_DTYPE) << INDEX_BITS) | low, key)
         key = tl.where(blk[None, :] <= current[:, None], key, -1)
         # Ascending against descending: the elementwise max is the top NPAD of both, as one bitonic row.
         best = tl.maximum(best, _sort_rows(key, BLOCK_P, LOG_NPAD, 0, False))
@@ -269,15 +273,32 @@ def block_width(config: NSAConfig) -> int:
     return triton.next_power_of_2(config.slc_block // config.cmp_stride)
 
 
-def selection_keys(config: NSAConfig, max_seqlen: int, dtype: torch.dtype) -> tuple[tl.dtype, int, int]:
-    """The top-n's key layout: (integer dtype, importance bits dropped, index bits). int32 keys hold the
-    importance's float32 bits above INDEX_BITS + 1 (keys < 2**30, so a pair sum in the sort fits) and need
-    16-bit inputs and at most 2**10 selection blocks (64k tokens at l' = 64): 12 mantissa bits stay, a
-    truncation under 2.5e-4 relative, a quarter of the 16-bit selections' tolerance. Else int64, exact."""
-    index_bits = max(1, (triton.cdiv(max_seqlen, config.slc_block) - 1).bit_length())
-    if dtype in (torch.float16, torch.bfloat16) and index_bits <= 10:
-        return tl.int32, index_bits + 1, index_bits
-    return tl.int64, 0, 31
+class KeyLayout(NamedTuple):
+    """How the top-n packs a block's importance above its index: key = (high << index_bits) | (2**index_bits - 1
+    - j), high = max(bits(importance * scale) - floor, 0) >> drop, forced blocks high = top."""
+
+    dtype: tl.dtype
+    scale: float
+    floor: int
+    drop: int
+    index_bits: int
+    top: int
+
+    @classmethod
+    def choose(cls, config: NSAConfig, group: int, max_seqlen: int, dtype: torch.dtype) -> KeyLayout:
+        """int32 for 16-bit inputs with at most 2**13 selection blocks (512k tokens at l' = 64), else int64 (the
+        whole float32, exact). int32: a group's importance is at most G * l/d (each head's p_cmp sums to 1, each
+        compressed block gives l/d to its selection blocks), so a power-of-two scale puts it below 1/2 without
+        rounding; the float's bits from 2**-32 up (floor; smaller importances tie at 0, far under any row's
+        largest, at least G * l/d over the row's blocks) take 31 binades, under 2**28; dropping index_bits - 2
+        low bits leaves keys < 2**30, so a pair sum in the sort fits int32, and 25 - index_bits >= 12 mantissa
+        bits: importances closer than 2.5e-4 relative may tie, a quarter of the 16-bit selection tolerance."""
+        index_bits = max(1, (triton.cdiv(max_seqlen, config.slc_block) - 1).bit_length())
+        if dtype not in (torch.float16, torch.bfloat16) or index_bits > 13:
+            return cls(tl.int64, 1.0, 0, 0, 31, 0x7F800000)  # top: +inf's bits, above any finite importance
+        bound = math.ceil(group * config.cmp_block / config.cmp_stride)
+        return cls(tl.int32, 2.0 ** -(bound.bit_length() + 1), (127 - 32) << 23, max(0, index_bits - 2), index_bits,
+                   (1 << (30 - index_bits)) - 1)
 
 
 def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, scale: float,
@@ -301,7 +322,7 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
         k_cmp = torch.zeros((1, num_kv_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = lse.contiguous()
     heads_chunks = triton.cdiv(group, params.block_h)
-    key_dtype, key_drop, index_bits = selection_keys(config, seqs.max_seqlen, q.dtype)
+    keys = KeyLayout.choose(config, group, seqs.max_seqlen, q.dtype)
     grid = (triton.cdiv(seqs.max_seqlen, params.block_m), seqs.num_seqs, num_kv_heads)
     select_blocks_fwd_kernel[grid](
         q, k_cmp, lse, out, seqs.cu_seqlens, seqs.cu_cmp,
@@ -311,7 +332,8 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
         INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, DK=head_dim, BLOCK_P=params.block_m,
         HEADS=params.block_h, NUM_HEAD_CHUNKS=heads_chunks, BLOCK_DK=runtime.head_dim_block(head_dim),
         NPAD=chunk_width(config), LOG_NPAD=chunk_width(config).bit_length() - 1,
-        RPAD=block_width(config), KEY_DTYPE=key_dtype, KEY_DROP=key_drop, INDEX_BITS=index_bits,
+        RPAD=block_width(config), KEY_DTYPE=keys.dtype, KEY_SCALE=keys.scale, KEY_FLOOR=keys.floor,
+        KEY_DROP=keys.drop, INDEX_BITS=keys.index_bits, KEY_TOP=keys.top,
         PRECISION=runtime.dot_precision(q.dtype), num_warps=params.num_warps, num_stages=params.num_stages)
     return out
 

@@ -87,10 +87,11 @@ def test_int32_keys_select_within_the_16bit_tolerance(case, monkeypatch):
     """The int32 key layout (16-bit inputs on a GPU) forced onto the interpreter's float32 maths: the truncated
     importance may only swap blocks within the 16-bit tolerance, and exact ties still go to the lower index."""
     config, params, q, k_cmp, _, cu, lengths = problem(case, 3)
-    layout = selection.selection_keys
-    assert layout(config, q.shape[1], torch.bfloat16)[0] == tl.int32
-    monkeypatch.setattr(selection, "selection_keys",
-                        lambda cfg, max_seqlen, dtype: layout(cfg, max_seqlen, torch.bfloat16))
+    choose = selection.KeyLayout.choose
+    group = q.shape[2] // k_cmp.shape[2]
+    assert choose(config, group, q.shape[1], torch.bfloat16).dtype == tl.int32
+    monkeypatch.setattr(selection.KeyLayout, "choose",
+                        classmethod(lambda cls, cfg, g, max_seqlen, dtype: choose(cfg, g, max_seqlen, torch.bfloat16)))
     idx = select_blocks(q, k_cmp, config, cu_seqlens=cu, params=params)
     imp = block_importance(q.double(), k_cmp.double(), config, cu_seqlens=cu)
     assert selection_mismatches(idx, imp, config, seqlens=lengths, rtol=SELECTION_RTOL[torch.bfloat16]) == []
@@ -100,11 +101,19 @@ def test_int32_keys_select_within_the_16bit_tolerance(case, monkeypatch):
 
 
 def test_key_layout():
-    paper = NSAConfig()  # l' = 64
-    assert selection.selection_keys(paper, 65536, torch.bfloat16) == (tl.int32, 11, 10)  # 1024 blocks
-    assert selection.selection_keys(paper, 65537, torch.float16) == (tl.int64, 0, 31)  # 1025 blocks
-    assert selection.selection_keys(paper, 64, torch.bfloat16) == (tl.int32, 2, 1)
-    assert selection.selection_keys(paper, 4096, torch.float32) == (tl.int64, 0, 31)  # fp32: exact keys
+    choose, paper = selection.KeyLayout.choose, NSAConfig()  # l/d = 2, l' = 64
+    # 64k tokens, G=16: 1024 blocks (10 index bits); importance <= 32, scaled by 2**-7; 15 mantissa bits kept.
+    assert choose(paper, 16, 65536, torch.bfloat16) == (tl.int32, 2.0**-7, 95 << 23, 8, 10, 2**20 - 1)
+    assert choose(paper, 16, 65537, torch.float16)[3:5] == (9, 11)
+    assert choose(paper, 4, 2**19, torch.bfloat16)[:5] == (tl.int32, 2.0**-5, 95 << 23, 11, 13)
+    assert choose(paper, 4, 2**19 + 1, torch.bfloat16) == (tl.int64, 1.0, 0, 0, 31, 0x7F800000)  # 2**13 + 1
+    assert choose(paper, 16, 4096, torch.float32).dtype == tl.int64  # fp32: exact keys
+    for group in (1, 3, 16, 64):  # the scaled bound stays below 1/2, the top above every other high word
+        layout = choose(paper, group, 65536, torch.bfloat16)
+        bound = group * paper.cmp_block / paper.cmp_stride
+        assert bound * layout.scale < 0.5
+        largest = (torch.tensor([bound * layout.scale]).view(torch.int32).item() - layout.floor) >> layout.drop
+        assert largest < layout.top and (layout.top << layout.index_bits) < 2**30
 
 
 @pytest.mark.parametrize("case", ["l8d4ls16-n4-G1-T200", "l16d16ls16-n4-G2-B2-T100"])
