@@ -4,7 +4,16 @@ Subpackages: `nsa.reference` (plain PyTorch oracle), `nsa.kernels` (Triton), `ns
 `nsa.reports`. The contract they share is the project's SPEC.md.
 """
 
-from nsa.config import NSAConfig
+from pathlib import Path
+
+# From a checkout's root (`python -m nsa`, `torchrun -m nsa`) Python imports this folder rather than the installed
+# package, and the other subpackages are folders beside it (pyproject's package-dir maps nsa.kernels to
+# kernels/, ...): let them resolve there too. An installed copy has no pyproject.toml beside it.
+_checkout = Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_checkout))
+
+from nsa.config import NSAConfig  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +22,17 @@ def test_info_prints_versions(capsys):
         assert word in out
 
 
+def test_module_runs_from_the_checkout_root():
+    """`python -m nsa` and `torchrun -m nsa` in the checkout's root import its nsa/ folder before the installed
+    package: the subpackages in the folders beside it must resolve from there."""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "nsa", "tune", "--help"], capture_output=True, text=True, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert "--budget-s" in out.stdout
+
+
 def test_info_json_from_the_installed_entry_point(tmp_path):
-    # Run outside the checkout: its nsa/ folder alone is not the installed package.
+    # Run outside the checkout: the installed package.
     out = subprocess.run([sys.executable, "-m", "nsa", "info", "--json"], capture_output=True, text=True, check=True,
                          cwd=tmp_path)
     info = json.loads(out.stdout)
