@@ -12,6 +12,7 @@ from pathlib import Path
 _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "kernels" / "__init__.py").is_file():
     __path__.append(str(_checkout))
+del Path, _checkout
 
 from nsa.config import NSAConfig  # noqa: E402
 
