@@ -43,7 +43,7 @@ from nsa.kernels import runtime
 from nsa.kernels.attention import nsa_attention
 from nsa.kernels.compression import LOG2E, _num_visible
 from nsa.kernels.kv_cache import KVCache
-from nsa.kernels.selection import block_width
+from nsa.kernels.selection import block_width, spill_weights
 
 _NEG_LARGE = tl.constexpr(-1.0e30)  # a running max that starts finite, so no (-inf) - (-inf)
 # The top-n holds a row's importances in registers: up to 16 warps x 32 threads x 64 blocks.
@@ -228,9 +228,7 @@ def block_importance_kernel(
     # where a [CHUNK, CHUNK] shift of the spills cost every thread registers for the whole tile.
     offs_c = tl.arange(0, BLOCK_C)
     col_r = offs_c % RPAD
-    w_in = tl.minimum(CMP_BLOCK, SLC_BLOCK - col_r * CMP_STRIDE)
-    w_self = tl.where(col_r < R, w_in.to(tl.float32) / CMP_STRIDE, 0.0)
-    w_next = tl.where(col_r < R, (CMP_BLOCK - w_in).to(tl.float32) / CMP_STRIDE, 0.0)
+    w_self, w_next = spill_weights(col_r, CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
     offs_j = tl.arange(0, CHUNK)
     for j0 in range(lo, hi, CHUNK):
         col_blk = j0 + offs_c // RPAD

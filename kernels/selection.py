@@ -85,6 +85,17 @@ def _sort_rows(x, ROWS: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.conste
 
 
 @triton.jit
+def spill_weights(r, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SLC_BLOCK: tl.constexpr):
+    """Weights of the compressed block at offset r*d in its selection block (SPEC 1.3): min(l, l' - r*d)/d to
+    that block and the rest to the next one; 0 for padding columns r >= l'/d. Also used by decoding."""
+    w_in = tl.minimum(CMP_BLOCK, SLC_BLOCK - r * CMP_STRIDE)
+    real = r < SLC_BLOCK // CMP_STRIDE
+    w_self = tl.where(real, w_in.to(tl.float32) / CMP_STRIDE, 0.0)
+    w_next = tl.where(real, (CMP_BLOCK - w_in).to(tl.float32) / CMP_STRIDE, 0.0)
+    return w_self, w_next
+
+
+@triton.jit
 def select_blocks_fwd_kernel(
         q, k, lse, out, cu_seqlens, cu_cmp,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_ot, stride_oh,
@@ -126,11 +137,7 @@ def select_blocks_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     col_blk = offs_c // RPAD
     col_r = offs_c % RPAD
-    # Weights of a compressed block at offset r*d in its selection block: to that block and to the next one.
-    offs_rr = tl.arange(0, RPAD)
-    w_in = tl.minimum(CMP_BLOCK, SLC_BLOCK - offs_rr * CMP_STRIDE)
-    w_self = tl.where(offs_rr < R, w_in.to(tl.float32) / CMP_STRIDE, 0.0)
-    w_next = tl.where(offs_rr < R, (CMP_BLOCK - w_in).to(tl.float32) / CMP_STRIDE, 0.0)
+    w_self, w_next = spill_weights(tl.arange(0, RPAD), CMP_BLOCK, CMP_STRIDE, SLC_BLOCK)
     # Selection state, one row per position.
     offs_p = tl.arange(0, BLOCK_P)
     current = (p0 + offs_p) // SLC_BLOCK  # [BLOCK_P]: the block holding the position
