@@ -546,13 +546,18 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         SLC_BLOCK=config.slc_block, TOPN=config.slc_topn, WINDOW=config.window, CMP_SPLITS=params.cmp_splits,
         SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits, BLOCK_N=params.block_n, **sizes, **tiles,
         **launch)
+    # As few warps as hold a branch's [splits, Dv] partials in 64 fp32 registers a thread: at B=16 (1024
+    # programs, 2-4 splits) 4 warps each took two waves: step 97.8 -> 92.3 us at T=64k on an H200 with one warp
+    # (docs/performance.md, session 10); 64 splits on one warp spilled.
+    merge_pad = triton.next_power_of_2(max(params.cmp_splits, params.slc_splits, params.win_splits))
+    merge_warps = min(4, max(1, merge_pad * runtime.head_dim_block(head_dim_v) // (32 * 64)))
     merge_branches_kernel[(rows, group)](
         part_o, part_m, part_l, g_cmp, g_slc, g_win, o,
         g_cmp.stride(0), g_cmp.stride(1), g_cmp.stride(2), o.stride(0), o.stride(1), o.stride(2), rows,
         DV=head_dim_v, CMP_SPLITS=params.cmp_splits, SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits,
         CMP_PAD=triton.next_power_of_2(params.cmp_splits), SLC_PAD=triton.next_power_of_2(params.slc_splits),
         WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=runtime.head_dim_block(head_dim_v), **sizes,
-        num_warps=4, **pdl)
+        num_warps=merge_warps, **pdl)
     return o, block_indices
 
 
