@@ -433,13 +433,14 @@ class DecodeParams:
 
 # What `nsa tune` searches (nsa.tuner.spaces): the split-K of the launches, which is what depends on the GPU and
 # the step's rows, the top-n's digit width and programmatic dependent launch. The launches run one after another,
-# so the splits of each mostly act alone and the ranges stay short: 3 x 2 x 3 x 2 x 2 x 2 = 144 besides the
-# default, fewer for short caches (the tuner's splits_fit_tiles). An H200 sweep at 64k found the splits of one
+# so the splits of each mostly act alone and the ranges stay short: 3 x 2 x 3 x 2 x 3 x 2 = 216 besides the
+# default, fewer for short caches (the tuner's splits_fit_tiles). 2-bit digits beat the tuned 1 or 4 at 64k and
+# 128k on an H200 (B=1 128k 37.8 -> 34.7 us; docs/performance.md, session 10). An H200 sweep at 64k found the splits of one
 # launch within a few percent. The interpreter (no PDL): with the default (2 splits each) 3 candidates, one with a
 # non-power-of-two split count (padded merges), both with 2-bit digits (checked against the reference like any
 # candidate).
 SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8],
-                    topn_digit_bits=[1, 4], pdl=[False, True])
+                    topn_digit_bits=[1, 2, 4], pdl=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3], topn_digit_bits=[2])
 
 
