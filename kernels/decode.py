@@ -435,10 +435,10 @@ class DecodeParams:
 # the step's rows, the top-n's digit width and programmatic dependent launch. The launches run one after another,
 # so the splits of each mostly act alone and the ranges stay short: 3 x 2 x 3 x 2 x 3 x 2 = 216 besides the
 # default, fewer for short caches (the tuner's splits_fit_tiles). 2-bit digits beat the tuned 1 or 4 at 64k and
-# 128k on an H200 (B=1 128k 37.8 -> 34.7 us; docs/performance.md, session 10). An H200 sweep at 64k found the splits of one
-# launch within a few percent. The interpreter (no PDL): with the default (2 splits each) 3 candidates, one with a
-# non-power-of-two split count (padded merges), both with 2-bit digits (checked against the reference like any
-# candidate).
+# 128k on an H200 (B=1 128k 37.8 -> 34.7 us; docs/performance.md, session 10). An H200 sweep at 64k found the
+# splits of one launch within a few percent. The interpreter (no PDL): with the default (2 splits each) 3
+# candidates, one with a non-power-of-two split count (padded merges), both with 2-bit digits (checked against the
+# reference like any candidate).
 SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8],
                     topn_digit_bits=[1, 2, 4], pdl=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3], topn_digit_bits=[2])
@@ -551,13 +551,13 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     # programs, 2-4 splits) 4 warps each took two waves: step 97.8 -> 92.3 us at T=64k on an H200 with one warp
     # (docs/performance.md, session 10); 64 splits on one warp spilled.
     merge_pad = triton.next_power_of_2(max(params.cmp_splits, params.slc_splits, params.win_splits))
-    merge_warps = min(4, max(1, merge_pad * runtime.head_dim_block(head_dim_v) // (32 * 64)))
+    merge_warps = min(4, max(1, merge_pad * tiles["BLOCK_DV"] // (32 * 64)))
     merge_branches_kernel[(rows, group)](
         part_o, part_m, part_l, g_cmp, g_slc, g_win, o,
         g_cmp.stride(0), g_cmp.stride(1), g_cmp.stride(2), o.stride(0), o.stride(1), o.stride(2), rows,
         DV=head_dim_v, CMP_SPLITS=params.cmp_splits, SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits,
         CMP_PAD=triton.next_power_of_2(params.cmp_splits), SLC_PAD=triton.next_power_of_2(params.slc_splits),
-        WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=runtime.head_dim_block(head_dim_v), **sizes,
+        WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=tiles["BLOCK_DV"], **sizes,
         num_warps=merge_warps, **pdl)
     return o, block_indices
 
