@@ -12,9 +12,10 @@ in a CUDA graph. Five launches:
 2. `block_importance_kernel` (grid: importance_splits x rows): merges the partials' log-sum-exp, turns the
    scores into p_cmp summed over the group's heads and weighs them into selection-block importances (the
    overlap weights of `nsa.kernels.selection`); forced blocks (initial, local) get +inf.
-3. `top_blocks_kernel` (grid: rows): the top-n by a digit-wise search for the n-th largest importance (counts
-   over the row in registers, `topn_digit_bits` bits a round; a bitonic running top-n took 16 us at T=64k on an
-   H200), ties to the lower index; block_indices come out ascending, -1 padded.
+3. `top_blocks_kernel` (grid: rows): the top-n of the row held in registers, by Triton's bitonic top-k over
+   int64 keys (importance bits, then the complemented block index: ties to the lower index); block_indices come
+   out ascending, -1 padded. At T=64k on an H200 it took 4.6 us at B=1, where a digit-wise search for the n-th
+   largest importance (rounds of counts reduced across warps) took 7.4 and a running bitonic top-n 16.
 4. `sparse_partials_kernel` (grid: (slc_splits + win_splits) x rows): split-K over the selected blocks and over
    the sliding window, reading keys through the page table.
 5. `merge_branches_kernel` (grid: rows x G): merges each branch's partials and applies the gates.
@@ -46,10 +47,11 @@ from nsa.kernels.kv_cache import KVCache
 from nsa.kernels.selection import block_width, spill_weights
 
 _NEG_LARGE = tl.constexpr(-1.0e30)  # a running max that starts finite, so no (-inf) - (-inf)
-# The top-n holds a row's importances in registers: up to 16 warps x 32 threads x 64 blocks.
+# The top-n holds a row's importances in registers as int64 keys: up to 16 warps x 32 threads x 64 blocks.
 MAX_TOPN_WARPS = 16
 MAX_SELECTION_BLOCKS = MAX_TOPN_WARPS * 32 * 64
-MAX_DIGIT_BITS = 4  # the top-n's count tile is [blocks, 2**bits]: 16 columns at most
+INDEX_BITS = tl.constexpr(16)  # a top-n key's low bits: the complemented block index (< MAX_SELECTION_BLOCKS)
+INDEX_MASK = tl.constexpr((1 << 16) - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,7 +252,7 @@ def block_importance_kernel(
 def top_blocks_kernel(
         importance, seqlens, block_indices, stride_ir, stride_br,
         NUM_QUERIES: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLC_BLOCK: tl.constexpr, TOPN: tl.constexpr,
-        TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr, DIGIT_BITS: tl.constexpr, USE_PDL: tl.constexpr):
+        TOPN_PAD: tl.constexpr, BLOCK_J: tl.constexpr, USE_PDL: tl.constexpr):
     """block_indices of one row: the top min(n, current + 1) blocks by importance (ties to the lower index),
     ascending, -1 padded. The whole row is one register tile of BLOCK_J blocks."""
     _wait_for_previous_kernel(USE_PDL)
@@ -261,30 +263,15 @@ def top_blocks_kernel(
     offs = tl.arange(0, BLOCK_J)
     causal = offs <= current
     imp = tl.load(importance + row.to(tl.int64) * stride_ir + offs, mask=causal, other=0.0)
-    # Non-negative floats order like their bits as integers (forced blocks: +inf); -1 marks non-causal blocks.
-    bits = tl.where(causal, imp.to(tl.int32, bitcast=True), -1)
-    # The largest threshold that at least `count` blocks reach, built from the top one digit of DIGIT_BITS bits
-    # at a time (1: bit by bit, 31 rounds, as v3 measured; 4: 8 rounds). A round counts the blocks that reach
-    # each of the digit's 2**DIGIT_BITS candidates in one [BLOCK_J, 2**DIGIT_BITS] reduction: fewer dependent
-    # cross-warp sums for more registers. The counts fall as the digit grows, so the digit is how many of the
-    # nonzero candidates still reach `count`; bit 31 is the sign, so a top digit reaching it stops short.
-    ROUNDS: tl.constexpr = (31 + DIGIT_BITS - 1) // DIGIT_BITS
-    offs_d = tl.arange(0, 1 << DIGIT_BITS)
-    threshold = 0
-    for r in tl.static_range(ROUNDS):  # the digit's shift, DIGIT_BITS * (ROUNDS - 1 - r), inline: a constexpr
-        candidate = threshold | (offs_d << (DIGIT_BITS * (ROUNDS - 1 - r)))  # can't be reassigned in the loop
-        reach = tl.sum((bits[:, None] >= candidate[None, :]).to(tl.int32), 0) >= count
-        if r == 0:  # the top digit: candidates must stay below bit 31
-            reach = reach & (offs_d < (1 << (31 - DIGIT_BITS * (ROUNDS - 1))))
-        threshold = threshold | ((tl.sum(reach.to(tl.int32), 0) - 1) << (DIGIT_BITS * (ROUNDS - 1 - r)))
-    above = bits > threshold
-    tied = bits == threshold
-    need = count - tl.sum(above.to(tl.int32), 0)  # >= 1 blocks at the threshold, the lowest indices first
-    take = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
-    out = block_indices + row.to(tl.int64) * stride_br
-    tl.store(out + tl.cumsum(take.to(tl.int32), 0) - 1, offs, mask=take)  # ascending j: ascending slots
-    pad = tl.arange(0, TOPN_PAD)
-    tl.store(out + pad, tl.full([TOPN_PAD], -1, tl.int32), mask=(pad >= count) & (pad < TOPN))
+    # One total order, ties to the lower index: non-negative floats order like their bits as integers (forced
+    # blocks: +inf), the complemented index below them; non-causal blocks are negative keys.
+    bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(causal, (bits << INDEX_BITS) | (offs ^ INDEX_MASK), -1)
+    top = tl.topk(key, TOPN_PAD)  # descending: the first `count` are the row's top
+    rank = tl.arange(0, TOPN_PAD)
+    chosen = tl.sort(tl.where(rank < count, ((top & INDEX_MASK) ^ INDEX_MASK).to(tl.int32), 2147483647))
+    tl.store(block_indices + row.to(tl.int64) * stride_br + rank, tl.where(rank < count, chosen, -1),
+             mask=rank < TOPN)
 
 
 @triton.jit
@@ -402,8 +389,6 @@ class DecodeParams:
         win_splits: programs sharing one row's window.
         block_n: keys per tile in the selected and window branches.
         num_warps, num_stages: Triton launch options of the attention kernels.
-        topn_digit_bits: bits of the n-th largest importance found per round of the top-n (1, 2 or 4: 31, 16 or
-            8 rounds, each a [blocks, 2**bits] count).
         pdl: launch the five kernels with programmatic dependent launch (Hopper and later; ignored before), so
             each kernel's programs start during the previous kernel and wait for its writes.
     """
@@ -417,14 +402,10 @@ class DecodeParams:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    topn_digit_bits: int = 1
     pdl: bool = False
 
     def __post_init__(self):
         runtime.check_launch_params(self, counts=("num_stages", "splits"), flags=("pdl",))
-        if self.topn_digit_bits > MAX_DIGIT_BITS:
-            raise ValueError(f"DecodeParams.topn_digit_bits must be 1, 2 or {MAX_DIGIT_BITS}, got "
-                             f"{self.topn_digit_bits}")
         for name in ("cmp_block_n", "block_n"):
             if getattr(self, name) < runtime.MIN_DOT:
                 raise ValueError(f"DecodeParams.{name} must be >= {runtime.MIN_DOT} (tl.dot on a GPU), got "
@@ -432,16 +413,14 @@ class DecodeParams:
 
 
 # What `nsa tune` searches (nsa.tuner.spaces): the split-K of the launches, which is what depends on the GPU and
-# the step's rows, the top-n's digit width and programmatic dependent launch. The launches run one after another,
-# so the splits of each mostly act alone and the ranges stay short: 3 x 2 x 3 x 2 x 3 x 2 = 216 besides the
-# default, fewer for short caches (the tuner's splits_fit_tiles). 2-bit digits beat the tuned 1 or 4 at 64k and
-# 128k on an H200 (B=1 128k 37.8 -> 34.7 us; docs/performance.md, session 10). An H200 sweep at 64k found the
-# splits of one launch within a few percent. The interpreter (no PDL): with the default (2 splits each) 3
-# candidates, one with a non-power-of-two split count (padded merges), both with 2-bit digits (checked against the
-# reference like any candidate).
+# the step's rows, and programmatic dependent launch. The launches run one after another, so the splits of each
+# mostly act alone and the ranges stay short: 3 x 2 x 3 x 2 x 2 = 72 besides the default, fewer for short caches
+# (the tuner's splits_fit_tiles). An H200 sweep at 64k found the splits of one launch within a few percent. The
+# interpreter (no PDL): with the default (2 splits each) 3 candidates, one with a non-power-of-two split count
+# (padded merges), checked against the reference like any candidate.
 SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8],
-                    topn_digit_bits=[1, 2, 4], pdl=[False, True])
-INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3], topn_digit_bits=[2])
+                    pdl=[False, True])
+INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3])
 
 
 def default_params(batch: int, num_queries: int, num_kv_heads: int, config: NSAConfig, capacity: int,
@@ -533,12 +512,15 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         CMP_SPLITS_PAD=triton.next_power_of_2(params.cmp_splits), SPLITS=params.importance_splits, BLOCK_H=block_h,
         CHUNK=params.importance_chunk, RPAD=block_width(config), **sizes,
         num_warps=4, **pdl)
-    block_j = triton.next_power_of_2(importance.shape[1])
+    topn_pad = triton.next_power_of_2(config.slc_topn)
+    block_j = max(triton.next_power_of_2(importance.shape[1]), topn_pad)  # tl.topk takes at most the row
+    # 8 warps from 1024 blocks: at T=64k (B=1) 4.6 us against 5.0 on 4 warps, on an H200; more for longer rows, so
+    # that a thread holds at most 64 keys.
     top_blocks_kernel[(rows,)](
         importance, cache.seqlens, block_indices, importance.stride(0), config.slc_topn,
         NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads, SLC_BLOCK=config.slc_block, TOPN=config.slc_topn,
-        TOPN_PAD=triton.next_power_of_2(config.slc_topn), BLOCK_J=block_j, DIGIT_BITS=params.topn_digit_bits,
-        num_warps=min(MAX_TOPN_WARPS, max(4, block_j // 256)), **pdl)
+        TOPN_PAD=topn_pad, BLOCK_J=block_j,
+        num_warps=min(MAX_TOPN_WARPS, max(8 if block_j >= 1024 else 4, block_j // 512)), **pdl)
     sparse_partials_kernel[(params.slc_splits + params.win_splits, rows)](
         q, k_pages, v_pages, cache.block_table, cache.seqlens, block_indices, part_o, part_m, part_l,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),

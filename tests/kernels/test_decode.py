@@ -133,7 +133,7 @@ def test_decode_with_one_split_each_equals_many_splits():
     one = DecodeParams(cmp_splits=1, cmp_block_n=16, importance_splits=1, importance_chunk=16, slc_splits=1,
                        win_splits=1, block_n=16, num_warps=1, num_stages=1)
     many = DecodeParams(cmp_splits=5, cmp_block_n=16, importance_splits=3, importance_chunk=32, slc_splits=3,
-                        win_splits=3, block_n=16, num_warps=1, num_stages=1, topn_digit_bits=4,
+                        win_splits=3, block_n=16, num_warps=1, num_stages=1,
                         pdl=True)  # no PDL under the interpreter: accepted and ignored
     o1, i1 = check_decode(q, cache, seqs, gates, config, params=one, exact_selection=True)
     o2, i2 = check_decode(q, cache, seqs, gates, config, params=many, exact_selection=True)
@@ -142,17 +142,16 @@ def test_decode_with_one_split_each_equals_many_splits():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("digit_bits", [1, 2, 4])
-def test_exact_ties_go_to_the_lower_index(digit_bits):
+def test_exact_ties_go_to_the_lower_index():
     """k_cmp = 0: every visible compression block gets the same probability, so selection blocks with the same
-    overlap pattern tie exactly and the rule alone decides, whatever the top-n's digit width."""
+    overlap pattern tie exactly and the rule alone decides."""
     config = cfg(16, 8, 16, 4, 16)
     cache, seqs = filled_caches(config, [230, 101], 2, 16, 16, dtype=torch.float32, device="cpu", seed=5)
     cache.k_cmp.zero_()
     seqs = [(k, v, torch.zeros_like(k_cmp), v_cmp) for k, v, k_cmp, v_cmp in seqs]
     q, gates = random_queries(2, 2, 4, 16, dtype=torch.float32, device="cpu", seed=5)
-    params = dataclasses.replace(default_params(2, 2, 2, config, cache.capacity, "cpu"), topn_digit_bits=digit_bits)
-    check_decode(q, cache, seqs, gates, config, params=params, exact_selection=True)
+    check_decode(q, cache, seqs, gates, config, params=default_params(2, 2, 2, config, cache.capacity, "cpu"),
+                 exact_selection=True)
 
 
 def grow_and_compare(config, prompts, steps, *, dtype, device, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -282,9 +281,6 @@ def test_decode_rejects_bad_inputs():
         DecodeParams(block_n=8)
     with pytest.raises(ValueError, match="power of two"):
         DecodeParams(importance_chunk=100)
-    for bits in (3, 8):
-        with pytest.raises(ValueError, match="topn_digit_bits"):
-            DecodeParams(topn_digit_bits=bits)
     with pytest.raises(ValueError, match="pdl must be a bool"):
         DecodeParams(pdl=1)
 
@@ -305,17 +301,16 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("digit_bits, pdl", [(1, False), (4, True)], ids=["bitwise", "digits4-pdl"])
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_decode_matches_reference_on_gpu(case, dtype, digit_bits, pdl):
+def test_decode_matches_reference_on_gpu(case, dtype, pdl):
     lengths, n, hq, hkv, page_size = GPU_CASES[case]
     seed = sorted(GPU_CASES).index(case)
     cache, seqs = filled_caches(PAPER, lengths, hkv, 128, 128, dtype=dtype, device="cuda", seed=seed,
                                 page_size=page_size, spare=100)
     q, gates = random_queries(len(lengths), n, hq, 128, dtype=dtype, device="cuda", seed=seed)
-    params = dataclasses.replace(default_params(len(lengths), n, hkv, PAPER, cache.capacity, "cuda"),
-                                 topn_digit_bits=digit_bits, pdl=pdl)
+    params = dataclasses.replace(default_params(len(lengths), n, hkv, PAPER, cache.capacity, "cuda"), pdl=pdl)
     check_decode(q, cache, seqs, gates, PAPER, params=params, exact_selection=False)
 
 
