@@ -415,9 +415,10 @@ class DecodeParams:
 # What `nsa tune` searches (nsa.tuner.spaces): the split-K of the launches, which is what depends on the GPU and
 # the step's rows, and programmatic dependent launch. The launches run one after another, so the splits of each
 # mostly act alone and the ranges stay short: 3 x 2 x 3 x 2 x 2 = 72 besides the default, fewer for short caches
-# (the tuner's splits_fit_tiles). An H200 sweep at 64k found the splits of one launch within a few percent. The
-# interpreter (no PDL): with the default (2 splits each) 3 candidates, one with a non-power-of-two split count
-# (padded merges), checked against the reference like any candidate.
+# (the tuner cuts each split count to the cache's tiles of work). An H200 sweep at 64k found the splits of one
+# launch within a few percent, and the key tiles, warps and stages below (64, 4, 2) best within the spread
+# (session 11). The interpreter (no PDL): with the default (2 splits each) 3 candidates, one with a
+# non-power-of-two split count (padded merges), checked against the reference like any candidate.
 SEARCH_SPACE = dict(cmp_splits=[4, 16, 64], importance_splits=[4, 16], slc_splits=[2, 4, 16], win_splits=[2, 8],
                     pdl=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(cmp_splits=[1], importance_splits=[1], slc_splits=[1, 3])

@@ -384,10 +384,13 @@ def test_decode_search_space_default_is_what_nsa_decode_runs():
     assert cands[0] == untuned == decode_module.default_params(2, 1, 1, SMOKE_CONFIG, 100, "cpu") == \
         INTERPRETER_DECODE
     assert len(cands) == 3 and pruned == {}
-    # The GPU ranges at T=100 (one compressed / importance tile, n=3 selected blocks, 2 window tiles) all ask for
-    # more splits than there is work: only the default is left. At 64k, most of the ranges are searched.
+    # The GPU ranges at T=100 (one compressed / importance tile, n=3 selected blocks, 2 window tiles) ask for more
+    # splits than there is work: cut to the tiles, they leave 2 selected x 1 window x 2 launch choices (plus the
+    # default), none idle. At 64k, most of the ranges are searched as they are.
     gpu, gpu_pruned = spaces.search_space("decode", shape, SMOKE_CONFIG, 2, 1, interpreter=False)
-    assert set(gpu_pruned) == {"splits_fit_tiles"} and len(gpu) == 1
+    assert gpu_pruned == {} and len(gpu) == len(set(gpu)) <= 1 + 2 * 2
+    assert {(p.cmp_splits, p.importance_splits, p.win_splits) for p in gpu[1:]} == {(1, 1, 2)}
+    assert {p.slc_splits for p in gpu[1:]} == {2, 3}
     long = dataclasses.replace(shape, seqlen=65536)
     gpu, _ = spaces.search_space("decode", long, SMOKE_CONFIG, 2, 1, interpreter=False)
     assert 1 < len(gpu) <= 1 + 3 * 2 * 3 * 2

@@ -115,16 +115,16 @@ def _registers_ok(params, shape, props, config) -> bool:
     return per_thread <= 192
 
 
-def _decode_splits_fit(params, shape: Shape, props, config: NSAConfig) -> bool:
-    """Every split of every decode launch gets at least one tile of work in a full cache of T tokens."""
-    if not hasattr(params, "cmp_splits"):
-        return True
-    tiles = (triton.cdiv(config.num_cmp_blocks(shape.seqlen), params.cmp_block_n),
-             triton.cdiv(config.num_slc_blocks(shape.seqlen), params.importance_chunk),
-             min(config.slc_topn, config.num_slc_blocks(shape.seqlen)),
-             triton.cdiv(min(config.window, shape.seqlen), params.block_n))
-    splits = (params.cmp_splits, params.importance_splits, params.slc_splits, params.win_splits)
-    return all(s <= max(1, t) for s, t in zip(splits, tiles))
+def _fit_decode_splits(params, shape: Shape, config: NSAConfig):
+    """A decode candidate with each launch's splits cut to the tiles of work a full cache of T tokens has (a split
+    past them is an idle program and a partial to merge), so a short cache searches the splits it can use: at 8k
+    the importance has 2 chunks, and ranges that start at 4 splits would otherwise leave only the default."""
+    tiles = dict(cmp_splits=triton.cdiv(config.num_cmp_blocks(shape.seqlen), params.cmp_block_n),
+                 importance_splits=triton.cdiv(config.num_slc_blocks(shape.seqlen), params.importance_chunk),
+                 slc_splits=min(config.slc_topn, config.num_slc_blocks(shape.seqlen)),
+                 win_splits=triton.cdiv(min(config.window, shape.seqlen), params.block_n))
+    return dataclasses.replace(params, **{name: min(getattr(params, name), max(1, count))
+                                          for name, count in tiles.items()})
 
 
 PREDICATES = (
@@ -143,8 +143,6 @@ PREDICATES = (
      _smem_ok),
     ("registers", "accumulator + score tile (selection: score tile) above ~192 fp32 registers per thread spills",
      _registers_ok),
-    ("splits_fit_tiles", "a decode split with no tile of work in a full cache is an idle program and a partial "
-     "to merge", _decode_splits_fit),
 )
 
 
@@ -172,6 +170,8 @@ def search_space(family: str, shape: Shape, config: NSAConfig, num_heads: int, n
         fields = dict(zip(space, values))
         try:
             cand = dataclasses.replace(default, **fields)
+            if family == "decode":
+                cand = _fit_decode_splits(cand, shape, config)
         except (TypeError, ValueError):
             pruned["invalid"] = pruned.get("invalid", 0) + 1
             continue
