@@ -22,7 +22,9 @@ in a CUDA graph. Five launches:
 
 With `DecodeParams.pdl` (Hopper and later) the five kernels are launched with programmatic dependent launch:
 each one's programs start while the previous kernel finishes and wait for its writes before their first load, so
-the launch gaps between them, about 2 us each under a CUDA graph, overlap work.
+the launch gaps between them, about 2 us each under a CUDA graph, overlap work. The whole step as one persistent
+launch (one program per SM, a grid barrier between the phases) was slower at every length on an H200: B=1 64k
+33 us against 25, since one program per SM leaves too few warps in flight (docs/performance.md, session 11).
 
 Merges load all of a row's splits at once: a loop over splits would be a chain of dependent loads, about half a
 microsecond each (the first version's merges made a 30 us floor at B=1 on an H200; see docs/performance.md).
