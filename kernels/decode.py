@@ -53,7 +53,7 @@ _NEG_LARGE = tl.constexpr(-1.0e30)  # a running max that starts finite, so no (-
 MAX_TOPN_WARPS = 16
 MAX_SELECTION_BLOCKS = MAX_TOPN_WARPS * 32 * 64
 INDEX_BITS = tl.constexpr(16)  # a top-n key's low bits: the complemented block index (< MAX_SELECTION_BLOCKS)
-INDEX_MASK = tl.constexpr((1 << 16) - 1)
+INDEX_MASK = tl.constexpr((1 << INDEX_BITS.value) - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,9 +271,9 @@ def top_blocks_kernel(
     key = tl.where(causal, (bits << INDEX_BITS) | (offs ^ INDEX_MASK), -1)
     top = tl.topk(key, TOPN_PAD)  # descending: the first `count` are the row's top
     rank = tl.arange(0, TOPN_PAD)
-    chosen = tl.sort(tl.where(rank < count, ((top & INDEX_MASK) ^ INDEX_MASK).to(tl.int32), 2147483647))
-    tl.store(block_indices + row.to(tl.int64) * stride_br + rank, tl.where(rank < count, chosen, -1),
-             mask=rank < TOPN)
+    taken = rank < count
+    chosen = tl.sort(tl.where(taken, ((top & INDEX_MASK) ^ INDEX_MASK).to(tl.int32), 2147483647))
+    tl.store(block_indices + row.to(tl.int64) * stride_br + rank, tl.where(taken, chosen, -1), mask=rank < TOPN)
 
 
 @triton.jit
