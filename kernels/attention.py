@@ -1,14 +1,17 @@
 """`nsa_attention` from the Triton kernels: the composition of every branch, with its own autograd.
 
 Forward: compressed attention (o_cmp and its log-sum-exp) -> block selection from that log-sum-exp ->
-selected-block attention and sliding-window attention -> gated combination. Backward: each branch's autograd
-Function runs its own Triton backward; the selection is discrete and gets no gradient.
+selected-block attention and sliding-window attention -> gated combination. Backward: the combination's, then
+each branch's Triton backward; the selection is discrete and gets no gradient. All of it is one autograd node
+(`NSAAttentionFunction`), so the branches share what they would otherwise each compute again (see there).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+
+import torch
 
 from nsa.config import NSAConfig
 from nsa.inputs import check_attention_inputs
@@ -97,17 +100,56 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config: NSAConfig,
                                              shape.head_dim_v, dtype, seqlen=seqlen, device=q.device)
     q_, k_, v_, k_cmp_, v_cmp_ = (pack(x, dtype) for x in (q, k, v, k_cmp, v_cmp))
     gates = [g.to(dtype).reshape(-1).contiguous() for g in (g_cmp, g_slc, g_win)]
-    scale = shape.scale
 
-    o_cmp, lse = compression.CompressedAttentionFunction.apply(q_, k_cmp_, v_cmp_, seqs, config, scale,
-                                                               params.compression)
-    block_indices = selection.select_blocks_fwd(q_, k_cmp_, lse, seqs, config, scale, params.selection)
-    o_slc, _ = selected_attention.SelectedAttentionFunction.apply(q_, k_, v_, block_indices, seqs, config, scale,
-                                                                  params.selected)
-    o_win = window_attention.WindowAttentionFunction.apply(q_, k_, v_, seqs, config, scale, params.window)
-    rows = [o.reshape(-1, shape.head_dim_v) for o in (o_cmp, o_slc, o_win)]
-    o = combine.CombineFunction.apply(*rows, *gates, params.combine)
+    o, block_indices = NSAAttentionFunction.apply(q_, k_, v_, k_cmp_, v_cmp_, *gates, seqs, config, shape.scale,
+                                                  params)
     o = o.reshape(batch, seqlen, num_heads, shape.head_dim_v).to(q.dtype)
     if not return_block_indices:
         return o
     return o, block_indices.reshape(batch, seqlen, shape.num_kv_heads, config.slc_topn)
+
+
+class NSAAttentionFunction(torch.autograd.Function):
+    """Every branch and their gated sum on packed tensors (q, k, v, k_cmp, v_cmp [tokens, heads, dim] and gates
+    [tokens * Hq], contiguous, compute dtype): o [tokens * Hq, Dv] and the block indices (no gradient).
+
+    One node instead of one per branch, for the backward: the combination's backward writes each branch's delta =
+    rowsum(dO_x * O_x) = g_x * rowsum(dO * O_x) as a by-product, so no branch makes its own pass over O_x and
+    dO_x; and the window and selected dq kernels add into the compressed branch's dq, where autograd would sum
+    three [tokens, Hq, Dk] tensors in two more passes.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, seqs, config, scale, params: NSAParams):
+        o_cmp, lse_cmp = compression.compressed_attention_fwd(q, k_cmp, v_cmp, seqs, config, scale, params.compression)
+        block_indices = selection.select_blocks_fwd(q, k_cmp, lse_cmp, seqs, config, scale, params.selection)
+        o_slc, lse_slc, ctx.schedule = selected_attention.selected_attention_fwd_for_bwd(
+            q, k, v, block_indices, seqs, config, scale, params.selected)
+        o_win, lse_win = window_attention.window_attention_fwd(q, k, v, seqs, config, scale, params.window)
+        head_dim_v = v.shape[2]
+        o = combine.combine_fwd(*(x.view(-1, head_dim_v) for x in (o_cmp, o_slc, o_win)), g_cmp, g_slc, g_win,
+                                params.combine)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, lse_cmp, o_slc, lse_slc, o_win,
+                              lse_win, block_indices)
+        ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params
+        ctx.mark_non_differentiable(block_indices)
+        return o, block_indices
+
+    @staticmethod
+    def backward(ctx, do, _dblock_indices):
+        (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win,
+         block_indices) = ctx.saved_tensors
+        seqs, config, scale, params = ctx.seqs, ctx.config, ctx.scale, ctx.params
+        head_dim_v = v.shape[2]
+        *douts, dg_cmp, dg_slc, dg_win, deltas = combine.combine_bwd(
+            do.contiguous(), *(x.view(-1, head_dim_v) for x in (o_cmp, o_slc, o_win)), g_cmp, g_slc, g_win,
+            params.combine, num_heads=q.shape[1])
+        do_cmp, do_slc, do_win = (x.view(o_cmp.shape) for x in douts)
+        dq, dk_cmp, dv_cmp = compression.compressed_attention_bwd(
+            do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, seqs, config, scale, params.compression, delta=deltas[0])
+        _, dk, dv = window_attention.window_attention_bwd(do_win, q, k, v, o_win, lse_win, seqs, config, scale,
+                                                         params.window, delta=deltas[2], dq=dq)
+        _, dk_slc, dv_slc = selected_attention.selected_attention_bwd(
+            do_slc, q, k, v, o_slc, lse_slc, block_indices, seqs, config, scale, params.selected, ctx.schedule,
+            delta=deltas[1], dq=dq)
+        return dq, dk.add_(dk_slc), dv.add_(dv_slc), dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win, None, None, None, None

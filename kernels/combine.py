@@ -2,7 +2,9 @@
 
 o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win, gates [R] and branch outputs [R, Dv] with R = tokens x heads
 rows (a [B, T, Hq, Dv] tensor viewed as B*T*Hq rows). fp32 arithmetic, results in the inputs' dtype.
-Backward in one pass: do_x = g_x * do and dg_x = sum_d do * o_x for the three branches.
+Backward in one pass: do_x = g_x * do and dg_x = sum_d do * o_x for the three branches, and on request each
+branch's softmax-backward term delta_x = rowsum(do_x * o_x) = g_x * dg_x, which spares every branch's backward a
+pass over o_x and do_x of its own.
 """
 
 from __future__ import annotations
@@ -48,10 +50,18 @@ def _combine_bwd_branch(do, o_ptrs, g, do_ptrs, mask):
 
 
 @triton.jit
+def _store_delta(DELTA, g, dg, offs_r, num_heads, stride_delta, row_valid):
+    """delta [Hq, tokens] (head-major, as the branches' lse) of rows r = token * Hq + head."""
+    tl.store(DELTA + (offs_r % num_heads) * stride_delta + offs_r // num_heads, g * dg, mask=row_valid)
+
+
+@triton.jit
 def combine_bwd_kernel(DO, O_CMP, O_SLC, O_WIN, G_CMP, G_SLC, G_WIN, DO_CMP, DO_SLC, DO_WIN,
-                       DG_CMP, DG_SLC, DG_WIN, num_rows,
-                       HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (row tiles,); each program loops over the columns so the gate gradients need no atomics."""
+                       DG_CMP, DG_SLC, DG_WIN, DELTAS, num_rows, num_heads, stride_dx, stride_dh,
+                       HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       WRITE_DELTAS: tl.constexpr):
+    """Grid (row tiles,); each program loops over the columns so the gate gradients need no atomics.
+    With WRITE_DELTAS, DELTAS [3, Hq, tokens] fp32 gets each branch's delta (strides stride_dx, stride_dh)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_valid = offs_r < num_rows
     g_cmp = tl.load(G_CMP + offs_r, mask=row_valid, other=0.0).to(tl.float32)
@@ -72,6 +82,10 @@ def combine_bwd_kernel(DO, O_CMP, O_SLC, O_WIN, G_CMP, G_SLC, G_WIN, DO_CMP, DO_
     tl.store(DG_CMP + offs_r, dg_cmp.to(DG_CMP.dtype.element_ty), mask=row_valid)
     tl.store(DG_SLC + offs_r, dg_slc.to(DG_SLC.dtype.element_ty), mask=row_valid)
     tl.store(DG_WIN + offs_r, dg_win.to(DG_WIN.dtype.element_ty), mask=row_valid)
+    if WRITE_DELTAS:
+        _store_delta(DELTAS, g_cmp, dg_cmp, offs_r, num_heads, stride_dh, row_valid)
+        _store_delta(DELTAS + stride_dx, g_slc, dg_slc, offs_r, num_heads, stride_dh, row_valid)
+        _store_delta(DELTAS + 2 * stride_dx, g_win, dg_win, offs_r, num_heads, stride_dh, row_valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,19 +130,26 @@ def combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombineParams)
     return o
 
 
-def combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombineParams):
-    """Gradients (do_cmp, do_slc, do_win [R, Dv], dg_cmp, dg_slc, dg_win [R]) of `combine_fwd`."""
+def combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombineParams, *,
+                num_heads: int | None = None):
+    """Gradients (do_cmp, do_slc, do_win [R, Dv], dg_cmp, dg_slc, dg_win [R]) of `combine_fwd`, then deltas: with
+    `num_heads` (rows R = tokens x num_heads, token-major), [3, Hq, tokens] fp32 rowsum(do_x * o_x) of the
+    branches in the order cmp, slc, win; else None."""
     num_rows, head_dim_v = o_cmp.shape
     douts = [new_output((num_rows, head_dim_v), dtype=o_cmp.dtype, device=o_cmp.device) for _ in range(3)]
     dgates = [new_output((num_rows,), dtype=g_cmp.dtype, device=g_cmp.device) for _ in range(3)]
+    deltas = None
+    if num_heads is not None:
+        deltas = new_output((3, num_heads, num_rows // max(1, num_heads)), dtype=torch.float32, device=o_cmp.device)
     if num_rows == 0:
-        return (*douts, *dgates)
+        return (*douts, *dgates, deltas)
     if head_dim_v == 0:
-        return (*douts, *(g.zero_() for g in dgates))
+        return (*douts, *(g.zero_() for g in dgates), deltas if deltas is None else deltas.zero_())
     combine_bwd_kernel[(triton.cdiv(num_rows, params.block_r),)](
-        do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, *douts, *dgates, num_rows, HEAD_DIM_V=head_dim_v,
-        BLOCK_R=params.block_r, BLOCK_D=params.block_d, num_warps=params.num_warps)
-    return (*douts, *dgates)
+        do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, *douts, *dgates, do if deltas is None else deltas, num_rows,
+        num_heads or 1, *(deltas.stride()[:2] if deltas is not None else (0, 0)), HEAD_DIM_V=head_dim_v,
+        BLOCK_R=params.block_r, BLOCK_D=params.block_d, WRITE_DELTAS=deltas is not None, num_warps=params.num_warps)
+    return (*douts, *dgates, deltas)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,7 +168,7 @@ class CombineFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        grads = combine_bwd(do.contiguous(), *ctx.saved_tensors, ctx.params)
+        grads = combine_bwd(do.contiguous(), *ctx.saved_tensors, ctx.params)[:6]
         return (*grads, None)
 
 

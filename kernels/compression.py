@@ -457,11 +457,12 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, seqs: PackedSequences, config: NSA
 
 
 def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences, config: NSAConfig, scale: float,
-                             params: CompressionParams):
+                             params: CompressionParams, *, delta=None):
     """Gradients of `compressed_attention_fwd` by recomputation from its lse.
 
     Args:
         do: [Ttot, Hq, Dv] gradient of o; q, k_cmp, v_cmp, o, lse: as for and from the forward.
+        delta: rowsum(do * o) [Hq, Ttot] fp32 when the caller has it (else computed here).
     Returns:
         dq [Ttot, Hq, Dk], dk_cmp [Ctot, Hkv, Dk], dv_cmp [Ctot, Hkv, Dv], in the inputs' dtype.
     """
@@ -476,7 +477,7 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
     if num_cmp == 0:
         return dq.zero_(), dk, dv
     do, lse = do.contiguous(), lse.contiguous()
-    delta = attention_delta(o, do)
+    delta = attention_delta(o, do) if delta is None else delta
 
     shared = dict(G=group, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, DK=head_dim, DV=head_dim_v,
                   BLOCK_DK=runtime.head_dim_block(head_dim), BLOCK_DV=runtime.head_dim_block(head_dim_v),

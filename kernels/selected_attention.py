@@ -338,24 +338,27 @@ def selected_attention_bwd_dq_inverted_kernel(
 @triton.jit
 def selected_attention_sum_parts_kernel(
         OUT, PART, BLOCK_INDICES, token0, stride_ot, stride_oh, stride_pe, stride_ph, stride_bt, stride_bh,
-        N: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+        N: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+        ACCUMULATE: tl.constexpr):
     """OUT[position, heads of kv head hk] = the sum of its parts over the selected slots, in slot order
-    (deterministic); grid (positions from token0, Hkv)."""
+    (deterministic), added to OUT's values with ACCUMULATE; grid (positions from token0, Hkv)."""
     t = tl.program_id(0)
     hk = tl.program_id(1)
     tok = (token0 + t).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_g < G)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    head = hk * G + offs_g
+    out_ptrs = OUT + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
     ent0 = (t.to(tl.int64) * tl.num_programs(1) + hk) * N
     for j in range(N):
         if tl.load(BLOCK_INDICES + tok * stride_bt + hk * stride_bh + j) >= 0:
             acc += tl.load(PART + (ent0 + j) * stride_pe + offs_g[:, None] * stride_ph + offs_d[None, :], mask=mask,
                            other=0.0).to(tl.float32)
-    head = hk * G + offs_g
-    tl.store(OUT + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :], acc.to(OUT.dtype.element_ty),
-             mask=mask)
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -367,10 +370,12 @@ def selected_attention_bwd_dq_kernel(
         stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
         SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DELTA_GIVEN: tl.constexpr, ACCUMULATE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     """dq of BLOCK_T positions x G heads, tiled and scheduled like the forward; grid (tiles, Hkv).
 
-    Also writes delta = rowsum(dO * O) [Hq, total] fp32 for the dkdv kernel, launched after this one.
+    Unless DELTA_GIVEN (then read from DELTA), also writes delta = rowsum(dO * O) [Hq, total] fp32 for the dkdv
+    kernel, launched after this one. With ACCUMULATE, dq is added to DQ's values (the other branches' share).
     """
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     tl.static_assert(BLOCK_T <= 32)
@@ -399,10 +404,13 @@ def selected_attention_bwd_dq_kernel(
                 other=0.0)
     do = tl.load(DO + tok_r[:, None] * stride_dot + head_r[:, None] * stride_doh + offs_dv[None, :], mask=mask_ov,
                  other=0.0)
-    o = tl.load(O + tok_r[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_dv[None, :], mask=mask_ov,
-                other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + head_r * stride_lseh + tok_r, delta, mask=row_valid)
+    if DELTA_GIVEN:
+        delta = tl.load(DELTA + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0)
+    else:
+        o = tl.load(O + tok_r[:, None] * stride_ot + head_r[:, None] * stride_oh + offs_dv[None, :], mask=mask_ov,
+                    other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + head_r * stride_lseh + tok_r, delta, mask=row_valid)
     lse2 = tl.load(LSE + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0) * _LOG2E
     k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
     v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
@@ -431,8 +439,11 @@ def selected_attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    tl.store(DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=mask_qk)
+    dq = dq * scale
+    dq_ptrs = DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :]
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=mask_qk, other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_qk)
 
 
 @triton.jit
@@ -1004,8 +1015,9 @@ def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config:
 
 
 def _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs: PackedSequences, config: NSAConfig,
-                 scale: float, params: SelectedAttentionParams) -> None:
-    """dq with dq_inverted: per chunk of positions, the per-block parts, then their sum into dq."""
+                 scale: float, params: SelectedAttentionParams, accumulate: bool) -> None:
+    """dq with dq_inverted: per chunk of positions, the per-block parts, then their sum into dq (added to its
+    values with `accumulate`)."""
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     n = block_indices.shape[2]
@@ -1029,22 +1041,27 @@ def _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs: PackedSequenc
         selected_attention_sum_parts_kernel[(count, num_kv_heads)](
             dq, dq_part, block_indices, token0, dq.stride(0), dq.stride(1), dq_part.stride(0), dq_part.stride(1),
             block_indices.stride(0), block_indices.stride(1),
-            N=n, G=group, HEAD_DIM=head_dim, BLOCK_G=triton.next_power_of_2(group), BLOCK_D=block_dk, num_warps=4)
+            N=n, G=group, HEAD_DIM=head_dim, BLOCK_G=triton.next_power_of_2(group), BLOCK_D=block_dk,
+            ACCUMULATE=accumulate, num_warps=4)
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig,
-                           scale: float, params: SelectedAttentionParams, schedule: BlockSchedule | None = None):
+                           scale: float, params: SelectedAttentionParams, schedule: BlockSchedule | None = None, *,
+                           delta: torch.Tensor | None = None, dq: torch.Tensor | None = None):
     """Backward on packed tensors: (dq, dk, dv) in the dtypes of q, k, v.
 
     Args as for `selected_attention_fwd`, plus do [total, Hq, Dv] and the forward's o and lse; `schedule` may be
     the forward's when params.dq_block_t == params.fwd_block_t. Runs the dq kernel (which also writes
-    delta = rowsum(do * o)), then the dkdv kernel over the inverse index, then the reduction of split lists.
+    delta = rowsum(do * o) unless `delta` [Hq, total] fp32 is given), then the dkdv kernel over the inverse index,
+    then the reduction of split lists. A given `dq` (contiguous, q's dtype) gets this branch's dq added in place
+    and is returned.
     """
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     group, block_dk, block_dv = _dims(q, k, v)
     device = q.device
-    dq = new_output(q.shape, dtype=q.dtype, device=device)
+    accumulate = dq is not None
+    dq = new_output(q.shape, dtype=q.dtype, device=device) if dq is None else dq
     dk = new_output(k.shape, dtype=k.dtype, device=device)
     dv = new_output(v.shape, dtype=v.dtype, device=device)
     if total == 0 or num_kv_heads == 0:
@@ -1052,11 +1069,13 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
     precision = dot_precision(q.dtype)
     ls = config.slc_block
 
+    delta_given = delta is not None
     if params.dq_inverted:
-        delta = attention_delta(o, do)
-        _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs, config, scale, params)
+        delta = attention_delta(o, do) if delta is None else delta
+        _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs, config, scale, params, accumulate)
     else:
-        delta = new_output((num_heads, total), dtype=torch.float32, device=device)  # written by the dq kernel
+        if delta is None:  # written by the dq kernel
+            delta = new_output((num_heads, total), dtype=torch.float32, device=device)
         s = schedule if schedule is not None and schedule.block_t == params.dq_block_t else \
             build_block_schedule(block_indices, seqs, params.dq_block_t)
         if s.num_tiles:
@@ -1069,8 +1088,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
                 s.counts.stride(0), s.counts.stride(1),
                 SLC_BLOCK=ls, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
                 BLOCK_R=_rows(s.block_t, group), BLOCK_N=params.dq_block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                SUBS=triton.cdiv(ls, params.dq_block_n), DOT_PRECISION=precision,
-                num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
+                SUBS=triton.cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, ACCUMULATE=accumulate,
+                DOT_PRECISION=precision, num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
 
     inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk)
     block_n = params.dkdv_block_n
@@ -1098,6 +1117,16 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
     return dq, dk, dv
 
 
+def selected_attention_fwd_for_bwd(q, k, v, block_indices, seqs: PackedSequences, config: NSAConfig, scale: float,
+                                   params: SelectedAttentionParams):
+    """`selected_attention_fwd`'s o and lse, and the schedule for `selected_attention_bwd`: the dq kernel walks the
+    forward's when it packs as many positions (with block_t = 1 the schedule is block_indices itself plus row
+    counts, so keeping it costs next to nothing), else None."""
+    schedule = None if params.fwd_inverted else build_block_schedule(block_indices, seqs, params.fwd_block_t)
+    o, lse = selected_attention_fwd(q, k, v, block_indices, seqs, config, scale, params, schedule)
+    return o, lse, schedule if params.dq_block_t == params.fwd_block_t else None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------------------
@@ -1107,13 +1136,9 @@ class SelectedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_indices, seqs, config, scale, params):
-        schedule = None if params.fwd_inverted else build_block_schedule(block_indices, seqs, params.fwd_block_t)
-        o, lse = selected_attention_fwd(q, k, v, block_indices, seqs, config, scale, params, schedule)
+        o, lse, ctx.schedule = selected_attention_fwd_for_bwd(q, k, v, block_indices, seqs, config, scale, params)
         ctx.save_for_backward(q, k, v, o, lse, block_indices)
         ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params
-        # The dq kernel walks the same schedule when it packs as many positions (with block_t = 1 the schedule
-        # is block_indices itself plus row counts, so keeping it costs next to nothing).
-        ctx.schedule = schedule if params.dq_block_t == params.fwd_block_t else None
         ctx.mark_non_differentiable(lse)
         return o, lse
 

@@ -311,8 +311,9 @@ def window_attention_bwd_dq_kernel(
         stride_dqt, stride_dqh,
         HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_HEADS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """Grid as the forward's. LSE and DELTA share strides [Hq, Ttot]."""
+        ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid as the forward's. LSE and DELTA share strides [Hq, Ttot]. With ACCUMULATE, dq is added to DQ (the
+    other branches' share of the gradient), which costs one read instead of a separate pass summing them."""
     m0, seq_start, seqlen, hk, hb = _query_tile(CU_SEQLENS, num_kv_heads, group, BLOCK_M, BLOCK_H)
     if m0 >= seqlen:
         return
@@ -343,8 +344,11 @@ def window_attention_bwd_dq_kernel(
                               qk_scale, full_hi, end, offs_n, offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V, BLOCK_N,
                               BLOCK_DK, BLOCK_DV, True, DOT_PRECISION)
     dq = dq * scale
-    tl.store(DQ + (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK))
+    dq_ptrs = DQ + (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :]
+    dq_mask = row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,12 +489,18 @@ def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs
 
 def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: torch.Tensor, seqs: PackedSequences, config: NSAConfig, scale: float,
-                         params: WindowAttentionParams):
-    """Backward on packed tensors (shapes as `window_attention_fwd`; do like o). Returns dq, dk, dv."""
+                         params: WindowAttentionParams, *, delta: torch.Tensor | None = None,
+                         dq: torch.Tensor | None = None):
+    """Backward on packed tensors (shapes as `window_attention_fwd`; do like o). Returns dq, dk, dv.
+
+    delta: rowsum(do * o) [Hq, Ttot] fp32 when the caller has it (else computed here). dq: a gradient of q
+    (contiguous, q's dtype) that this branch's dq is added to in place and returned (else a new tensor).
+    """
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     group = num_heads // num_kv_heads
-    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    accumulate = dq is not None
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     if total == 0 or seqs.max_seqlen == 0:
@@ -498,7 +508,7 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     block_dk, block_dv = _head_tiles(q, v)
     precision = dot_precision(q.dtype)
 
-    delta = attention_delta(o, do)
+    delta = attention_delta(o, do) if delta is None else delta
 
     common = (scale, scale * LOG2E, config.window, num_kv_heads, group,
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -516,7 +526,7 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     window_attention_bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, seqs.cu_seqlens, *common, dq.stride(0), dq.stride(1),
         HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,
-        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, DOT_PRECISION=precision,
+        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, ACCUMULATE=accumulate, DOT_PRECISION=precision,
         num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
     return dq, dk, dv
 

@@ -1,11 +1,16 @@
 """nsa.kernels.nsa_attention, the whole composition, against the reference (CPU interpreter and GPU)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from nsa import NSAConfig, reference
 from nsa.accuracy import SELECTION_RTOL, allowed_error, assert_close, selection_mismatches
 from nsa.kernels import nsa_attention, runtime
+from nsa.kernels.attention import (NSAParams, combine, compression, selected_attention, selection,
+                                   window_attention)
+from nsa.kernels.packing import PackedSequences
 from nsa.problems import random_inputs
 
 NAMES = ("q", "k", "v", "k_cmp", "v_cmp", "g_cmp", "g_slc", "g_win")
@@ -68,6 +73,38 @@ def test_matches_reference_in_interpreter(case, poisoned):
     x = random_inputs(config, **sizes, dtype=torch.float32, seed=11, requires_grad=True)
     cu = x.pop("cu_seqlens")
     check_against_reference(config, x, cu, ref_dtype=torch.float64, same_dtype_ref=False)
+
+
+@pytest.mark.skipif(not runtime.interpreting(), reason="CPU tests run the kernels in TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dq_inverted", [False, True], ids=["dq-gather", "dq-inverted"])
+def test_one_node_backward_equals_the_branch_functions(dq_inverted, poisoned):
+    """NSAAttentionFunction's backward (deltas from the combination, dq summed in the kernels) against the
+    per-branch autograd Functions composed as autograd would sum them, in fp32."""
+    config, sizes = CPU_CASES["paper-like-G4"]
+    x = random_inputs(config, **sizes, dtype=torch.float32, seed=5, requires_grad=True)
+    x.pop("cu_seqlens")
+    params = NSAParams(selected=dataclasses.replace(
+        selected_attention.default_params(config, 4, 1, 16, 16, dtype=torch.float32), dq_inverted=dq_inverted))
+    o = nsa_attention(**x, config=config, params=params)
+    do = torch.randn_like(o)
+    got = torch.autograd.grad(o, [x[n] for n in NAMES], do)
+
+    seqs = PackedSequences.build(config, 1, o.shape[1], o.device, None)
+    params = params.resolve(config, 4, 1, 16, 16, torch.float32)
+    q, k, v, k_cmp, v_cmp = (x[n][0] for n in NAMES[:5])
+    gates = [x[n].reshape(-1) for n in NAMES[5:]]
+    scale = 16 ** -0.5
+    o_cmp, lse = compression.CompressedAttentionFunction.apply(q, k_cmp, v_cmp, seqs, config, scale,
+                                                               params.compression)
+    idx = selection.select_blocks_fwd(q, k_cmp, lse, seqs, config, scale, params.selection)
+    o_slc, _ = selected_attention.SelectedAttentionFunction.apply(q, k, v, idx, seqs, config, scale, params.selected)
+    o_win = window_attention.WindowAttentionFunction.apply(q, k, v, seqs, config, scale, params.window)
+    want_o = combine.CombineFunction.apply(*(y.reshape(-1, 16) for y in (o_cmp, o_slc, o_win)), *gates,
+                                           params.combine)
+    want = torch.autograd.grad(want_o, [x[n] for n in NAMES], do.reshape(-1, 16))
+    torch.testing.assert_close(o.reshape(-1, 16), want_o, rtol=0, atol=0)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"d{name}")
 
 
 def test_rejects_cpu_tensors_outside_the_interpreter(monkeypatch):

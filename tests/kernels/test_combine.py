@@ -7,7 +7,7 @@ import torch
 
 from nsa.accuracy import ERROR_FLOOR, allowed_error, assert_close
 from nsa.kernels import runtime
-from nsa.kernels.combine import CombineParams, combine_branches, default_params
+from nsa.kernels.combine import CombineParams, combine_branches, combine_bwd, default_params
 from nsa.reference import combine_branches as reference_combine_branches
 
 NAMES = ("o_cmp", "o_slc", "o_win", "g_cmp", "g_slc", "g_win")
@@ -51,6 +51,20 @@ def test_combine_matches_reference(case):
     for name, g, r in zip(NAMES, grads, ref_grads):
         assert g.shape == r.shape and g.dtype == torch.float32
         assert_close(f"d{name}", g, r, ERROR_FLOOR[torch.float32])
+
+
+def test_backward_writes_each_branch_delta():
+    """combine_bwd's deltas = rowsum(do_x * o_x) [3, Hq, tokens], the branches' softmax-backward terms."""
+    tokens, heads, dim = 37, 3, 20
+    x = [t.detach() for t in inputs(1, tokens, heads, dim, seed=3)]
+    rows = [t.reshape(tokens * heads, -1).contiguous() for t in x[:3]] + [g.reshape(-1).contiguous() for g in x[3:]]
+    do = torch.randn(tokens * heads, dim, generator=torch.Generator().manual_seed(4))
+    *douts, _, _, _, deltas = combine_bwd(do, *rows, CombineParams(block_r=16, block_d=8), num_heads=heads)
+    assert deltas.shape == (3, heads, tokens) and deltas.dtype == torch.float32
+    for branch, (do_x, o_x) in enumerate(zip(douts, rows[:3])):
+        want = (do_x.double() * o_x.double()).sum(-1).reshape(tokens, heads).t()
+        torch.testing.assert_close(deltas[branch].double(), want, rtol=1e-5, atol=1e-5)
+    assert combine_bwd(do, *rows, CombineParams())[-1] is None
 
 
 def test_bf16_inputs_come_back_bf16():
