@@ -53,12 +53,14 @@ def test_combine_matches_reference(case):
         assert_close(f"d{name}", g, r, ERROR_FLOOR[torch.float32])
 
 
-def test_backward_writes_each_branch_delta():
-    """combine_bwd's deltas = rowsum(do_x * o_x) [3, Hq, tokens], the branches' softmax-backward terms."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_writes_each_branch_delta(dtype):
+    """combine_bwd's deltas = rowsum(do_x * o_x) [3, Hq, tokens], the branches' softmax-backward terms, with do_x
+    rounded as returned (what the branch kernels multiply with; fp16 tells it from g_x * rowsum(do * o_x))."""
     tokens, heads, dim = 37, 3, 20
-    x = [t.detach() for t in inputs(1, tokens, heads, dim, seed=3)]
+    x = [t.detach() for t in inputs(1, tokens, heads, dim, seed=3, dtype=dtype)]
     rows = [t.reshape(tokens * heads, -1).contiguous() for t in x[:3]] + [g.reshape(-1).contiguous() for g in x[3:]]
-    do = torch.randn(tokens * heads, dim, generator=torch.Generator().manual_seed(4))
+    do = torch.randn(tokens * heads, dim, generator=torch.Generator().manual_seed(4)).to(dtype)
     *douts, _, _, _, deltas = combine_bwd(do, *rows, CombineParams(block_r=16, block_d=8), num_heads=heads)
     assert deltas.shape == (3, heads, tokens) and deltas.dtype == torch.float32
     for branch, (do_x, o_x) in enumerate(zip(douts, rows[:3])):
