@@ -441,11 +441,19 @@ def default_params_for_rows(rows: int, config: NSAConfig, capacity: int, device)
                             slc_splits=2, win_splits=2, block_n=16, num_warps=1, num_stages=1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, 2 * sms // rows)
-    cmp_tiles = triton.cdiv(config.num_cmp_blocks(capacity), 64)
-    chunks = triton.cdiv(config.num_slc_blocks(capacity), DecodeParams.importance_chunk)
-    return DecodeParams(cmp_splits=max(1, min(want, cmp_tiles)), importance_splits=max(1, min(want, chunks)),
-                        slc_splits=max(1, min(want, config.slc_topn)),
-                        win_splits=max(1, min(want, triton.cdiv(config.window, 64))))
+    return fit_splits(DecodeParams(cmp_splits=want, importance_splits=want, slc_splits=want, win_splits=want),
+                      config, capacity)
+
+
+def fit_splits(params: DecodeParams, config: NSAConfig, capacity: int) -> DecodeParams:
+    """params with each launch's splits cut to the tiles of work that a full cache of `capacity` tokens has: a
+    split past them is an idle program and one more partial to merge."""
+    tiles = dict(cmp_splits=triton.cdiv(config.num_cmp_blocks(capacity), params.cmp_block_n),
+                 importance_splits=triton.cdiv(config.num_slc_blocks(capacity), params.importance_chunk),
+                 slc_splits=min(config.slc_topn, config.num_slc_blocks(capacity)),
+                 win_splits=triton.cdiv(min(config.window, capacity), params.block_n))
+    return dataclasses.replace(params, **{name: min(getattr(params, name), max(1, count))
+                                          for name, count in tiles.items()})
 
 
 def resolve_params(q_shape, num_kv_heads: int, head_dim_v: int, config: NSAConfig, capacity: int, dtype,

@@ -115,18 +115,6 @@ def _registers_ok(params, shape, props, config) -> bool:
     return per_thread <= 192
 
 
-def _fit_decode_splits(params, shape: Shape, config: NSAConfig):
-    """A decode candidate with each launch's splits cut to the tiles of work a full cache of T tokens has (a split
-    past them is an idle program and a partial to merge), so a short cache searches the splits it can use: at 8k
-    the importance has 2 chunks, and ranges that start at 4 splits would otherwise leave only the default."""
-    tiles = dict(cmp_splits=triton.cdiv(config.num_cmp_blocks(shape.seqlen), params.cmp_block_n),
-                 importance_splits=triton.cdiv(config.num_slc_blocks(shape.seqlen), params.importance_chunk),
-                 slc_splits=min(config.slc_topn, config.num_slc_blocks(shape.seqlen)),
-                 win_splits=triton.cdiv(min(config.window, shape.seqlen), params.block_n))
-    return dataclasses.replace(params, **{name: min(getattr(params, name), max(1, count))
-                                          for name, count in tiles.items()})
-
-
 PREDICATES = (
     ("dot_dims", "tl.dot on a GPU needs M, N >= 16 (rows = positions x heads, and block_n)",
      lambda p, s, d, c: (not hasattr(p, "fwd_block_n") or p.fwd_block_n >= 16) and
@@ -171,7 +159,9 @@ def search_space(family: str, shape: Shape, config: NSAConfig, num_heads: int, n
         try:
             cand = dataclasses.replace(default, **fields)
             if family == "decode":
-                cand = _fit_decode_splits(cand, shape, config)
+                # Each split count cut to the cache's tiles of work, so a short cache searches the splits it can
+                # use: at 8k the importance has 2 chunks, and ranges that start at 4 would leave only the default.
+                cand = importlib.import_module(ALL_FAMILIES[family][0]).fit_splits(cand, config, shape.seqlen)
         except (TypeError, ValueError):
             pruned["invalid"] = pruned.get("invalid", 0) + 1
             continue
