@@ -6,7 +6,8 @@ from the cache's meta), and every launch goes through JITFunction's warm-up path
 launches nothing. The launchers' host code runs on small CPU tensors (`runtime.COMPILE_ONLY_CAPABILITY`) and
 nothing is computed, so inputs only need valid shapes and indices. A kernel that the interpreter runs but the
 GPU compiler rejects (a tl.dot under 16, a constexpr reassigned in a loop) or that asks for more shared memory
-than the GPU has fails here. Prints one line per family and params; exits 1 after any failure.
+than the GPU has fails here; so does a product of fp32 tensors rounded to TF32 (none of ours asks for one, but
+Triton turns sum(a[:, :, None] * b[None, :, :], 1) into a TF32 tl.dot on its own). Prints one line per family and params; exits 1 after any failure.
 `--part I/N` does every N-th check from the I-th (0-based), for N processes in parallel.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -26,6 +28,7 @@ from triton.runtime.jit import JITFunction
 REPO = Path(__file__).resolve().parents[1]
 SEQLEN = 256  # tokens per training call: their kernels' constexprs do not depend on T
 SHARED_MEMORY = {(9, 0): 227 * 1024, (8, 0): 163 * 1024}  # opt-in shared memory per block
+TF32_PRODUCT = re.compile(r"tt\.dot .*inputPrecision = tf32 : tensor<[0-9x]+xf32>")  # fp32 operands, TF32 products
 
 runtime = importlib.import_module("nsa.kernels.runtime")
 cache = importlib.import_module("nsa.tuner.cache")
@@ -63,7 +66,8 @@ class Compiled:
 
         def compile_only(jit_fn, *args, grid, warmup, **kwargs):
             kernel = recorder._run(jit_fn, *args, grid=grid, warmup=True, **kwargs)
-            recorder.kernels.append((jit_fn.fn.__name__, kernel.metadata.num_warps, kernel.metadata.shared))
+            recorder.kernels.append((jit_fn.fn.__name__, kernel.metadata.num_warps, kernel.metadata.shared,
+                                     len(TF32_PRODUCT.findall(kernel.asm["ttir"]))))
             return kernel
 
         JITFunction.run = compile_only
@@ -134,11 +138,15 @@ def check(label: str, family: str, shape: dict, params, compiled: Compiled, limi
         compiled.take()
         return False
     kernels = compiled.take()
-    over = [(name, smem) for name, _, smem in kernels if smem > limit]
+    over = [(name, smem) for name, _, smem, _ in kernels if smem > limit]
     if over:
         print(f"FAIL {label}: shared memory over {limit} bytes: {over}")
         return False
-    print(f"ok   {label}: " + ", ".join(f"{name}({warps}w, {smem // 1024} KB)" for name, warps, smem in kernels))
+    tf32 = [name for name, _, _, products in kernels if products]
+    if tf32:
+        print(f"FAIL {label}: fp32 products rounded to TF32 in {tf32}")
+        return False
+    print(f"ok   {label}: " + ", ".join(f"{name}({warps}w, {smem // 1024} KB)" for name, warps, smem, _ in kernels))
     return True
 
 
