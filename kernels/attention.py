@@ -113,10 +113,10 @@ class NSAAttentionFunction(torch.autograd.Function):
     """Every branch and their gated sum on packed tensors (q, k, v, k_cmp, v_cmp [tokens, heads, dim] and gates
     [tokens * Hq], contiguous, compute dtype): o [tokens * Hq, Dv] and the block indices (no gradient).
 
-    One node instead of one per branch, for the backward: the combination's backward writes each branch's delta =
-    rowsum(dO_x * O_x) = g_x * rowsum(dO * O_x) as a by-product, so no branch makes its own pass over O_x and
-    dO_x; and the window and selected dq kernels add into the compressed branch's dq, where autograd would sum
-    three [tokens, Hq, Dk] tensors in two more passes.
+    One node instead of one per branch, for the backward: the combination's backward, which holds dO_x and O_x
+    already, writes each branch's delta = rowsum(dO_x * O_x) as a by-product, so no branch makes its own pass over
+    them; and the window and selected dq kernels add into the compressed branch's dq, where autograd would sum
+    three [tokens, Hq, Dk] tensors in two more passes (64k backward 82.6 -> 79.9 ms on an H200, session 12).
     """
 
     @staticmethod
