@@ -40,7 +40,15 @@ class NSAParams:
                 dtype, *, seqlen: int | None = None, device=None) -> "NSAParams":
         """These params with every None filled: from this device's tuned config cache when `seqlen` and `device`
         are given and it has an entry for the shape (lookup order in `nsa.tuner.cache`), else the family's
-        default for the shape and compute dtype."""
+        default for the shape and compute dtype. Memoized per process like the cache's lookups: it runs on the
+        host path of every call, where its ten lookups and params dataclasses cost ~250 us (a CPU of our CI
+        machines), a fifth of a 1k-token forward."""
+        from nsa.tuner import cache
+        key = cache.device_key(device) if seqlen is not None and device is not None else None
+        shape = (config, num_heads, num_kv_heads, head_dim, head_dim_v, dtype, key and seqlen, key)
+        return cache.memoized(("NSAParams.resolve", self, *shape), lambda: self._resolve(*shape))
+
+    def _resolve(self, config, num_heads, num_kv_heads, head_dim, head_dim_v, dtype, seqlen, device_key):
         heads = (num_heads, num_kv_heads)
         defaults = dict(
             compression=lambda: compression.default_params(*heads, head_dim, head_dim_v, dtype=dtype),
@@ -49,18 +57,17 @@ class NSAParams:
             window=lambda: window_attention.default_params(*heads, head_dim, head_dim_v, config, dtype=dtype),
             combine=lambda: combine.default_params(head_dim_v))
         given = {name: getattr(self, name) for name in defaults if getattr(self, name) is not None}
-        if seqlen is None or device is None:
+        if device_key is None:
             return NSAParams(**{name: given.get(name) or make() for name, make in defaults.items()})
         from nsa.tuner import cache
         shape = cache.Shape(seqlen, num_heads // num_kv_heads, head_dim, head_dim_v, config.cmp_block,
                             config.cmp_stride, config.slc_block, config.slc_topn, cache.dtype_name(dtype))
-        key = cache.device_key(device)
         resolved = dict(given)
         for name, make in defaults.items():
             if name not in given:  # the forward fields of the family's entry, the backward ones of <name>_bwd's
                 backward = next((b for b, fwd in cache.BACKWARD_FAMILIES.items() if fwd == name), None)
-                resolved[name] = cache.with_backward(cache.lookup(name, shape, key) or make(),
-                                                     backward and cache.lookup(backward, shape, key))
+                resolved[name] = cache.with_backward(cache.lookup(name, shape, device_key) or make(),
+                                                     backward and cache.lookup(backward, shape, device_key))
         return NSAParams(**resolved)
 
 

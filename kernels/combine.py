@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from nsa.inputs import check_float_tensors, expect_shape
-from nsa.kernels.runtime import check_kernel_inputs, check_launch_params, compute_dtype, new_output
+from nsa.kernels.runtime import (cdiv, check_kernel_inputs, check_launch_params, compute_dtype, new_output,
+                                 next_power_of_2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ INTERPRETER_SEARCH_SPACE = dict(block_r=[16, 64])
 
 def default_params(head_dim_v: int) -> CombineParams:
     """About 4096 elements per program: a whole row (up to 256) of block_r rows."""
-    block_d = min(256, triton.next_power_of_2(head_dim_v))
+    block_d = min(256, next_power_of_2(head_dim_v))
     return CombineParams(block_r=max(1, 4096 // block_d), block_d=block_d, num_warps=4)
 
 
@@ -133,7 +134,7 @@ def combine_fwd(o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombineParams)
     o = new_output((num_rows, head_dim_v), dtype=o_cmp.dtype, device=o_cmp.device)
     if num_rows == 0 or head_dim_v == 0:
         return o
-    grid = (triton.cdiv(num_rows, params.block_r), triton.cdiv(head_dim_v, params.block_d))
+    grid = (cdiv(num_rows, params.block_r), cdiv(head_dim_v, params.block_d))
     combine_fwd_kernel[grid](o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, o, num_rows, HEAD_DIM_V=head_dim_v,
                              BLOCK_R=params.block_r, BLOCK_D=params.block_d, num_warps=params.num_warps)
     return o
@@ -154,7 +155,7 @@ def combine_bwd(do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, params: CombinePar
         return (*douts, *dgates, deltas)
     if head_dim_v == 0:
         return (*douts, *(g.zero_() for g in dgates), deltas if deltas is None else deltas.zero_())
-    combine_bwd_kernel[(triton.cdiv(num_rows, params.block_r),)](
+    combine_bwd_kernel[(cdiv(num_rows, params.block_r),)](
         do, o_cmp, o_slc, o_win, g_cmp, g_slc, g_win, *douts, *dgates, do if deltas is None else deltas, num_rows,
         num_heads or 1, *(deltas.stride()[:2] if deltas is not None else (0, 0)), HEAD_DIM_V=head_dim_v,
         BLOCK_R=params.block_r, BLOCK_D=params.block_d, WRITE_DELTAS=deltas is not None, num_warps=params.num_warps)

@@ -362,7 +362,7 @@ class CompressionParams:
 
 def heads_per_tile(group: int, rows: int) -> int:
     """Query heads per tile: the whole group (rounded up to a power of two) when it fits `rows`, else `rows`."""
-    return min(triton.next_power_of_2(group), rows)
+    return min(runtime.next_power_of_2(group), rows)
 
 
 # What `nsa tune` searches (nsa.tuner.spaces builds candidates from these, prunes them by the device's limits):
@@ -441,8 +441,8 @@ def compressed_attention_fwd(q, k_cmp, v_cmp, seqs: PackedSequences, config: NSA
         o.zero_()
         lse.fill_(float("inf"))
         return o, lse
-    heads_chunks = triton.cdiv(group, params.fwd_block_h)
-    grid = (triton.cdiv(seqs.max_seqlen, params.fwd_block_m), seqs.num_seqs, num_kv_heads * heads_chunks)
+    heads_chunks = runtime.cdiv(group, params.fwd_block_h)
+    grid = (runtime.cdiv(seqs.max_seqlen, params.fwd_block_m), seqs.num_seqs, num_kv_heads * heads_chunks)
     compressed_attention_fwd_kernel[grid](
         q, k_cmp, v_cmp, o, lse, seqs.cu_seqlens, seqs.cu_cmp,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
@@ -490,18 +490,18 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
     else:  # every (split, key row) is written, zeros where a split has no query tile for the key tile
         dk_out = runtime.new_output((splits, *k_cmp.shape), dtype=torch.float32, device=q.device)
         dv_out = runtime.new_output((splits, *v_cmp.shape), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(seqs.max_cmp, params.dkdv_block_n), seqs.num_seqs, num_kv_heads * splits)
+    grid = (runtime.cdiv(seqs.max_cmp, params.dkdv_block_n), seqs.num_seqs, num_kv_heads * splits)
     compressed_attention_bwd_dkdv_kernel[grid](
         q, k_cmp, v_cmp, do, lse, delta, dk_out, dv_out, seqs.cu_seqlens, seqs.cu_cmp, *strides,
         *dk_out.stride()[:3], *dv_out.stride()[:3], scale, scale * LOG2E,
         BLOCK_P=params.dkdv_block_m, HEADS=params.dkdv_block_h,
-        NUM_HEAD_CHUNKS=triton.cdiv(group, params.dkdv_block_h), BLOCK_N=params.dkdv_block_n, SPLITS=splits,
+        NUM_HEAD_CHUNKS=runtime.cdiv(group, params.dkdv_block_h), BLOCK_N=params.dkdv_block_n, SPLITS=splits,
         num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages, **shared)
     if splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
-    heads_chunks = triton.cdiv(group, params.dq_block_h)
-    grid = (triton.cdiv(seqs.max_seqlen, params.dq_block_m), seqs.num_seqs, num_kv_heads * heads_chunks)
+    heads_chunks = runtime.cdiv(group, params.dq_block_h)
+    grid = (runtime.cdiv(seqs.max_seqlen, params.dq_block_m), seqs.num_seqs, num_kv_heads * heads_chunks)
     compressed_attention_bwd_dq_kernel[grid](
         q, k_cmp, v_cmp, do, lse, delta, dq, seqs.cu_seqlens, seqs.cu_cmp, *strides,
         dq.stride(0), dq.stride(1), scale, scale * LOG2E,

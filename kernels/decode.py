@@ -448,10 +448,10 @@ def default_params_for_rows(rows: int, config: NSAConfig, capacity: int, device)
 def fit_splits(params: DecodeParams, config: NSAConfig, capacity: int) -> DecodeParams:
     """params with each launch's splits cut to the tiles of work that a full cache of `capacity` tokens has: a
     split past them is an idle program and one more partial to merge."""
-    tiles = dict(cmp_splits=triton.cdiv(config.num_cmp_blocks(capacity), params.cmp_block_n),
-                 importance_splits=triton.cdiv(config.num_slc_blocks(capacity), params.importance_chunk),
+    tiles = dict(cmp_splits=runtime.cdiv(config.num_cmp_blocks(capacity), params.cmp_block_n),
+                 importance_splits=runtime.cdiv(config.num_slc_blocks(capacity), params.importance_chunk),
                  slc_splits=min(config.slc_topn, config.num_slc_blocks(capacity)),
-                 win_splits=triton.cdiv(min(config.window, capacity), params.block_n))
+                 win_splits=runtime.cdiv(min(config.window, capacity), params.block_n))
     return dataclasses.replace(params, **{name: min(getattr(params, name), max(1, count))
                                           for name, count in tiles.items()})
 
@@ -500,7 +500,7 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     o = runtime.new_output((batch, num_queries, num_heads, head_dim_v), dtype=q.dtype, device=device)
     k_pages, v_pages, k_cmp, v_cmp = (x.to(q.dtype) for x in (cache.k_pages, cache.v_pages, cache.k_cmp,
                                                                 cache.v_cmp))
-    block_h = max(runtime.MIN_DOT, triton.next_power_of_2(group))
+    block_h = max(runtime.MIN_DOT, runtime.next_power_of_2(group))
     sizes = dict(G=group, NUM_QUERIES=num_queries, NUM_KV_HEADS=num_kv_heads)
     tiles = dict(BLOCK_H=block_h, BLOCK_DK=runtime.head_dim_block(head_dim),
                  BLOCK_DV=runtime.head_dim_block(head_dim_v),
@@ -520,11 +520,11 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
         scores, part_m, part_l, cache.seqlens, importance, scores.stride(0), scores.stride(1), importance.stride(0),
         rows, CMP_BLOCK=config.cmp_block, CMP_STRIDE=config.cmp_stride, SLC_BLOCK=config.slc_block,
         INIT_BLOCKS=config.init_blocks, LOCAL_BLOCKS=config.local_blocks, CMP_SPLITS=params.cmp_splits,
-        CMP_SPLITS_PAD=triton.next_power_of_2(params.cmp_splits), SPLITS=params.importance_splits, BLOCK_H=block_h,
+        CMP_SPLITS_PAD=runtime.next_power_of_2(params.cmp_splits), SPLITS=params.importance_splits, BLOCK_H=block_h,
         CHUNK=params.importance_chunk, RPAD=block_width(config), **sizes,
         num_warps=4, **pdl)
-    topn_pad = triton.next_power_of_2(config.slc_topn)
-    block_j = max(triton.next_power_of_2(importance.shape[1]), topn_pad)  # tl.topk takes at most the row
+    topn_pad = runtime.next_power_of_2(config.slc_topn)
+    block_j = max(runtime.next_power_of_2(importance.shape[1]), topn_pad)  # tl.topk takes at most the row
     # 8 warps from 1024 blocks: at T=64k (B=1) 4.6 us against 5.0 on 4 warps, on an H200; more for longer rows, so
     # that a thread holds at most 64 keys.
     top_blocks_kernel[(rows,)](
@@ -543,14 +543,14 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     # As few warps as hold a branch's [splits, Dv] partials in 64 fp32 registers a thread: at B=16 (1024
     # programs, 2-4 splits) 4 warps each took two waves: step 97.8 -> 92.3 us at T=64k on an H200 with one warp
     # (docs/performance.md, session 10); 64 splits on one warp spilled.
-    merge_pad = triton.next_power_of_2(max(params.cmp_splits, params.slc_splits, params.win_splits))
+    merge_pad = runtime.next_power_of_2(max(params.cmp_splits, params.slc_splits, params.win_splits))
     merge_warps = min(4, max(1, merge_pad * tiles["BLOCK_DV"] // (32 * 64)))
     merge_branches_kernel[(rows, group)](
         part_o, part_m, part_l, g_cmp, g_slc, g_win, o,
         g_cmp.stride(0), g_cmp.stride(1), g_cmp.stride(2), o.stride(0), o.stride(1), o.stride(2), rows,
         DV=head_dim_v, CMP_SPLITS=params.cmp_splits, SLC_SPLITS=params.slc_splits, WIN_SPLITS=params.win_splits,
-        CMP_PAD=triton.next_power_of_2(params.cmp_splits), SLC_PAD=triton.next_power_of_2(params.slc_splits),
-        WIN_PAD=triton.next_power_of_2(params.win_splits), BLOCK_DV=tiles["BLOCK_DV"], **sizes,
+        CMP_PAD=runtime.next_power_of_2(params.cmp_splits), SLC_PAD=runtime.next_power_of_2(params.slc_splits),
+        WIN_PAD=runtime.next_power_of_2(params.win_splits), BLOCK_DV=tiles["BLOCK_DV"], **sizes,
         num_warps=merge_warps, **pdl)
     return o, block_indices
 

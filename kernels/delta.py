@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa.kernels.runtime import head_dim_block, new_output, row_mask
+from nsa.kernels.runtime import cdiv, head_dim_block, new_output, row_mask
 
 # Elements of O per program: 64 rows (token, head) of 128 values at the paper's head dim.
 ROW_ELEMENTS = 8192
@@ -40,7 +40,7 @@ def attention_delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
         return delta
     block_dv = head_dim_block(head_dim_v)
     block_r = max(1, min(128, ROW_ELEMENTS // block_dv))
-    attention_delta_kernel[(triton.cdiv(total * num_heads, block_r),)](
+    attention_delta_kernel[(cdiv(total * num_heads, block_r),)](
         o, do, delta, total * num_heads, num_heads, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
         delta.stride(0), HEAD_DIM_V=head_dim_v, BLOCK_R=block_r, BLOCK_DV=block_dv)
     return delta

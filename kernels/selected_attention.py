@@ -54,8 +54,8 @@ from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences, device_offsets
-from nsa.kernels.runtime import (MIN_DOT, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
-                                 head_dim_block, new_output, pack)
+from nsa.kernels.runtime import (MIN_DOT, cdiv, check_kernel_inputs, check_launch_params, compute_dtype,
+                                 dot_precision, head_dim_block, new_output, next_power_of_2, pack)
 
 LOG2E = 1.4426950408889634
 # Kernels may only read globals declared as constexpr.
@@ -659,13 +659,13 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
     the PV operand. At 64k, G=16 on an H200 (`nsa profile`) the forward kernel took 16.1 -> 14.8 ms on 1 warp and
     the dq kernel 17.4 -> 16.0 ms on 2 (G=8, also 16 rows, was not measured)."""
     group = num_heads // max(1, num_kv_heads)
-    block_n = max(MIN_DOT, min(64, triton.next_power_of_2(config.slc_block)))
+    block_n = max(MIN_DOT, min(64, next_power_of_2(config.slc_block)))
     block_t = min(MAX_BLOCK_T, _floor_pow2(max(1, MIN_DOT // group)))
     heavy = dtype == torch.float32 or max(head_dim, head_dim_v) > 128
     dkdv_block_t = _floor_pow2(max(1, (32 if heavy else 64) // group))
     dkdv_block_n = min(block_n, 32) if heavy else block_n
     dkdv_chunk = max(dkdv_block_t, 2 * config.slc_topn * config.slc_block)
-    dkdv_chunk = triton.cdiv(dkdv_chunk, dkdv_block_t) * dkdv_block_t
+    dkdv_chunk = cdiv(dkdv_chunk, dkdv_block_t) * dkdv_block_t
     inverted = group <= (0 if heavy or dtype not in (torch.float16, torch.bfloat16) else 4)  # the groups measured
     narrow = not heavy and not inverted and _rows(block_t, group) == MIN_DOT  # a 16-row gathering tile
     return SelectedAttentionParams(
@@ -720,7 +720,7 @@ def build_block_schedule(block_indices: torch.Tensor, seqs: PackedSequences, blo
     """
     total, num_kv_heads, n = block_indices.shape
     device = block_indices.device
-    tiles_per_seq = [triton.cdiv(length, block_t) for length in seqs.seqlens]
+    tiles_per_seq = [cdiv(length, block_t) for length in seqs.seqlens]
     cu_tiles = device_offsets(tiles_per_seq, device)
     num_tiles = sum(tiles_per_seq)
     tile_seq = _owner(cu_tiles, num_tiles)
@@ -805,7 +805,7 @@ def sort_selections(block_indices: torch.Tensor, seqs: PackedSequences, config: 
     total, num_kv_heads, n = block_indices.shape
     count = total - token0 if count is None else count
     device = block_indices.device
-    blocks_per_seq = [triton.cdiv(length, config.slc_block) for length in seqs.seqlens]
+    blocks_per_seq = [cdiv(length, config.slc_block) for length in seqs.seqlens]
     cu_blocks = device_offsets(blocks_per_seq, device)
     num_blocks = sum(blocks_per_seq)
     num_keys = num_blocks * num_kv_heads
@@ -914,7 +914,7 @@ def _dims(q, k, v):
 
 
 def _rows(block_t: int, group: int) -> int:
-    return max(MIN_DOT, triton.next_power_of_2(block_t * group))
+    return max(MIN_DOT, next_power_of_2(block_t * group))
 
 
 def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config: NSAConfig, scale: float,
@@ -952,7 +952,7 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
         s.masks.stride(2), s.counts.stride(0), s.counts.stride(1),
         SLC_BLOCK=config.slc_block, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
         BLOCK_R=_rows(s.block_t, group),
-        BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=triton.cdiv(config.slc_block, block_n),
+        BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=cdiv(config.slc_block, block_n),
         DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
     return o, lse
 
@@ -1003,14 +1003,14 @@ def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config:
                 o_part.stride(1), lse_part.stride(0),
                 SLC_BLOCK=config.slc_block, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v,
                 BLOCK_T=params.fwd_block_t, BLOCK_R=_rows(params.fwd_block_t, group), BLOCK_N=block_n,
-                BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=triton.cdiv(config.slc_block, block_n),
+                BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=cdiv(config.slc_block, block_n),
                 DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps,
                 num_stages=params.fwd_num_stages)
         selected_attention_fwd_merge_kernel[(count, num_kv_heads)](
             o, lse, o_part, lse_part, block_indices, token0,
             o.stride(0), o.stride(1), lse.stride(0), o_part.stride(0), o_part.stride(1), lse_part.stride(0),
             block_indices.stride(0), block_indices.stride(1),
-            N=n, G=group, HEAD_DIM_V=head_dim_v, BLOCK_G=triton.next_power_of_2(group), BLOCK_DV=block_dv,
+            N=n, G=group, HEAD_DIM_V=head_dim_v, BLOCK_G=next_power_of_2(group), BLOCK_DV=block_dv,
             num_warps=4)
 
 
@@ -1036,12 +1036,12 @@ def _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs: PackedSequenc
                 do.stride(1), lse.stride(0), dq_part.stride(0), dq_part.stride(1),
                 SLC_BLOCK=config.slc_block, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v,
                 BLOCK_T=params.dq_block_t, BLOCK_R=_rows(params.dq_block_t, group), BLOCK_N=block_n,
-                BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=triton.cdiv(config.slc_block, block_n),
+                BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=cdiv(config.slc_block, block_n),
                 DOT_PRECISION=dot_precision(q.dtype), num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
         selected_attention_sum_parts_kernel[(count, num_kv_heads)](
             dq, dq_part, block_indices, token0, dq.stride(0), dq.stride(1), dq_part.stride(0), dq_part.stride(1),
             block_indices.stride(0), block_indices.stride(1),
-            N=n, G=group, HEAD_DIM=head_dim, BLOCK_G=triton.next_power_of_2(group), BLOCK_D=block_dk,
+            N=n, G=group, HEAD_DIM=head_dim, BLOCK_G=next_power_of_2(group), BLOCK_D=block_dk,
             ACCUMULATE=accumulate, num_warps=4)
 
 
@@ -1088,12 +1088,12 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
                 s.counts.stride(0), s.counts.stride(1),
                 SLC_BLOCK=ls, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
                 BLOCK_R=_rows(s.block_t, group), BLOCK_N=params.dq_block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                SUBS=triton.cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, ACCUMULATE=accumulate,
+                SUBS=cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, ACCUMULATE=accumulate,
                 DOT_PRECISION=precision, num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
 
     inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk)
     block_n = params.dkdv_block_n
-    slices = triton.cdiv(ls, block_n)
+    slices = cdiv(ls, block_n)
     dk_part = new_output((max(1, inv.num_slots), ls, head_dim), dtype=torch.float32, device=device)
     dv_part = new_output((max(1, inv.num_slots), ls, head_dim_v), dtype=torch.float32, device=device)
     if inv.num_items:
@@ -1108,7 +1108,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
             BLOCK_R=_rows(params.dkdv_block_t, group), BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
             DOT_PRECISION=precision, num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages)
     if inv.num_slots:
-        selected_attention_bwd_dkdv_reduce_kernel[(inv.key_slots.shape[0], triton.cdiv(ls, REDUCE_BLOCK_N))](
+        selected_attention_bwd_dkdv_reduce_kernel[(inv.key_slots.shape[0], cdiv(ls, REDUCE_BLOCK_N))](
             dk, dv, dk_part, dv_part, inv.key_slot0, inv.key_slots, inv.block_seq, inv.cu_blocks, seqs.cu_seqlens,
             num_kv_heads, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dk_part.stride(0),
             dk_part.stride(1), dv_part.stride(0), dv_part.stride(1),

@@ -258,7 +258,7 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, config: NSA
     one's scores and sort (64k on an H200: 11.98 -> 11.44 ms at G=16, 19.2 -> 17.1 ms at G=4, tuned tiles).
     Larger tiles under the interpreter (it pays per program, not per element)."""
     group = num_heads // num_kv_heads
-    heads = min(triton.next_power_of_2(group), 64)
+    heads = min(runtime.next_power_of_2(group), 64)
     if runtime.interpreting():
         rows, warps = max(256, heads), 4
     elif dtype == torch.float32:
@@ -274,12 +274,12 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, config: NSA
 
 def chunk_width(config: NSAConfig) -> int:
     """NPAD: selection blocks per chunk and width of the running top-n."""
-    return max(16, triton.next_power_of_2(config.slc_topn))
+    return max(16, runtime.next_power_of_2(config.slc_topn))
 
 
 def block_width(config: NSAConfig) -> int:
     """RPAD: score columns per selection block, its l'/d compressed blocks rounded up to a power of two."""
-    return triton.next_power_of_2(config.slc_block // config.cmp_stride)
+    return runtime.next_power_of_2(config.slc_block // config.cmp_stride)
 
 
 class KeyLayout(NamedTuple):
@@ -302,7 +302,7 @@ class KeyLayout(NamedTuple):
         largest, at least G * l/d over the row's blocks) take 31 binades, under 2**28; dropping index_bits - 2
         low bits leaves keys < 2**30, so a pair sum in the sort fits int32, and 25 - index_bits >= 12 mantissa
         bits: importances closer than 2.5e-4 relative may tie, a quarter of the 16-bit selection tolerance."""
-        index_bits = max(1, (triton.cdiv(max_seqlen, config.slc_block) - 1).bit_length())
+        index_bits = max(1, (runtime.cdiv(max_seqlen, config.slc_block) - 1).bit_length())
         if dtype not in (torch.float16, torch.bfloat16) or index_bits > 13:
             return cls(tl.int64, 1.0, 0, 0, 31, 0x7F800000)  # top: +inf's bits, above any finite importance
         bound = math.ceil(group * config.cmp_block / config.cmp_stride)
@@ -330,9 +330,9 @@ def select_blocks_fwd(q, k_cmp, lse, seqs: PackedSequences, config: NSAConfig, s
     if k_cmp.shape[0] == 0:  # no compressed keys: pass a valid pointer, every column is masked off
         k_cmp = torch.zeros((1, num_kv_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = lse.contiguous()
-    heads_chunks = triton.cdiv(group, params.block_h)
+    heads_chunks = runtime.cdiv(group, params.block_h)
     keys = KeyLayout.choose(config, group, seqs.max_seqlen, q.dtype)
-    grid = (triton.cdiv(seqs.max_seqlen, params.block_m), seqs.num_seqs, num_kv_heads)
+    grid = (runtime.cdiv(seqs.max_seqlen, params.block_m), seqs.num_seqs, num_kv_heads)
     select_blocks_fwd_kernel[grid](
         q, k_cmp, lse, out, seqs.cu_seqlens, seqs.cu_cmp,
         q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1), lse.stride(0), out.stride(0), out.stride(1),

@@ -26,7 +26,7 @@ from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences
-from nsa.kernels.runtime import (check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
+from nsa.kernels.runtime import (cdiv, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
                                  head_dim_block, interpreting, new_output, pack, row_mask)
 
 LOG2E = 1.4426950408889634
@@ -476,7 +476,7 @@ def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs
         return o, lse
     block_dk, block_dv = _head_tiles(q, v)
     bm, bn, bh = params.fwd_block_m, params.fwd_block_n, params.fwd_block_h
-    grid = (triton.cdiv(seqs.max_seqlen, bm), seqs.num_seqs * num_kv_heads * triton.cdiv(group, bh))
+    grid = (cdiv(seqs.max_seqlen, bm), seqs.num_seqs * num_kv_heads * cdiv(group, bh))
     window_attention_fwd_kernel[grid](
         q, k, v, o, lse, seqs.cu_seqlens, scale * LOG2E, config.window, num_kv_heads, group,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -514,7 +514,7 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               do.stride(0), do.stride(1), lse.stride(0))
     bm, bn, bh = params.dkdv_block_m, params.dkdv_block_n, params.dkdv_block_h
-    window_attention_bwd_dkdv_kernel[(triton.cdiv(seqs.max_seqlen, bn), seqs.num_seqs * num_kv_heads)](
+    window_attention_bwd_dkdv_kernel[(cdiv(seqs.max_seqlen, bn), seqs.num_seqs * num_kv_heads)](
         q, k, v, do, lse, delta, dk, dv, seqs.cu_seqlens, *common,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,
@@ -522,7 +522,7 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages)
 
     bm, bn, bh = params.dq_block_m, params.dq_block_n, params.dq_block_h
-    grid = (triton.cdiv(seqs.max_seqlen, bm), seqs.num_seqs * num_kv_heads * triton.cdiv(group, bh))
+    grid = (cdiv(seqs.max_seqlen, bm), seqs.num_seqs * num_kv_heads * cdiv(group, bh))
     window_attention_bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, seqs.cu_seqlens, *common, dq.stride(0), dq.stride(1),
         HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,

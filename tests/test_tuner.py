@@ -273,6 +273,15 @@ def test_lookup_order_explicit_env_user_shipped_default(tmp_path, monkeypatch):
     assert resolved(NSAParams(combine=CombineParams(block_r=128, block_d=16))) == 128
     # Without seqlen/device (old callers) resolve never reads a cache.
     assert NSAParams().resolve(config, 2, 1, 16, 16, torch.float32).combine.block_r == default
+    # Resolved params are memoized per process (a step's host path) until clear_cache, as the lookups are; a
+    # cache write in this process clears them.
+    def again():
+        return NSAParams().resolve(config, 2, 1, 16, 16, torch.float32, seqlen=128, device="cpu")
+
+    first = again()
+    assert again() is first and first.combine.block_r == 32
+    write_cache(tmp_path / "env", {key: combine_entry(64)})
+    assert again().combine.block_r == 64
 
 
 @kernels_run

@@ -239,13 +239,24 @@ def nearest_entry(entries: dict, key: str) -> tuple[str, dict] | None:
 
 _files: dict[str, dict | None] = {}
 _lookups: dict[tuple, object] = {}
+_memos: dict[tuple, object] = {}
 _warned: set[str] = set()
 
 
 def clear_cache() -> None:
     _files.clear()
     _lookups.clear()
+    _memos.clear()
     _warned.clear()
+
+
+def memoized(key: tuple, compute):
+    """compute(), once per `key` and cache directories for the process and forgotten with the lookups by
+    `clear_cache`: for answers built from several lookups (`NSAParams.resolve`)."""
+    memo = (*key, os.environ.get(ENV_DIR), os.environ.get("XDG_CACHE_HOME"))
+    if memo not in _memos:
+        _memos[memo] = compute()
+    return _memos[memo]
 
 
 def _warn_once(tag: str, message: str) -> None:
