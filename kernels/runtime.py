@@ -102,6 +102,15 @@ def row_mask(row_valid, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
         return row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
 
 
+@triton.jit
+def store_or_add(ptrs, value, mask, ACCUMULATE: tl.constexpr):
+    """Store fp32 `value` in ptrs' dtype; with ACCUMULATE, added to what ptrs hold (another branch's share of a
+    gradient, summed there instead of by a separate pass)."""
+    if ACCUMULATE:
+        value += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
 def check_launch_params(params, *, counts=("num_stages",), tiles=(), flags=()) -> None:
     """Validate a kernel-params dataclass: fields whose names end in one of `flags` are bools, those ending in
     one of `counts` ints >= 1, every other field a power of two; for each kernel prefix in `tiles` ("fwd_", ""

@@ -55,7 +55,7 @@ from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, chec
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences, device_offsets
 from nsa.kernels.runtime import (MIN_DOT, cdiv, check_kernel_inputs, check_launch_params, compute_dtype,
-                                 dot_precision, head_dim_block, new_output, next_power_of_2, pack)
+                                 dot_precision, head_dim_block, new_output, next_power_of_2, pack, store_or_add)
 
 LOG2E = 1.4426950408889634
 # Kernels may only read globals declared as constexpr.
@@ -348,17 +348,14 @@ def selected_attention_sum_parts_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_g < G)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    head = hk * G + offs_g
-    out_ptrs = OUT + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
     ent0 = (t.to(tl.int64) * tl.num_programs(1) + hk) * N
     for j in range(N):
         if tl.load(BLOCK_INDICES + tok * stride_bt + hk * stride_bh + j) >= 0:
             acc += tl.load(PART + (ent0 + j) * stride_pe + offs_g[:, None] * stride_ph + offs_d[None, :], mask=mask,
                            other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
+    head = hk * G + offs_g
+    store_or_add(OUT + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :], acc, mask, ACCUMULATE)
 
 
 @triton.jit
@@ -439,11 +436,8 @@ def selected_attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    dq = dq * scale
-    dq_ptrs = DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :]
-    if ACCUMULATE:
-        dq += tl.load(dq_ptrs, mask=mask_qk, other=0.0).to(tl.float32)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_qk)
+    store_or_add(DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :], dq * scale,
+                 mask_qk, ACCUMULATE)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, chec
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import (cdiv, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
-                                 head_dim_block, interpreting, new_output, pack, row_mask)
+                                 head_dim_block, interpreting, new_output, pack, row_mask, store_or_add)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
@@ -343,12 +343,8 @@ def window_attention_bwd_dq_kernel(
     dq = _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_ptr, v_ptr, stride_kt, stride_vt, seqlen, window,
                               qk_scale, full_hi, end, offs_n, offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V, BLOCK_N,
                               BLOCK_DK, BLOCK_DV, True, DOT_PRECISION)
-    dq = dq * scale
-    dq_ptrs = DQ + (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :]
-    dq_mask = row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
-    if ACCUMULATE:
-        dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)
+    store_or_add(DQ + (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
+                 dq * scale, row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), ACCUMULATE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
