@@ -11,8 +11,8 @@ the importance beyond one chunk:
    (columns r >= R are masked: wasted work only when l'/d is not a power of two; the paper's R = 4 is);
 2. importance: a compressed block at offset o = r*d inside selection block j gives weight min(l, l'-o)/d to j
    and the rest, (l - min(l, l'-o))/d, to j+1 (l <= l', so never further). The spill to j+1 is shifted by one
-   block inside the chunk with an exact broadcast-select-sum ([BLOCK_P, NPAD, NPAD] adds of zeros, negligible
-   next to the G * BLOCK_P * NPAD * RPAD * Dk score products), and the chunk's last spill is carried over;
+   block inside the chunk by an exact `tl.gather` along the chunk (a copy between lanes, no arithmetic), and
+   the chunk's last spill is carried over;
 3. a running top-NPAD in registers: `best` [BLOCK_P, NPAD] integer keys sorted descending. A key packs the
    importance (non-negative float32, so its bits as an integer are monotone) above (2**B - 1 - j), B index
    bits, so one integer order ranks by importance, then by LOWER index. Forced blocks get a high word above
@@ -142,7 +142,7 @@ def select_blocks_fwd_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     current = (p0 + offs_p) // SLC_BLOCK  # [BLOCK_P]: the block holding the position
     offs_j = tl.arange(0, NPAD)
-    shift = (offs_j[:, None] + 1) == offs_j[None, :]  # [k, j]: block k spills into j = k+1
+    spill_from = tl.broadcast_to(tl.maximum(offs_j - 1, 0)[None, :], [BLOCK_P, NPAD])  # block j gets j-1's spill
     best = tl.full([BLOCK_P, NPAD], -1, dtype=KEY_DTYPE)
     carry = tl.zeros([BLOCK_P], dtype=tl.float32)
 
@@ -183,10 +183,9 @@ def select_blocks_fwd_kernel(
         prob3 = tl.reshape(prob, [BLOCK_P, NPAD, RPAD])
         imp_self = tl.sum(prob3 * w_self[None, None, :], 2)  # [BLOCK_P, NPAD]
         spill = tl.sum(prob3 * w_next[None, None, :], 2)  # goes to the next block
-        # A select, not a product with a 0/1 matrix: Triton rewrites sum(a[:, :, None] * b[None, :, :], 1) into a
-        # tl.dot, in TF32 on a GPU (10 mantissa bits for the spills; its CombineBroadcastMulReducePattern).
-        imp = imp_self + tl.sum(tl.where(shift[None, :, :], spill[:, :, None], 0.0), 1)
-        imp += tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
+        # A gather, exact: a product with a 0/1 shift matrix became a TF32 tl.dot on the GPU (Triton's
+        # CombineBroadcastMulReducePattern), and a select-sum over [BLOCK_P, NPAD, NPAD] doubled the kernel's time.
+        imp = imp_self + tl.where(offs_j[None, :] == 0, carry[:, None], tl.gather(spill, spill_from, 1))
         carry = tl.sum(tl.where(offs_j[None, :] == NPAD - 1, spill, 0.0), 1)
 
         blk = j0 + offs_j
