@@ -7,6 +7,7 @@ sequence i owns tokens [cu_seqlens[i], cu_seqlens[i+1]) and compressed entries [
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -51,11 +52,30 @@ class PackedSequences:
 def device_offsets(sizes, device) -> torch.Tensor:
     """int32 [len(sizes) + 1]: the running offsets 0, s0, s0 + s1, ... of host ints `sizes`, on `device`.
 
-    The copy is non-blocking: `torch.tensor(..., device="cuda")` synchronises the stream (waits for every queued
-    kernel) for these few bytes, and the GPU then idles while the host queues the next launches. A non-blocking
-    copy from pageable memory is staged before the call returns, so the host list may go at once.
+    Memoized per (sizes, device), so a training loop over one shape copies nothing after its first step; the
+    tensor is shared between callers, who only read it. The copy is non-blocking: `torch.tensor(...,
+    device="cuda")` synchronises the stream (waits for every queued kernel) for these few bytes, and the GPU then
+    idles while the host queues the next launches. A non-blocking copy from pageable memory is staged before the
+    call returns, so the host list may go at once.
     """
+    return _device_offsets(tuple(sizes), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _device_offsets(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
     out = [0]
     for size in sizes:
         out.append(out[-1] + size)
     return torch.tensor(out, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def segment_ids(sizes, device) -> torch.Tensor:
+    """int32 [sum(sizes)]: for each index, the segment s of `sizes` holding it (empty segments hold none), on
+    `device`. Host ints only, so built on the host and memoized like `device_offsets` (shared, read only)."""
+    return _segment_ids(tuple(sizes), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    ids = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes, dtype=torch.long))
+    return ids.to(device, non_blocking=True)

@@ -45,6 +45,8 @@ dkdv kernel, which therefore runs after it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 
 import torch
 import triton
@@ -53,7 +55,7 @@ import triton.language as tl
 from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.delta import attention_delta
-from nsa.kernels.packing import PackedSequences, device_offsets
+from nsa.kernels.packing import PackedSequences, device_offsets, segment_ids
 from nsa.kernels.runtime import (MIN_DOT, cdiv, check_kernel_inputs, check_launch_params, compute_dtype,
                                  dot_precision, head_dim_block, new_output, next_power_of_2, pack, store_or_add)
 
@@ -675,12 +677,6 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
 # Index preprocessing (torch ops on the device)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _owner(cu: torch.Tensor, count: int) -> torch.Tensor:
-    """int32 [count]: for each i < count, the segment s with cu[s] <= i < cu[s+1] (empty segments skipped)."""
-    return torch.searchsorted(cu[1:], torch.arange(count, dtype=torch.int32, device=cu.device), right=True,
-                              out_int32=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockSchedule:
     """What a fwd/dq program walks. Tiles are `block_t` consecutive positions of one sequence, over all sequences.
@@ -705,6 +701,25 @@ class BlockSchedule:
         return self.tile_tok0.shape[0]
 
 
+@functools.lru_cache(maxsize=32)
+def _tile_layout(seqlens: tuple[int, ...], block_t: int, device: torch.device):
+    """The tiles of `block_t` positions of sequences of these lengths: tile_tok0, tile_seq (int32 [tiles]) and,
+    for block_t > 1, each tile's token rows (int64 [tiles, block_t], clamped into range) and which of them lie past
+    the sequence (bool). Host ints only, so built on the host once per shape and copied: a training loop over one
+    shape runs none of it again."""
+    tiles_per_seq = [cdiv(length, block_t) for length in seqlens]
+    tile_seq = segment_ids(tiles_per_seq, "cpu").long()
+    seq_start = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+    cu_tiles = torch.tensor([0, *itertools.accumulate(tiles_per_seq)], dtype=torch.int32)
+    tile_tok0 = seq_start[tile_seq] + (torch.arange(len(tile_seq), dtype=torch.int32) - cu_tiles[tile_seq]) * block_t
+    layout = [tile_tok0, tile_seq.int(), None, None]
+    if block_t > 1:
+        tok = tile_tok0[:, None] + torch.arange(block_t, dtype=torch.int32)
+        layout[2] = tok.clamp(max=max(seq_start[-1].item() - 1, 0)).long()
+        layout[3] = tok >= seq_start[1:][tile_seq][:, None]
+    return tuple(x if x is None else x.to(device, non_blocking=True) for x in layout)
+
+
 def build_block_schedule(block_indices: torch.Tensor, seqs: PackedSequences, block_t: int) -> BlockSchedule:
     """The union of the selections of each tile of `block_t` positions, per kv head (torch ops, no host sync).
 
@@ -714,21 +729,14 @@ def build_block_schedule(block_indices: torch.Tensor, seqs: PackedSequences, blo
     """
     total, num_kv_heads, n = block_indices.shape
     device = block_indices.device
-    tiles_per_seq = [cdiv(length, block_t) for length in seqs.seqlens]
-    cu_tiles = device_offsets(tiles_per_seq, device)
-    num_tiles = sum(tiles_per_seq)
-    tile_seq = _owner(cu_tiles, num_tiles)
-    tile_tok0 = seqs.cu_seqlens[tile_seq.long()] + (torch.arange(num_tiles, dtype=torch.int32, device=device)
-                                                    - cu_tiles[tile_seq.long()]) * block_t
+    tile_tok0, tile_seq, rows, invalid = _tile_layout(seqs.seqlens, block_t, device)
     if block_t == 1:
         counts = (block_indices >= 0).sum(-1, dtype=torch.int32)
         masks = torch.ones(1, 1, 1, dtype=torch.int32, device=device).expand(total, num_kv_heads, n)
         return BlockSchedule(1, tile_tok0, tile_seq, block_indices, masks, counts)
 
-    tok = tile_tok0[:, None] + torch.arange(block_t, dtype=torch.int32, device=device)  # [tiles, block_t]
-    valid = tok < seqs.cu_seqlens[1:][tile_seq.long()][:, None]
-    vals = block_indices[tok.clamp(max=max(total - 1, 0)).long()]  # [tiles, block_t, Hkv, n]
-    vals = vals.masked_fill(~valid[:, :, None, None], -1)
+    num_tiles = tile_tok0.shape[0]
+    vals = block_indices[rows].masked_fill(invalid[:, :, None, None], -1)  # [tiles, block_t, Hkv, n]
     vals = vals.permute(0, 2, 1, 3).reshape(num_tiles, num_kv_heads, block_t * n)
     none = 1 << 30
     ordered, order = torch.sort(torch.where(vals >= 0, vals, none), dim=-1)
@@ -803,13 +811,13 @@ def sort_selections(block_indices: torch.Tensor, seqs: PackedSequences, config: 
     cu_blocks = device_offsets(blocks_per_seq, device)
     num_blocks = sum(blocks_per_seq)
     num_keys = num_blocks * num_kv_heads
-    tok_seq = _owner(seqs.cu_seqlens, total)[token0:token0 + count]
+    tok_seq = segment_ids(seqs.seqlens, device)[token0:token0 + count]
     selected = block_indices[token0:token0 + count]
     keys = (cu_blocks[tok_seq.long()][:, None, None] + selected) * num_kv_heads \
         + torch.arange(num_kv_heads, dtype=torch.int32, device=device)[None, :, None]
     keys = torch.where(selected >= 0, keys, num_keys).flatten()
     sorted_keys, order = torch.sort(keys, stable=True)
-    return SortedSelections(sorted_keys, order, num_keys, _owner(cu_blocks, num_blocks), cu_blocks)
+    return SortedSelections(sorted_keys, order, num_keys, segment_ids(blocks_per_seq, device), cu_blocks)
 
 
 def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig,

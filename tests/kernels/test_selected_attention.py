@@ -13,7 +13,7 @@ import torch
 import nsa.kernels.runtime as runtime
 from nsa import NSAConfig
 from nsa.accuracy import ERROR_FLOOR, allowed_error, assert_close
-from nsa.kernels.packing import PackedSequences
+from nsa.kernels.packing import PackedSequences, device_offsets, segment_ids
 from nsa.kernels.runtime import interpreting
 from nsa.kernels.selected_attention import (SelectedAttentionParams, build_block_schedule, build_forward_items,
                                             build_inverse_index, default_params, max_forward_items,
@@ -247,6 +247,18 @@ def test_block_schedule_is_the_union(block_t):
             got_masks = [m & 0xFFFFFFFF for m in s.masks[tile, hk, :count].tolist()]
             assert got_blocks == sorted(union), (tile, hk)
             assert got_masks == [union[b] for b in sorted(union)], (tile, hk)
+
+
+def test_shape_layouts_are_built_once():
+    """Offsets, segment ids and tiles depend on host ints only: a second call with the same lengths reuses them."""
+    assert device_offsets([3, 0, 2], "cpu").tolist() == [0, 3, 3, 5]
+    assert device_offsets((3, 0, 2), torch.device("cpu")) is device_offsets([3, 0, 2], "cpu")
+    assert segment_ids([2, 0, 1], "cpu").tolist() == [0, 0, 2] and segment_ids([], "cpu").numel() == 0
+    config = cfg(16, 4)
+    cu = torch.tensor([0, 50, 50, 59], dtype=torch.int32)
+    first, second = (build_block_schedule(random_selection([50, 0, 9], 2, config, seed=s)[0],
+                                          PackedSequences.build(config, 1, 59, "cpu", cu), 4) for s in (0, 1))
+    assert first.tile_tok0 is second.tile_tok0 and first.tile_seq is second.tile_seq
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
