@@ -58,10 +58,10 @@ def device_offsets(sizes, device) -> torch.Tensor:
     idles while the host queues the next launches. A non-blocking copy from pageable memory is staged before the
     call returns, so the host list may go at once.
     """
-    return _device_offsets(tuple(sizes), torch.device(device))
+    return _device_offsets(tuple(sizes), memo_device(device))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _device_offsets(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
     out = [0]
     for size in sizes:
@@ -71,11 +71,20 @@ def _device_offsets(sizes: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 def segment_ids(sizes, device) -> torch.Tensor:
     """int32 [sum(sizes)]: for each index, the segment s of `sizes` holding it (empty segments hold none), on
-    `device`. Host ints only, so built on the host and memoized like `device_offsets` (shared, read only)."""
-    return _segment_ids(tuple(sizes), torch.device(device))
+    `device`. Host ints only, so built on the host and memoized like `device_offsets` (shared, read only); a few
+    entries only, as each holds 4 bytes a token (variable-length batches rarely repeat their lengths)."""
+    return _segment_ids(tuple(sizes), memo_device(device))
 
 
-@functools.lru_cache(maxsize=256)
+def memo_device(device) -> torch.device:
+    """The device as a memo key: a CUDA device without an index is the current one, which may change."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@functools.lru_cache(maxsize=8)
 def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
     ids = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes, dtype=torch.long))
     return ids.to(device, non_blocking=True)

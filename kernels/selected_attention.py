@@ -701,12 +701,13 @@ class BlockSchedule:
         return self.tile_tok0.shape[0]
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _tile_layout(seqlens: tuple[int, ...], block_t: int, device: torch.device):
     """The tiles of `block_t` positions of sequences of these lengths: tile_tok0, tile_seq (int32 [tiles]) and,
     for block_t > 1, each tile's token rows (int64 [tiles, block_t], clamped into range) and which of them lie past
     the sequence (bool). Host ints only, so built on the host once per shape and copied: a training loop over one
-    shape runs none of it again."""
+    shape runs none of it again. `device` is a tensor's, so it has its index. A few entries only (~13 bytes a
+    token with their rows)."""
     tiles_per_seq = [cdiv(length, block_t) for length in seqlens]
     tile_seq = segment_ids(tiles_per_seq, "cpu").long()
     seq_start = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
