@@ -76,15 +76,15 @@ def segment_ids(sizes, device) -> torch.Tensor:
     return _segment_ids(tuple(sizes), memo_device(device))
 
 
+@functools.lru_cache(maxsize=8)
+def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    ids = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes, dtype=torch.long))
+    return ids.to(device, non_blocking=True)
+
+
 def memo_device(device) -> torch.device:
     """The device as a memo key: a CUDA device without an index is the current one, which may change."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-@functools.lru_cache(maxsize=8)
-def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    ids = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes, dtype=torch.long))
-    return ids.to(device, non_blocking=True)

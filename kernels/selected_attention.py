@@ -674,7 +674,7 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Index preprocessing (torch ops on the device)
+# Index preprocessing (torch ops on the device; what depends on the lengths only is built on the host, memoized)
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
