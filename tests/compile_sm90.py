@@ -7,8 +7,15 @@ launches nothing. The launchers' host code runs on small CPU tensors (`runtime.C
 nothing is computed, so inputs only need valid shapes and indices. A kernel that the interpreter runs but the
 GPU compiler rejects (a tl.dot under 16, a constexpr reassigned in a loop) or that asks for more shared memory
 than the GPU has fails here; so does a product of fp32 tensors rounded to TF32 (none of ours asks for one, but
-Triton turns sum(a[:, :, None] * b[None, :, :], 1) into a TF32 tl.dot on its own). Prints one line per family and params; exits 1 after any failure.
+Triton turns sum(a[:, :, None] * b[None, :, :], 1) into a TF32 tl.dot on its own). Prints one line per family
+and params; exits 1 after any failure.
 `--part I/N` does every N-th check from the I-th (0-based), for N processes in parallel.
+
+Each kernel's size (registers, bytes of register spills, SASS instructions, read with Triton's cuobjdump) is
+checked against sm90_kernel_sizes.json, recorded with the same Triton: a kernel whose spills grow by more than
+64 bytes or whose SASS grows by more than 30% fails, a cheap sign of a slower kernel (session 12's exact shift in
+the selection doubled its SASS and its time at G=4 on an H200, and no GPU had timed it). After a change that
+was timed on a GPU, record the new sizes with `--write-sizes` (one process, every check).
 """
 
 from __future__ import annotations
@@ -16,11 +23,16 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
@@ -29,6 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 SEQLEN = 256  # tokens per training call: their kernels' constexprs do not depend on T
 SHARED_MEMORY = {(9, 0): 227 * 1024, (8, 0): 163 * 1024}  # opt-in shared memory per block
 TF32_PRODUCT = re.compile(r"tt\.dot .*inputPrecision = tf32 : tensor<[0-9x]+xf32>")  # fp32 operands, TF32 products
+SIZES = Path(__file__).with_name("sm90_kernel_sizes.json")
+SPILL_SLACK, SASS_GROWTH = 64, 1.3
+RESOURCES = re.compile(rb"REG:(\d+) STACK:(\d+)")
+SASS_INSTRUCTION = re.compile(rb"/\*[0-9a-f]{4,}\*/\s+\S")  # an instruction's address, then its text
 
 runtime = importlib.import_module("nsa.kernels.runtime")
 cache = importlib.import_module("nsa.tuner.cache")
@@ -56,8 +72,27 @@ class CompileOnlyDriver:
         return torch.device("cpu")
 
 
+class Kernel(NamedTuple):
+    name: str
+    warps: int
+    shared: int
+    tf32_products: int
+    cubin: bytes
+
+    def size(self) -> tuple[int, int, int]:
+        """(registers, stack bytes (register spills), SASS instructions), read with the cuobjdump Triton ships."""
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(self.cubin)
+            f.flush()
+            usage, sass = (subprocess.check_output([knobs.nvidia.cuobjdump.path, *flags, f.name],
+                                                   stderr=subprocess.DEVNULL)
+                           for flags in (["--dump-resource-usage"], ["-sass"]))
+        registers, stack = (int(v) for v in RESOURCES.search(usage).groups())
+        return registers, stack, len(SASS_INSTRUCTION.findall(sass))
+
+
 class Compiled:
-    """Every kernel compiled since the last `take`, with its shared memory."""
+    """Every kernel compiled since the last `take`."""
 
     def __init__(self):
         self.kernels = []
@@ -66,8 +101,8 @@ class Compiled:
 
         def compile_only(jit_fn, *args, grid, warmup, **kwargs):
             kernel = recorder._run(jit_fn, *args, grid=grid, warmup=True, **kwargs)
-            recorder.kernels.append((jit_fn.fn.__name__, kernel.metadata.num_warps, kernel.metadata.shared,
-                                     len(TF32_PRODUCT.findall(kernel.asm["ttir"]))))
+            recorder.kernels.append(Kernel(jit_fn.fn.__name__, kernel.metadata.num_warps, kernel.metadata.shared,
+                                           len(TF32_PRODUCT.findall(kernel.asm["ttir"])), kernel.asm["cubin"]))
             return kernel
 
         JITFunction.run = compile_only
@@ -130,7 +165,9 @@ def run_family(family: str, shape: dict, params) -> None:
         out.backward(torch.randn_like(out))
 
 
-def check(label: str, family: str, shape: dict, params, compiled: Compiled, limit: int) -> bool:
+def check(label: str, family: str, shape: dict, params, compiled: Compiled, limit: int, sizes: dict) -> bool:
+    """Compile one family's kernels; False after printing why when one fails. `sizes` maps label -> kernel ->
+    recorded (registers, stack, SASS); this label's measured sizes are written into it."""
     try:
         run_family(family, shape, params)
     except Exception:
@@ -138,15 +175,27 @@ def check(label: str, family: str, shape: dict, params, compiled: Compiled, limi
         compiled.take()
         return False
     kernels = compiled.take()
-    over = [(name, smem) for name, _, smem, _ in kernels if smem > limit]
+    over = [(k.name, k.shared) for k in kernels if k.shared > limit]
     if over:
         print(f"FAIL {label}: shared memory over {limit} bytes: {over}")
         return False
-    tf32 = [name for name, _, _, products in kernels if products]
+    tf32 = [k.name for k in kernels if k.tf32_products]
     if tf32:
         print(f"FAIL {label}: fp32 products rounded to TF32 in {tf32}")
         return False
-    print(f"ok   {label}: " + ", ".join(f"{name}({warps}w, {smem // 1024} KB)" for name, warps, smem, _ in kernels))
+    measured = {}
+    for k in kernels:  # a kernel launched twice (chunks, split launches) is kept at its largest
+        measured[k.name] = [max(a, b) for a, b in zip(measured.get(k.name, (0, 0, 0)), k.size())]
+    recorded, sizes[label] = sizes.get(label, {}), measured
+    grown = [f"{name}: spills {stack} B (recorded {recorded[name][1]}), SASS {sass} (recorded {recorded[name][2]})"
+             for name, (_, stack, sass) in measured.items() if name in recorded
+             and (stack > recorded[name][1] + SPILL_SLACK or sass > recorded[name][2] * SASS_GROWTH)]
+    if grown:
+        print(f"FAIL {label}: kernels grew ({'; '.join(grown)}): time them on a GPU, then `--write-sizes`")
+        return False
+    print(f"ok   {label}: " + ", ".join(f"{k}({w}w, {s // 1024} KB, {r}r, {st} B spilled, {n} SASS)"
+                                      for k, w, s, (r, st, n) in
+                                      ((k.name, k.warps, k.shared, measured[k.name]) for k in kernels)))
     return True
 
 
@@ -156,8 +205,14 @@ DEFAULT_SHAPES = [dict(G=g, Dk=128, Dv=128, l=32, d=16, ls=64, n=16, dtype=dtype
                                    (16, torch.float32))]
 
 
-def main(paths, part: int = 0, parts: int = 1) -> int:
+def main(paths, part: int = 0, parts: int = 1, write_sizes: bool = False) -> int:
     ok, index = True, -1
+    recorded = json.loads(SIZES.read_text()) if SIZES.exists() else {}
+    if recorded.get("triton") != triton.__version__:  # other compilers, other sizes: nothing to compare
+        print(f"note: {SIZES.name} was recorded with Triton {recorded.get('triton')}, this is {triton.__version__}: "
+              "sizes not compared")
+        recorded = {}
+    sizes = {} if write_sizes else recorded.get("kernels", {})
 
     def mine() -> bool:
         nonlocal index
@@ -190,14 +245,17 @@ def main(paths, part: int = 0, parts: int = 1) -> int:
             seen.add(dedup)
             if not mine():
                 continue
-            ok &= check(f"{Path(path).name} {key}", family, shape, params, compiled, limit)
+            ok &= check(f"{Path(path).name} {key}", family, shape, params, compiled, limit, sizes)
         # The defaults (what runs without a cache entry), forward and backward of every training family.
         for shape in DEFAULT_SHAPES:
             for family in ("compression_bwd", "selection", "selected_bwd", "window_bwd", "combine"):
                 if not mine():
                     continue
                 label = f"default {family} G={shape['G']} {shape['dtype']}"
-                ok &= check(label, family, shape, None, compiled, limit)
+                ok &= check(label, family, shape, None, compiled, limit, sizes)
+    if write_sizes:  # one line per label, so a diff shows which kernels moved
+        rows = ",\n".join(f"  {json.dumps(label)}: {json.dumps(sizes[label], sort_keys=True)}" for label in sorted(sizes))
+        SIZES.write_text(f'{{\n "triton": "{triton.__version__}",\n "kernels": {{\n{rows}\n }}\n}}\n')
     return 0 if ok else 1
 
 
@@ -206,7 +264,12 @@ if __name__ == "__main__":
         sys.exit("run without TRITON_INTERPRET: the kernels must compile, not be interpreted")
     args = sys.argv[1:]
     part, parts = 0, 1
+    write_sizes = "--write-sizes" in args
+    args = [a for a in args if a != "--write-sizes"]
     if args[:1] == ["--part"]:
         part, parts = (int(v) for v in args[1].split("/"))
         args = args[2:]
-    sys.exit(main(args or sorted(str(p) for p in (REPO / "tuner" / "configs").glob("*.json")), part, parts))
+    if write_sizes and parts > 1:
+        sys.exit("--write-sizes records every check: run it in one process, without --part")
+    sys.exit(main(args or sorted(str(p) for p in (REPO / "tuner" / "configs").glob("*.json")), part, parts,
+                  write_sizes))

@@ -1,6 +1,7 @@
 """GPU-only compile errors, caught on a CPU machine: every kernel that the shipped config caches select, and the
-defaults take, compiles for the GPU its cache was tuned on (tests/compile_sm90.py, in two processes without
-TRITON_INTERPRET: the interpreter runs kernels that a GPU compile rejects)."""
+defaults take, compiles for the GPU its cache was tuned on, and no kernel's spills or SASS grew past its recorded
+size (tests/compile_sm90.py, in two processes without TRITON_INTERPRET: the interpreter runs kernels that a GPU
+compile rejects)."""
 
 import os
 import subprocess
