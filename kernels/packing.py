@@ -78,8 +78,12 @@ def segment_ids(sizes, device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _segment_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    ids = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes, dtype=torch.long))
-    return ids.to(device, non_blocking=True)
+    return segment_ids_on_host(sizes).int().to(device, non_blocking=True)
+
+
+def segment_ids_on_host(sizes) -> torch.Tensor:
+    """int64 [sum(sizes)] on the host, not memoized: `segment_ids` for host code that indexes with it."""
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
 
 
 def memo_device(device) -> torch.device:

@@ -55,7 +55,7 @@ import triton.language as tl
 from nsa.config import NSAConfig
 from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, check_keys_values, resolve_scale
 from nsa.kernels.delta import attention_delta
-from nsa.kernels.packing import PackedSequences, device_offsets, segment_ids
+from nsa.kernels.packing import PackedSequences, device_offsets, segment_ids, segment_ids_on_host
 from nsa.kernels.runtime import (MIN_DOT, cdiv, check_kernel_inputs, check_launch_params, compute_dtype,
                                  dot_precision, head_dim_block, new_output, next_power_of_2, pack, store_or_add)
 
@@ -709,7 +709,7 @@ def _tile_layout(seqlens: tuple[int, ...], block_t: int, device: torch.device):
     shape runs none of it again. `device` is a tensor's, so it has its index. A few entries only (~13 bytes a
     token with their rows)."""
     tiles_per_seq = [cdiv(length, block_t) for length in seqlens]
-    tile_seq = segment_ids(tiles_per_seq, "cpu").long()
+    tile_seq = segment_ids_on_host(tiles_per_seq)
     seq_start = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
     cu_tiles = torch.tensor([0, *itertools.accumulate(tiles_per_seq)], dtype=torch.int32)
     tile_tok0 = seq_start[tile_seq] + (torch.arange(len(tile_seq), dtype=torch.int32) - cu_tiles[tile_seq]) * block_t
