@@ -111,6 +111,8 @@ CPU_CASES = {
     "MQA-G16-DkDv-init0-local1": (cfg(16, 16, 16, 5, 16, 0, 1), [131, 64], 1, 16, 1, 32, 16, 32, torch.float32),
     "MHA-fp16-paged": (cfg(8, 4, 16, 4, 24), [90, 17], 2, 2, 2, 16, 16, 8, torch.float16),
     "before-first-block": (cfg(32, 16, 64, 3, 64), [20, 31], 1, 4, 2, 16, 16, None, torch.float32),
+    # l'/d = 3: a selection block's score columns padded to 4, tiles of 4 blocks
+    "three-compressed-per-block": (cfg(32, 16, 48, 3, 64), [300, 130], 1, 4, 2, 16, 16, None, torch.float32),
 }
 
 
@@ -152,6 +154,24 @@ def test_exact_ties_go_to_the_lower_index():
     q, gates = random_queries(2, 2, 4, 16, dtype=torch.float32, device="cpu", seed=5)
     check_decode(q, cache, seqs, gates, config, params=default_params(2, 2, 2, config, cache.capacity, "cpu"),
                  exact_selection=True)
+
+
+@needs_interpreter
+def test_a_spill_reaches_the_next_split():
+    """One compressed block, the last of selection block 7, holds nearly all of p_cmp. It weighs 1 into block 7
+    and 1 into block 8, the first block of the second importance split (8 blocks a split here), so both are
+    selected: the spill crosses from one program's blocks to the next one's."""
+    config = cfg(16, 8, 16, 5, 16)  # l'/d = 2: the second compressed block of each block spills half over
+    cache, seqs = filled_caches(config, [230, 200], 1, 16, 16, dtype=torch.float32, device="cpu", seed=6)
+    q, gates = random_queries(2, 1, 2, 16, dtype=torch.float32, device="cpu", seed=6)
+    hot = 7 * 2 + 1
+    for b, (k, v, k_cmp, v_cmp) in enumerate(seqs):
+        k_cmp[hot, 0] = 4.0 * q[b, 0].sum(0).double()
+        cache.k_cmp[b, hot, 0] = k_cmp[hot, 0].float()
+    params = DecodeParams(cmp_splits=2, cmp_block_n=16, importance_splits=2, importance_chunk=4, slc_splits=1,
+                          win_splits=1, block_n=16, num_warps=1, num_stages=1)
+    _, idx = check_decode(q, cache, seqs, gates, config, params=params, exact_selection=True)
+    assert all({7, 8} <= set(row.tolist()) for row in idx.flatten(0, 2))
 
 
 def grow_and_compare(config, prompts, steps, *, dtype, device, num_heads=4, num_kv_heads=2, head_dim=16,
