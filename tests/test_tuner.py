@@ -89,6 +89,17 @@ def test_selection_score_tiles_that_spill_are_pruned_on_a_gpu(monkeypatch):
     assert len(spaces.search_space("selection", paper, config, 64, 4, interpreter=False, space=space)[0]) == 6
 
 
+@pytest.mark.parametrize("seqlen,kept", [(1024, {64, 256, 1024, 2048, 4096}), (4096, {256, 1024, 2048, 4096}),
+                                          (65536, {1024, 2048, 4096})])
+def test_short_dkdv_chunks_only_for_short_sequences(seqlen, kept):
+    """The selected backward's list chunks below min(1024, T/16) are pruned (2048 is the paper's default)."""
+    shape = cache.Shape(seqlen, 16, 128, 128, 32, 16, 64, 16, "bfloat16")
+    cands, pruned = spaces.search_space("selected_bwd", shape, NSAConfig(), 64, 4, interpreter=False,
+                                        space=dict(dkdv_chunk=[64, 256, 1024, 4096]))
+    assert {c.dkdv_chunk for c in cands} == kept
+    assert pruned.get("dkdv_chunk_fits_length", 0) == 5 - len(kept)
+
+
 @kernels_run
 def test_tune_smoke_tiny_space_writes_checked_entries(tmp_path):
     result = search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False)

@@ -5,7 +5,8 @@ A candidate is the family's `default_params` for the shape with the declared fie
 declared keep their default). A family searches its forward kernel's fields; `<family>_bwd` (BACKWARD_FAMILIES)
 searches the same params class's backward fields, from the same default. Candidates the params dataclass itself
 rejects (powers of two, tl.dot's 16) are dropped and counted as "invalid"; the predicates prune forward tiles
-only (a backward tile that does not fit fails to compile, and is recorded as an error).
+(a backward tile that does not fit fails to compile, and is recorded as an error) and the selected dk/dv list
+chunks too short for the sequence.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ PREDICATES = (
      _smem_ok),
     ("registers", "accumulator + score tile (selection: score tile) above ~192 fp32 registers per thread spills",
      _registers_ok),
+    ("dkdv_chunk_fits_length", "a selected dk/dv list chunk under min(1024, T/16) positions cuts the lists into "
+     "more items and fp32 partial slots than a long sequence gains from (64 KB a slot at the paper shape)",
+     lambda p, s, d, c: not hasattr(p, "dkdv_chunk") or p.dkdv_chunk >= min(1024, s.seqlen // 16)),
 )
 
 
