@@ -632,9 +632,9 @@ class SelectedAttentionParams:
 SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[1, 4, 8],
                     fwd_num_stages=[1, 2, 3], fwd_inverted=[False, True], fwd_parts_16bit=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[False, True])
-# The backward kernels (`selected_bwd`). Short list chunks only pay at short lengths (at 1k on an H200 chunk 64
-# took the backward from 3.34 to 2.67 ms; from 2k the tuned 1024-4096 were best), and they multiply the fp32
-# partial slots: the tuner's `dkdv_chunk_fits_length` predicate keeps them off long sequences.
+# The backward kernels (`selected_bwd`). Short list chunks could only pay at short lengths (from 2k the tuned
+# 1024-4096 were best on an H200; at 1k the tuner took 256, within the spread of the old 4096), and they multiply
+# the fp32 partial slots: the tuner's `dkdv_chunk_fits_length` predicate keeps them off long sequences.
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[64, 256, 1024, 4096], dkdv_num_stages=[2, 3],
                              dq_inverted=[False, True], dq_parts_16bit=[False, True], dq_num_warps=[2, 4])
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096], dq_inverted=[False, True])
