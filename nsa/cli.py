@@ -155,7 +155,7 @@ def cmd_profile(args) -> int:
     import torch
 
     from nsa.bench import device_name
-    from nsa.profile import format_table, profile_attention, step_tflop
+    from nsa.profile import format_gaps, format_table, profile_attention, step_tflop
     from nsa.suites.problem import DTYPE_LABELS, DTYPES
     if _device_type(args.device) != "cuda":
         print("nsa profile: kernel times come from CUDA events; this machine has no CUDA GPU (on a CPU the "
@@ -165,7 +165,7 @@ def cmd_profile(args) -> int:
     dtype = DTYPES[dtype_name]
     profiled = profile_attention(seqlen=args.seqlen, num_heads=args.heads, num_kv_heads=args.kv_heads,
                                  head_dim=args.head_dim, dtype=dtype, backward="bwd" in args.ops, steps=args.steps,
-                                 device=args.device)
+                                 device=args.device, gaps=args.gaps)
     times = profiled.kernels
     print(f"{device_name(args.device)}, torch {torch.__version__}: nsa_attention {'+'.join(args.ops)}, B=1, "
           f"T={args.seqlen}, {args.heads} query / {args.kv_heads} kv heads, D={args.head_dim}, "
@@ -177,6 +177,8 @@ def cmd_profile(args) -> int:
           f"{tflop / profiled.kernel_ms * 1e3:.0f} TFLOP/s over the kernels' GPU time")
     print(f"step {profiled.step_ms:.3f} ms (median of {args.steps}, CUDA events, L2 flushed): "
           f"{profiled.host_wait_ms:.3f} ms of it not in kernels (the GPU waiting for the host)")
+    if args.gaps:
+        print(format_gaps(profiled.gaps, args.steps))
     if args.out:
         import pandas as pd
         pd.DataFrame(times, columns=["kernel", "ms_per_step"]).to_csv(args.out, index=False)
@@ -346,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fwd alone, or fwd and bwd (default)")
     profile_.add_argument("--steps", type=int, default=3, help="profiled steps, after 2 warm-up (default: 3)")
     profile_.add_argument("--out", metavar="FILE.csv", help="also write the kernel times as CSV")
+    profile_.add_argument("--gaps", action="store_true", help="also trace the host and list the longest gaps "
+                          "between kernels with what the host was doing (the tracing slows the host)")
     profile_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                           help="CUDA device (default: cuda)")
     profile_.set_defaults(func=cmd_profile)

@@ -6,13 +6,18 @@ kernels of a few steps after two warm-up steps; each kernel's GPU time is summed
 by the steps. Kernels overlap little (one stream), so the times add up to about the step's GPU time; L2 is not
 flushed between kernels, so they run a little faster than in `nsa bench`. The step itself is also timed as the
 benchmark times it (CUDA events, L2 flushed): what it takes beyond the kernels' sum is the GPU waiting for the
-host (synchronisations, launches). docs/performance.md keeps the tables.
+host (synchronisations, launches). With `gaps`, the profiler also traces the host, and each gap between two
+consecutive kernels is listed with what the host was doing before the second one's launch (its open CPU ops, the
+CUDA runtime calls in the gap): where a short sequence's step goes. docs/performance.md keeps the tables.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import os
+import tempfile
 
 import torch
 
@@ -29,11 +34,63 @@ def kernel_times(events, steps: int) -> list[tuple[str, float]]:
 
 
 @dataclasses.dataclass(frozen=True)
+class HostGap:
+    """The GPU idle between two consecutive kernels, and what the host was doing before the second one's launch:
+    the CPU ops open at the launch (outermost first) and the CUDA runtime calls that overlap the gap up to that
+    launch (us, longest first)."""
+
+    gap_us: float
+    after: str
+    before: str
+    host_ops: tuple[str, ...]
+    runtime_calls: tuple[tuple[str, float], ...]
+
+
+def host_gaps(trace_events: list[dict], min_us: float = 15.0) -> list[HostGap]:
+    """The gaps of at least `min_us` between consecutive kernels of a Chrome trace's events (torch.profiler with
+    CPU and CUDA activities, one stream), longest first. Kernels are matched to their launches by correlation id."""
+    kernels = sorted((e for e in trace_events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    runtime = [e for e in trace_events if e.get("cat") == "cuda_runtime"]
+    launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
+    cpu_ops = [e for e in trace_events if e.get("cat") == "cpu_op" and "dur" in e]
+    gaps = []
+    for done, next_ in zip(kernels, kernels[1:]):
+        idle_from = done["ts"] + done["dur"]
+        gap = next_["ts"] - idle_from
+        if gap < min_us:
+            continue
+        launch = launches.get(next_.get("args", {}).get("correlation", -1), next_)
+        open_ops = sorted((op for op in cpu_ops if op["ts"] <= launch["ts"] <= op["ts"] + op["dur"]),
+                          key=lambda op: op["ts"])
+        calls = collections.Counter()
+        for call in runtime:  # a sync that the gap ends started before it
+            if call["ts"] + call.get("dur", 0.0) >= idle_from and call["ts"] <= launch["ts"]:
+                calls[call["name"]] += call.get("dur", 0.0)
+        gaps.append(HostGap(gap, done["name"], next_["name"], tuple(op["name"] for op in open_ops),
+                            tuple(calls.most_common())))
+    return sorted(gaps, key=lambda g: -g.gap_us)
+
+
+def format_gaps(gaps: list[HostGap], steps: int, most: int = 10) -> str:
+    """Their sum per step, then the `most` longest: gap, the kernels around it, the host's innermost ops."""
+    lines = [f"{sum(g.gap_us for g in gaps) / steps / 1000:.3f} ms per step in {len(gaps) // max(steps, 1)} gaps "
+             "between kernels (the profiler's host tracing slows the host: upper bounds); the longest:"]
+    for g in gaps[:most]:
+        calls = ", ".join(f"{name} {us:.0f} us" for name, us in g.runtime_calls[:2])
+        lines.append(f"{g.gap_us:9.1f} us  {g.after[:40]} -> {g.before[:40]}")
+        lines.append(f"{'':13}host: {' > '.join(op[:40] for op in g.host_ops[-3:]) or '-'}"
+                     + (f"; {calls}" if calls else ""))
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
 class StepProfile:
-    """One profiled step: `kernels` as from `kernel_times`, and the step's median time `step_ms`."""
+    """One profiled step: `kernels` as from `kernel_times`, the step's median time `step_ms`, and with host
+    tracing the `gaps` between kernels (`host_gaps`, over all profiled steps)."""
 
     kernels: list[tuple[str, float]]
     step_ms: float
+    gaps: list[HostGap] = dataclasses.field(default_factory=list)
 
     @property
     def kernel_ms(self) -> float:
@@ -48,9 +105,9 @@ class StepProfile:
 
 def profile_attention(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype=torch.bfloat16,
                       backward: bool = True, steps: int = 3, config: NSAConfig | None = None,
-                      device="cuda") -> StepProfile:
-    """`kernel_times` of `nsa.kernels.nsa_attention` (B=1, random inputs, seed 0) on a CUDA `device`, and the
-    median of `steps` timed steps."""
+                      device="cuda", gaps: bool = False) -> StepProfile:
+    """`kernel_times` of `nsa.kernels.nsa_attention` (B=1, random inputs, seed 0) on a CUDA `device`, the
+    median of `steps` timed steps, and with `gaps` the host's trace read by `host_gaps`."""
     from torch.profiler import ProfilerActivity, profile
 
     from nsa.kernels import nsa_attention
@@ -74,12 +131,23 @@ def profile_attention(*, seqlen: int, num_heads: int, num_kv_heads: int, head_di
     for _ in range(2):  # compiles, autotuned nothing: the config cache decides
         step()
     torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if gaps else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize(device)
+    found = []
+    if gaps:
+        fd, path = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        try:
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                found = host_gaps(json.load(f)["traceEvents"])
+        finally:
+            os.remove(path)
     timing = time_call(step, device, TimerSettings(warmup_ms=0.0, rep_ms=0.0, min_reps=steps, max_reps=steps))
-    return StepProfile(kernel_times(prof.events(), steps), timing.median_ms)
+    return StepProfile(kernel_times(prof.events(), steps), timing.median_ms, found)
 
 
 def step_tflop(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16",

@@ -5,7 +5,7 @@ import types
 import torch
 
 from nsa.cli import main
-from nsa.profile import StepProfile, format_table, kernel_times
+from nsa.profile import StepProfile, format_gaps, format_table, host_gaps, kernel_times
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
@@ -47,3 +47,26 @@ def test_step_work_is_the_benchmarks_count():
     bwd = op_work(Problem("bwd", 4096), config).flops
     assert step_tflop(seqlen=4096, num_heads=64, num_kv_heads=4, head_dim=128) == (fwd + bwd) / 1e12
     assert step_tflop(seqlen=4096, num_heads=64, num_kv_heads=4, head_dim=128, backward=False) == fwd / 1e12
+
+
+def test_gaps_between_kernels_name_what_the_host_did():
+    """Two gaps: one after a host sync (a runtime call in it, the next launch inside a CPU op), one too short."""
+    trace = [
+        dict(cat="kernel", name="combine_bwd", ts=0.0, dur=10.0, args=dict(correlation=1)),
+        dict(cat="kernel", name="dkdv", ts=300.0, dur=50.0, args=dict(correlation=2)),
+        dict(cat="kernel", name="reduce", ts=355.0, dur=5.0, args=dict(correlation=3)),
+        dict(cat="cuda_runtime", name="cudaStreamSynchronize", ts=5.0, dur=20.0, args=dict(correlation=9)),
+        dict(cat="cuda_runtime", name="cudaLaunchKernel", ts=280.0, dur=8.0, args=dict(correlation=2)),
+        dict(cat="cuda_runtime", name="cudaLaunchKernel", ts=290.0, dur=8.0, args=dict(correlation=3)),
+        dict(cat="cpu_op", name="NSAAttentionFunctionBackward", ts=0.0, dur=400.0),
+        dict(cat="cpu_op", name="aten::arange", ts=270.0, dur=15.0),
+        dict(cat="cpu_op", name="aten::sort", ts=100.0, dur=20.0),
+        dict(cat="python_function", name="ignored", ts=0.0, dur=1000.0),
+    ]
+    gaps = host_gaps(trace)
+    assert [(g.gap_us, g.after, g.before) for g in gaps] == [(290.0, "combine_bwd", "dkdv")]
+    assert gaps[0].host_ops == ("NSAAttentionFunctionBackward", "aten::arange")
+    assert gaps[0].runtime_calls == (("cudaStreamSynchronize", 20.0), ("cudaLaunchKernel", 8.0))
+    text = format_gaps(gaps, steps=2).splitlines()
+    assert text[0].startswith("0.145 ms per step in 0 gaps") and "combine_bwd -> dkdv" in text[1]
+    assert "NSAAttentionFunctionBackward > aten::arange; cudaStreamSynchronize 20 us" in text[2]
