@@ -235,7 +235,7 @@ def test_write_reload_lookup_nearest_bucket(tmp_path, monkeypatch, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nsa.tuner"):
         assert cache.lookup("combine", other, "cpu-interpreter") is None
-        cache._lookups.clear()
+        cache._memos.clear()
         assert cache.lookup("combine", other, "cpu-interpreter") is None
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
@@ -249,7 +249,7 @@ def test_corrupt_or_foreign_file_warns_once_and_is_ignored(tmp_path):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cache._lookups.clear()
+        cache._memos.clear()
         assert cache.lookup("combine", SMOKE_SHAPE, "cpu-interpreter") is None
     cache.clear_cache()
     write_cache(user, {cache.bucket_key("combine", SMOKE_SHAPE): combine_entry(64)}, device="nvidia-h100")

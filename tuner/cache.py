@@ -238,21 +238,19 @@ def nearest_entry(entries: dict, key: str) -> tuple[str, dict] | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 _files: dict[str, dict | None] = {}
-_lookups: dict[tuple, object] = {}
 _memos: dict[tuple, object] = {}
 _warned: set[str] = set()
 
 
 def clear_cache() -> None:
     _files.clear()
-    _lookups.clear()
     _memos.clear()
     _warned.clear()
 
 
 def memoized(key: tuple, compute):
-    """compute(), once per `key` and cache directories for the process and forgotten with the lookups by
-    `clear_cache`: for answers built from several lookups (`NSAParams.resolve`)."""
+    """compute(), once per `key` and cache directories for the process, forgotten by `clear_cache`: each
+    `lookup`, and answers built from several lookups (`NSAParams.resolve`)."""
     memo = (*key, os.environ.get(ENV_DIR), os.environ.get("XDG_CACHE_HOME"))
     if memo not in _memos:
         _memos[memo] = compute()
@@ -330,9 +328,10 @@ def read_file(path, device: str | None = None) -> dict:
 
 def lookup(family: str, shape: Shape, device: str):
     """The cached params (a params dataclass) of `family` for `shape` on `device`, or None: see the module doc."""
-    memo = (family, shape, device, os.environ.get(ENV_DIR), os.environ.get("XDG_CACHE_HOME"))
-    if memo in _lookups:
-        return _lookups[memo]
+    return memoized(("lookup", family, shape, device), lambda: _lookup(family, shape, device))
+
+
+def _lookup(family: str, shape: Shape, device: str):
     key = bucket_key(family, shape)
     found, any_file = None, False
     for source, root in search_dirs():
@@ -360,7 +359,6 @@ def lookup(family: str, shape: Shape, device: str):
         else:
             _log_once(f"nofile:{device}", logging.INFO,
                       f"nsa config: no config cache for {device}; using the default heuristics")
-    _lookups[memo] = found
     return found
 
 
