@@ -35,7 +35,7 @@ steps of `dkdv_block_t` positions x G heads (rows), recomputing p from the saved
 work items of at most `dkdv_chunk` positions so that very popular blocks (block 0 is selected by every query)
 do not serialise the whole backward on one program: a block with one item writes dK/dV directly, a block with
 several writes fp32 partial sums that a small kernel adds up in a fixed order (deterministic). Sizing the
-items costs one host sync (a single `.tolist()` of two numbers) per backward.
+items needs no host sync: their number and the slots are bounds known on the host (DKDV_UNSYNCED_PART_BYTES).
 
 The softmax runs in base 2 (exp2 with scale * log2(e)) in fp32; `lse` is returned in natural-log units,
 [Hq, total tokens]. delta = rowsum(dO * O) is computed by the dq kernel (it loads dO anyway) and consumed by the
@@ -67,6 +67,8 @@ _LN2 = tl.constexpr(0.6931471805599453)
 MAX_BLOCK_T = 32
 # Keys per program of the partial-sum reduction (a light, memory-bound kernel).
 REDUCE_BLOCK_N = 16
+# Keys per step of the one-program kernel that cuts the dk/dv lists into work items.
+ITEMS_BLOCK = 1024
 # The inverted forward keeps a part (Dv outputs and an lse per head) per (position, kv head, slot): it
 # takes the positions in chunks whose parts fit this many bytes (8k positions of the paper shape; at most 1/16 of
 # the GPU's memory), and cuts a block's list of positions into work items of at most INVERTED_ITEM_POSITIONS.
@@ -74,6 +76,12 @@ REDUCE_BLOCK_N = 16
 # counted on the device: 1 GiB chunks, 33 at 64k, left an H200 idle for 27 of 299 ms at G=4).
 INVERTED_PART_BYTES = 2**32
 INVERTED_ITEM_POSITIONS = 256
+# The dk/dv work items and partial slots are sized by bounds known on the host, so the backward queues its kernels
+# without waiting for the GPU; only where the bound's fp32 slots would pass this many bytes (the paper shape at 64k:
+# 128 MiB at G=16, 512 MiB at G=4, 2 GiB at G=1) does one host sync count them exactly. Items past the real ones
+# carry PADDING_ITEM as their slot and return at once.
+DKDV_UNSYNCED_PART_BYTES = 2**30
+PADDING_ITEM = tl.constexpr(-2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,13 +463,16 @@ def selected_attention_bwd_dkdv_kernel(
     POSITIONS[begin:end] (packed token indices, ascending) that selected the block; grid (work items, slices).
 
     The key is global block * Hkv + hk (blocks packed over sequences). Rows r = i * G + g: entry i of the
-    current step of BLOCK_T list entries, head g. An item with slot < 0 is its block's only one and writes dk/dv;
-    otherwise it writes its fp32 partial sums to slot `slot` of DK_PART/DV_PART.
+    current step of BLOCK_T list entries, head g. An item with slot -1 is its block's only one and writes dk/dv;
+    one with slot PADDING_ITEM pads the grid to its host-known bound and returns; otherwise it writes its fp32
+    partial sums to slot `slot` of DK_PART/DV_PART.
     """
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     item = tl.program_id(0)
     sl = tl.program_id(1)
     slot = tl.load(ITEM_SLOT + item)
+    if slot == PADDING_ITEM:
+        return
     begin, end, hk, block, seq_start, seqlen = _work_item(item, ITEM_KEY, ITEM_BEGIN, ITEM_END, BLOCK_SEQ, CU_BLOCKS,
                                                           CU_SEQLENS, num_kv_heads)
     offs_in = sl * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -554,6 +565,47 @@ def selected_attention_bwd_dkdv_reduce_kernel(
                  mask=mask_k)
         tl.store(DV + key_tok[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :], dv.to(DV.dtype.element_ty),
                  mask=mask_v)
+
+
+@triton.jit
+def selected_attention_dkdv_items_kernel(
+        OFFSETS, ITEM_KEY, ITEM_BEGIN, ITEM_END, ITEM_SLOT, KEY_SLOT0, KEY_SLOTS, NUM_SLOTS, num_keys, num_items,
+        chunk, BLOCK: tl.constexpr):
+    """The dk/dv work items from the CSR offsets, in one program: each key's list cut into pieces of at most
+    `chunk` positions (at least one item per key), keys in order; a key with several items gets that many partial
+    slots, consecutive. Items past the real ones, up to `num_items`, are padding (slot PADDING_ITEM); the total of
+    slots goes to NUM_SLOTS. One launch instead of ~30 small torch ops, each a few microseconds of host time
+    (the backward at 1k tokens is bound by the host)."""
+    item_base = 0
+    slot_base = 0
+    for k0 in range(0, num_keys, BLOCK):
+        keys = k0 + tl.arange(0, BLOCK)
+        ok = keys < num_keys
+        lo = tl.load(OFFSETS + keys, mask=ok, other=0).to(tl.int32)
+        hi = tl.load(OFFSETS + keys + 1, mask=ok, other=0).to(tl.int32)
+        items = tl.where(ok, tl.maximum(1, (hi - lo + chunk - 1) // chunk), 0)
+        slots = tl.where(items > 1, items, 0)
+        item0 = item_base + tl.cumsum(items, 0) - items
+        slot0 = slot_base + tl.cumsum(slots, 0) - slots
+        tl.store(KEY_SLOT0 + keys, slot0, mask=ok)
+        tl.store(KEY_SLOTS + keys, slots, mask=ok)
+        for part in range(0, tl.max(items, 0)):
+            write = part < items
+            begin = lo + part * chunk
+            tl.store(ITEM_KEY + item0 + part, keys, mask=write)
+            tl.store(ITEM_BEGIN + item0 + part, begin, mask=write)
+            tl.store(ITEM_END + item0 + part, tl.minimum(begin + chunk, hi), mask=write)
+            tl.store(ITEM_SLOT + item0 + part, tl.where(slots > 0, slot0 + part, -1), mask=write)
+        item_base += tl.sum(items, 0)
+        slot_base += tl.sum(slots, 0)
+    for i0 in range(item_base, num_items, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        pad = idx < num_items
+        tl.store(ITEM_KEY + idx, 0, mask=pad)
+        tl.store(ITEM_BEGIN + idx, 0, mask=pad)
+        tl.store(ITEM_END + idx, 0, mask=pad)
+        tl.store(ITEM_SLOT + idx, PADDING_ITEM, mask=pad)
+    tl.store(NUM_SLOTS, slot_base)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -768,9 +820,10 @@ class InverseIndex:
         offsets: int64 [keys + 1] CSR offsets into `positions`.
         block_seq: int32 [blocks] sequence of each global block; cu_blocks: int32 [N+1] block offsets.
         item_key, item_begin, item_end, item_slot: int32 [items] work items (ranges of a key's list of at most
-            `chunk` positions; every key has at least one); slot -1 for a key's only item, else its partial slot.
+            `chunk` positions; every key has at least one); slot -1 for a key's only item, else its partial slot;
+            padding items (past the real ones, up to a host-known bound) have slot PADDING_ITEM.
         key_slot0, key_slots: int32 [keys] first partial slot and number of slots (0 for single-item keys).
-        num_slots: partial slots in all.
+        num_slots: partial slots to allocate (a bound unless counted exactly, at least the slots used).
     """
 
     positions: torch.Tensor
@@ -823,37 +876,38 @@ def sort_selections(block_indices: torch.Tensor, seqs: PackedSequences, config: 
     return SortedSelections(sorted_keys, order, num_keys, segment_ids(blocks_per_seq, device), cu_blocks)
 
 
-def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig,
-                        chunk: int) -> InverseIndex:
+def max_inverse_items(num_entries: int, num_keys: int, chunk: int) -> tuple[int, int]:
+    """Bounds on the (work items, partial slots) of an inverse index over `num_entries` selections (empty ones
+    included) and `num_keys` keys: a key with c positions has max(1, ceil(c / chunk)) <= 1 + c // chunk items, and
+    slots only when split (c > chunk), ceil(c / chunk) <= 2 * (c // chunk) of them."""
+    return num_keys + num_entries // chunk, min(num_keys + num_entries // chunk, 2 * (num_entries // chunk))
+
+
+def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, config: NSAConfig, chunk: int,
+                        slot_bytes: int) -> InverseIndex:
     """CSR lists of the query positions that selected each (sequence block, kv head), and their work items.
 
-    Device ops throughout; one host sync (`.tolist()` of the item and slot totals) sizes the work items.
+    Device work throughout (a sort, then `selected_attention_dkdv_items_kernel`). Items and slots are counted by
+    `max_inverse_items`, the real items first and the rest padding (slot PADDING_ITEM), unless the bound's slots of
+    `slot_bytes` each pass DKDV_UNSYNCED_PART_BYTES: then one host sync reads the exact number of slots.
     """
     total, num_kv_heads, n = block_indices.shape
     device = block_indices.device
     sel = sort_selections(block_indices, seqs, config)
-    sorted_keys, num_keys, block_seq, cu_blocks = sel.sorted_keys, sel.num_keys, sel.block_seq, sel.cu_blocks
+    num_keys = sel.num_keys
     positions = (sel.order // (num_kv_heads * n)).to(torch.int32)
-    offsets = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, dtype=torch.int32, device=device))
-    counts = offsets[1:] - offsets[:-1]
-    items_per_key = torch.clamp((counts + chunk - 1) // chunk, min=1)
-    slots_per_key = torch.where(items_per_key > 1, items_per_key, 0)
-    item_end_cum = items_per_key.cumsum(0)
-    slot_end_cum = slots_per_key.cumsum(0)
-    if num_keys:
-        num_items, num_slots = torch.stack([item_end_cum[-1], slot_end_cum[-1]]).tolist()  # the host sync
-    else:
-        num_items, num_slots = 0, 0
-    key_ids = torch.arange(num_keys, device=device)
-    item_key = torch.repeat_interleave(key_ids, items_per_key, output_size=num_items)
-    part = torch.arange(num_items, device=device) - (item_end_cum - items_per_key)[item_key]
-    item_begin = offsets[item_key] + part * chunk
-    item_end = torch.minimum(item_begin + chunk, offsets[item_key + 1])
-    key_slot0 = slot_end_cum - slots_per_key
-    item_slot = torch.where(slots_per_key[item_key] > 0, key_slot0[item_key] + part, -1)
-    i32 = torch.int32
-    return InverseIndex(positions, offsets, block_seq, cu_blocks, item_key.to(i32), item_begin.to(i32),
-                        item_end.to(i32), item_slot.to(i32), key_slot0.to(i32), slots_per_key.to(i32), num_slots)
+    offsets = torch.searchsorted(sel.sorted_keys, torch.arange(num_keys + 1, dtype=torch.int32, device=device))
+    num_items, num_slots = max_inverse_items(sel.sorted_keys.shape[0], num_keys, chunk) if num_keys else (0, 0)
+    item_key, item_begin, item_end, item_slot = torch.empty(4, num_items, dtype=torch.int32, device=device)
+    key_slot0, key_slots = torch.empty(2, num_keys, dtype=torch.int32, device=device)
+    slots_used = torch.empty(1, dtype=torch.int32, device=device)
+    selected_attention_dkdv_items_kernel[(1,)](
+        offsets, item_key, item_begin, item_end, item_slot, key_slot0, key_slots, slots_used, num_keys, num_items,
+        chunk, BLOCK=ITEMS_BLOCK, num_warps=4)
+    if num_slots * slot_bytes > DKDV_UNSYNCED_PART_BYTES:
+        num_slots = slots_used.item()  # the host sync
+    return InverseIndex(positions, offsets, sel.block_seq, sel.cu_blocks, item_key, item_begin, item_end, item_slot,
+                        key_slot0, key_slots, num_slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1096,7 +1150,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
                 SUBS=cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, ACCUMULATE=accumulate,
                 DOT_PRECISION=precision, num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
 
-    inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk)
+    inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk, ls * (head_dim + head_dim_v) * 4)
     block_n = params.dkdv_block_n
     slices = cdiv(ls, block_n)
     dk_part = new_output((max(1, inv.num_slots), ls, head_dim), dtype=torch.float32, device=device)

@@ -163,19 +163,28 @@ def test_varlen_on_gpu(dtype, poisoned):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("num_kv_heads", [4, 16], ids=["G16-gather", "G4-inverted"])
-def test_forward_has_no_host_sync(num_kv_heads):
-    """A dense batch's forward queues every kernel without waiting for the GPU: a host sync there leaves the GPU
-    idle while the host queues what follows (25.7 of a 240 ms step at 64k, G=4 on an H200, before the offsets
-    and the inverted kernels' items stayed on the device)."""
+def test_no_host_sync(num_kv_heads, backward):
+    """A dense batch's forward, and its backward, queue every kernel without waiting for the GPU: a host sync
+    leaves the GPU idle while the host queues what follows (25.7 of a 240 ms step at 64k, G=4 on an H200, before
+    the offsets and the inverted kernels' items stayed on the device; in the backward, the dk/dv items were
+    counted by a sync until session 15)."""
     config = NSAConfig()
     x = random_inputs(config, batch=2, seqlen=4096, num_heads=64, num_kv_heads=num_kv_heads, head_dim=128,
-                      dtype=torch.bfloat16, device="cuda")
+                      dtype=torch.bfloat16, device="cuda", requires_grad=backward)
     x.pop("cu_seqlens")
-    nsa_attention(**x, config=config)  # compiles, reads the config cache
+    grad = torch.randn_like(x["q"])
+
+    def step():
+        out = nsa_attention(**x, config=config)
+        if backward:
+            out.backward(grad)
+
+    step()  # compiles, reads the config cache
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        nsa_attention(**x, config=config)
+        step()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -17,7 +17,7 @@ from nsa.kernels.packing import PackedSequences, device_offsets, segment_ids
 from nsa.kernels.runtime import interpreting
 from nsa.kernels.selected_attention import (SelectedAttentionParams, build_block_schedule, build_forward_items,
                                             build_inverse_index, default_params, max_forward_items,
-                                            selected_attention, selected_attention_fwd)
+                                            max_inverse_items, selected_attention, selected_attention_fwd)
 from nsa.problems import random_inputs
 from nsa.reference import select_blocks
 from nsa.reference import selected_attention as reference_selected_attention
@@ -261,14 +261,24 @@ def test_shape_layouts_are_built_once():
     assert first.tile_tok0 is second.tile_tok0 and first.tile_seq is second.tile_seq
 
 
+@pytest.mark.parametrize("counted", [False, True], ids=["bounds", "counted"])
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
-def test_inverse_index_lists_every_selection(chunk):
+def test_inverse_index_lists_every_selection(chunk, counted):
+    """Items by a host bound (real items first, then padding), slots by a host bound too, or counted exactly by a
+    host sync when the bound's slots would take too many bytes: the same lists and real items either way."""
     config = cfg(16, 4)
     seqlens = [50, 0, 9, 40]
     cu = torch.tensor([0, 50, 50, 59, 99], dtype=torch.int32)
     bi = random_selection(seqlens, 3, config, seed=chunk)[0]
     seqs = PackedSequences.build(config, 1, sum(seqlens), "cpu", cu)
-    inv = build_inverse_index(bi, seqs, config, chunk)
+    num_keys = sum(-(-n // 16) for n in seqlens) * 3
+    bound_items, bound_slots = max_inverse_items(99 * 3 * 4, num_keys, chunk)
+    inv = build_inverse_index(bi, seqs, config, chunk, slot_bytes=2**40 if counted else 1)
+    real = inv.item_slot != -2
+    num_real = int(real.sum())
+    assert bool(real[:num_real].all())  # the real items come first
+    assert inv.num_items == bound_items and num_real <= bound_items
+    assert inv.num_slots == (int(inv.key_slots.sum()) if counted else bound_slots) >= int(inv.key_slots.sum())
     blocks_per_seq = [-(-n // 16) for n in seqlens]
     first_block = [sum(blocks_per_seq[:i]) for i in range(len(seqlens))]
     expected = {}
@@ -278,15 +288,14 @@ def test_inverse_index_lists_every_selection(chunk):
                 for b in bi[t, hk].tolist():
                     if b >= 0:
                         expected.setdefault((first_block[seq] + b) * 3 + hk, []).append(t)
-    num_keys = sum(blocks_per_seq) * 3
     assert inv.offsets.shape[0] == num_keys + 1
     for key in range(num_keys):
         got = inv.positions[inv.offsets[key]:inv.offsets[key + 1]].tolist()
         assert got == expected.get(key, []), key
     # Work items tile each list in order, in pieces of at most `chunk`; every key has one, split keys own slots.
     covered = {}
-    for key, begin, end, slot in zip(*(x.tolist() for x in (inv.item_key, inv.item_begin, inv.item_end,
-                                                            inv.item_slot))):
+    for key, begin, end, slot in zip(*(x[:num_real].tolist() for x in (inv.item_key, inv.item_begin, inv.item_end,
+                                                                       inv.item_slot))):
         assert 0 <= end - begin <= chunk
         covered.setdefault(key, []).append((begin, end, slot))
     assert sorted(covered) == list(range(num_keys))
