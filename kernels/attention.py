@@ -9,6 +9,7 @@ each branch's Triton backward; the selection is discrete and gets no gradient. A
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 
 import torch
@@ -24,6 +25,40 @@ compression = importlib.import_module("nsa.kernels.compression")
 selected_attention = importlib.import_module("nsa.kernels.selected_attention")
 selection = importlib.import_module("nsa.kernels.selection")
 window_attention = importlib.import_module("nsa.kernels.window_attention")
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+class _Beside:
+    """Work queued inside `with _Beside(device) as side:` goes to a second stream of a CUDA device, after
+    everything the current stream queued before; `side.join(*outputs)` makes the current stream wait for it and
+    marks the outputs as used there (for the caching allocator). Elsewhere (the interpreter) a no-op."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self):
+        if self.enabled:
+            self.main = torch.cuda.current_stream(self.device)
+            self.side = _side_stream(self.device)
+            self.side.wait_stream(self.main)
+            self.context = torch.cuda.stream(self.side)
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.context.__exit__(*exc)
+
+    def join(self, *outputs: torch.Tensor) -> None:
+        if self.enabled:
+            self.main.wait_stream(self.side)
+            for x in outputs:
+                x.record_stream(self.main)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +157,10 @@ class NSAAttentionFunction(torch.autograd.Function):
 
     One node instead of one per branch, for the backward: the combination's backward, which holds dO_x and O_x
     already, writes each branch's delta = rowsum(dO_x * O_x) as a by-product, so no branch makes its own pass over
-    them; and the window and selected dq kernels add into the compressed branch's dq, where autograd would sum
-    three [tokens, Hq, Dk] tensors in two more passes (64k backward 82.6 -> 79.9 ms on an H200, session 12).
+    them; and the window dq kernel adds into the compressed branch's dq, where autograd would sum the branches'
+    [tokens, Hq, Dk] tensors in more passes (64k backward 82.6 -> 79.9 ms on an H200, session 12). The selected
+    branch's backward runs on a second stream beside the other two and its dq is added once at the end: one pass
+    over dq buys the overlap (see `backward`).
     """
 
     @staticmethod
@@ -152,11 +189,18 @@ class NSAAttentionFunction(torch.autograd.Function):
             do.contiguous(), *(x.view(-1, head_dim_v) for x in (o_cmp, o_slc, o_win)), g_cmp, g_slc, g_win,
             params.combine, num_heads=q.shape[1])
         do_cmp, do_slc, do_win = (x.view(o_cmp.shape) for x in douts)
+        # The selected branch (gather-bound) on a second stream, beside the compressed and window branches
+        # (matmul-bound), so the GPU fills one's stalls with the other; it writes its own dq, added at the end.
+        # Bwd -1.2 ms at 64k and -0.6 ms at 16k, G=16, one H200 (session 15; the window forward beside the
+        # selected forward lost 0.5 ms at 64k, and a high-priority side stream lost the gain).
+        with _Beside(q.device) as side:
+            dq_slc, dk_slc, dv_slc = selected_attention.selected_attention_bwd(
+                do_slc, q, k, v, o_slc, lse_slc, block_indices, seqs, config, scale, params.selected, ctx.schedule,
+                delta=deltas[1])
         dq, dk_cmp, dv_cmp = compression.compressed_attention_bwd(
             do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, seqs, config, scale, params.compression, delta=deltas[0])
         _, dk, dv = window_attention.window_attention_bwd(do_win, q, k, v, o_win, lse_win, seqs, config, scale,
                                                          params.window, delta=deltas[2], dq=dq)
-        _, dk_slc, dv_slc = selected_attention.selected_attention_bwd(
-            do_slc, q, k, v, o_slc, lse_slc, block_indices, seqs, config, scale, params.selected, ctx.schedule,
-            delta=deltas[1], dq=dq)
+        side.join(dq_slc, dk_slc, dv_slc)
+        dq.add_(dq_slc)
         return dq, dk.add_(dk_slc), dv.add_(dv_slc), dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win, None, None, None, None
