@@ -173,10 +173,12 @@ def cmd_profile(args) -> int:
     print(format_table(times))
     tflop = step_tflop(seqlen=args.seqlen, num_heads=args.heads, num_kv_heads=args.kv_heads,
                        head_dim=args.head_dim, dtype=dtype_name, backward="bwd" in args.ops)
+    if profiled.gpu_busy_ms < 0.99 * profiled.kernel_ms:
+        print(f"the GPU was busy {profiled.gpu_busy_ms:.3f} ms per step: kernels on two streams overlapped")
     print(f"useful work {tflop:.2f} TFLOP per step (as nsa bench counts it): "
-          f"{tflop / profiled.kernel_ms * 1e3:.0f} TFLOP/s over the kernels' GPU time")
+          f"{tflop / profiled.gpu_busy_ms * 1e3:.0f} TFLOP/s over the GPU's busy time")
     print(f"step {profiled.step_ms:.3f} ms (median of {args.steps}, CUDA events, L2 flushed): "
-          f"{profiled.host_wait_ms:.3f} ms of it not in kernels (the GPU waiting for the host)")
+          f"{profiled.host_wait_ms:.3f} ms of it with no kernel running (the GPU waiting for the host)")
     if args.gaps:
         print(format_gaps(profiled.gaps, args.steps))
     if args.out:

@@ -3,10 +3,11 @@
 The step is the one the benchmarks time (the kernels read the tuned config cache as `nsa_attention` does):
 forward, and with "bwd" the backward from a fixed random output gradient. torch.profiler records the CUDA
 kernels of a few steps after two warm-up steps; each kernel's GPU time is summed over its launches and divided
-by the steps. Kernels overlap little (one stream), so the times add up to about the step's GPU time; L2 is not
-flushed between kernels, so they run a little faster than in `nsa bench`. The step itself is also timed as the
-benchmark times it (CUDA events, L2 flushed): what it takes beyond the kernels' sum is the GPU waiting for the
-host (synchronisations, launches). With `gaps`, the profiler also traces the host, and each gap between two
+by the steps. The backward's selected branch runs on a second stream beside the others, so kernels can overlap:
+the GPU's busy time is the union of the kernels' intervals, at most their sum. L2 is not flushed between kernels,
+so they run a little faster than in `nsa bench`. The step itself is also timed as the benchmark times it (CUDA
+events, L2 flushed): what it takes beyond the busy time is the GPU waiting for the host (synchronisations,
+launches). With `gaps`, the profiler also traces the host, and each gap between two
 consecutive kernels is listed with what the host was doing before the second one's launch (its open CPU ops, the
 CUDA runtime calls in the gap): where a short sequence's step goes. docs/performance.md keeps the tables.
 """
@@ -33,6 +34,19 @@ def kernel_times(events, steps: int) -> list[tuple[str, float]]:
     return totals.most_common()
 
 
+def busy_ms(events, steps: int) -> float:
+    """The GPU's busy time per step: the length of the union of the CUDA events' intervals (kernels of two streams
+    overlap), in ms."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    total, covered_to = 0.0, float("-inf")
+    for start, end in spans:
+        if end > covered_to:
+            total += end - max(start, covered_to)
+            covered_to = end
+    return total / 1000.0 / steps
+
+
 @dataclasses.dataclass(frozen=True)
 class HostGap:
     """The GPU idle between two consecutive kernels, and what the host was doing before the second one's launch:
@@ -47,33 +61,37 @@ class HostGap:
 
 
 def host_gaps(trace_events: list[dict], min_us: float = 15.0) -> list[HostGap]:
-    """The gaps of at least `min_us` between consecutive kernels of a Chrome trace's events (torch.profiler with
-    CPU and CUDA activities, one stream), longest first. Kernels are matched to their launches by correlation id."""
+    """The gaps of at least `min_us` in which no kernel ran (on any stream), between the kernel that ended last
+    and the next one to start, in a Chrome trace's events (torch.profiler with CPU and CUDA activities), longest
+    first. Kernels are matched to their launches by correlation id."""
     kernels = sorted((e for e in trace_events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     runtime = [e for e in trace_events if e.get("cat") == "cuda_runtime"]
     launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
     cpu_ops = [e for e in trace_events if e.get("cat") == "cpu_op" and "dur" in e]
     gaps = []
-    for done, next_ in zip(kernels, kernels[1:]):
-        idle_from = done["ts"] + done["dur"]
-        gap = next_["ts"] - idle_from
-        if gap < min_us:
-            continue
-        launch = launches.get(next_.get("args", {}).get("correlation", -1), next_)
-        open_ops = sorted((op for op in cpu_ops if op["ts"] <= launch["ts"] <= op["ts"] + op["dur"]),
-                          key=lambda op: op["ts"])
-        calls = collections.Counter()
-        for call in runtime:  # a sync that the gap ends started before it
-            if call["ts"] + call.get("dur", 0.0) >= idle_from and call["ts"] <= launch["ts"]:
-                calls[call["name"]] += call.get("dur", 0.0)
-        gaps.append(HostGap(gap, done["name"], next_["name"], tuple(op["name"] for op in open_ops),
-                            tuple(calls.most_common())))
+    last = None  # of the kernels started so far, the one that ends last
+    for kernel in kernels:
+        idle_from = last["ts"] + last["dur"] if last else kernel["ts"]
+        if kernel["ts"] - idle_from >= min_us:
+            launch = launches.get(kernel.get("args", {}).get("correlation", -1), kernel)
+            open_ops = sorted((op for op in cpu_ops if op["ts"] <= launch["ts"] <= op["ts"] + op["dur"]),
+                              key=lambda op: op["ts"])
+            calls = collections.Counter()
+            for call in runtime:  # a sync that the gap ends started before it
+                if call["ts"] + call.get("dur", 0.0) >= idle_from and call["ts"] <= launch["ts"]:
+                    calls[call["name"]] += call.get("dur", 0.0)
+            gaps.append(HostGap(kernel["ts"] - idle_from, last["name"], kernel["name"],
+                                tuple(op["name"] for op in open_ops), tuple(calls.most_common())))
+        if last is None or kernel["ts"] + kernel["dur"] > idle_from:
+            last = kernel
     return sorted(gaps, key=lambda g: -g.gap_us)
 
 
 def format_gaps(gaps: list[HostGap], steps: int, most: int = 10) -> str:
     """Their sum per step, then the `most` longest: gap, the kernels around it, the host's innermost ops."""
-    lines = [f"{sum(g.gap_us for g in gaps) / steps / 1000:.3f} ms per step in {len(gaps) // max(steps, 1)} gaps "
+    if not gaps:
+        return "no gaps between kernels (over 15 us): the GPU did not wait for the host"
+    lines = [f"{sum(g.gap_us for g in gaps) / steps / 1000:.3f} ms per step in {len(gaps) / max(steps, 1):.1f} gaps "
              "between kernels (the profiler's host tracing slows the host: upper bounds); the longest:"]
     for g in gaps[:most]:
         calls = ", ".join(f"{name} {us:.0f} us" for name, us in g.runtime_calls[:2])
@@ -91,16 +109,21 @@ class StepProfile:
     kernels: list[tuple[str, float]]
     step_ms: float
     gaps: list[HostGap] = dataclasses.field(default_factory=list)
+    busy_ms: float | None = None  # the union of the kernels' intervals per step; their sum when not given
 
     @property
     def kernel_ms(self) -> float:
         return sum(ms for _, ms in self.kernels)
 
     @property
+    def gpu_busy_ms(self) -> float:
+        return self.kernel_ms if self.busy_ms is None else self.busy_ms
+
+    @property
     def host_wait_ms(self) -> float:
-        """The step's time not covered by kernels: the GPU waiting for the host (about: the kernels ran without
+        """The step's time in which no kernel ran: the GPU waiting for the host (about: the kernels ran without
         L2 flushes, the step with)."""
-        return max(0.0, self.step_ms - self.kernel_ms)
+        return max(0.0, self.step_ms - self.gpu_busy_ms)
 
 
 def profile_attention(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype=torch.bfloat16,
@@ -147,7 +170,8 @@ def profile_attention(*, seqlen: int, num_heads: int, num_kv_heads: int, head_di
         finally:
             os.remove(path)
     timing = time_call(step, device, TimerSettings(warmup_ms=0.0, rep_ms=0.0, min_reps=steps, max_reps=steps))
-    return StepProfile(kernel_times(prof.events(), steps), timing.median_ms, found)
+    events = prof.events()
+    return StepProfile(kernel_times(events, steps), timing.median_ms, found, busy_ms(events, steps))
 
 
 def step_tflop(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16",

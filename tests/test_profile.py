@@ -5,13 +5,14 @@ import types
 import torch
 
 from nsa.cli import main
-from nsa.profile import StepProfile, format_gaps, format_table, host_gaps, kernel_times
+from nsa.profile import StepProfile, busy_ms, format_gaps, format_table, host_gaps, kernel_times
 
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
 
-def event(name, us, device_type=CUDA):
-    return types.SimpleNamespace(name=name, device_time_total=us, device_type=device_type)
+def event(name, us, device_type=CUDA, start=0.0):
+    return types.SimpleNamespace(name=name, device_time_total=us, device_type=device_type,
+                                 time_range=types.SimpleNamespace(start=start, end=start + us))
 
 
 def test_kernel_times_sum_launches_per_step_and_skip_host_events():
@@ -30,6 +31,16 @@ def test_step_time_beyond_the_kernels_is_host_wait():
     profiled = StepProfile([("dkdv", 3.0), ("fwd", 0.5)], step_ms=4.25)
     assert profiled.kernel_ms == 3.5 and profiled.host_wait_ms == 0.75
     assert StepProfile([("fwd", 2.0)], step_ms=1.9).host_wait_ms == 0.0  # L2 flushes make no negative wait
+
+
+def test_busy_time_is_the_union_of_kernels_on_two_streams():
+    """The backward's selected branch runs beside the others: overlapping kernels count once in the busy time,
+    which the host wait is measured against."""
+    events = [event("cmp", 3000, start=0), event("slc", 1000, start=500), event("slc", 1000, start=2500),
+              event("win", 500, start=4000), event("aten::mm", 9000, CPU, start=0)]
+    assert busy_ms(events, steps=1) == 4.0  # [0, 3500] and [4000, 4500]
+    profiled = StepProfile(kernel_times(events, steps=1), step_ms=5.0, busy_ms=busy_ms(events, steps=1))
+    assert profiled.kernel_ms == 5.5 and profiled.host_wait_ms == 1.0
 
 
 def test_refuses_without_a_gpu(capsys):
@@ -68,5 +79,17 @@ def test_gaps_between_kernels_name_what_the_host_did():
     assert gaps[0].host_ops == ("NSAAttentionFunctionBackward", "aten::arange")
     assert gaps[0].runtime_calls == (("cudaStreamSynchronize", 20.0), ("cudaLaunchKernel", 8.0))
     text = format_gaps(gaps, steps=2).splitlines()
-    assert text[0].startswith("0.145 ms per step in 0 gaps") and "combine_bwd -> dkdv" in text[1]
+    assert text[0].startswith("0.145 ms per step in 0.5 gaps") and "combine_bwd -> dkdv" in text[1]
     assert "NSAAttentionFunctionBackward > aten::arange; cudaStreamSynchronize 20 us" in text[2]
+
+
+def test_gaps_count_only_time_with_no_kernel_on_any_stream():
+    """A kernel of the side stream inside a longer one of the main stream: the GPU idles from the end of the
+    longer one, not of the one that started last."""
+    trace = [dict(cat="kernel", name="compressed_dkdv", ts=0.0, dur=100.0, args=dict(correlation=1)),
+             dict(cat="kernel", name="selected_dq", ts=10.0, dur=40.0, args=dict(correlation=2)),
+             dict(cat="kernel", name="window_dq", ts=130.0, dur=10.0, args=dict(correlation=3)),
+             dict(cat="kernel", name="add", ts=141.0, dur=10.0, args=dict(correlation=4))]
+    gaps = host_gaps(trace)
+    assert [(g.gap_us, g.after, g.before) for g in gaps] == [(30.0, "compressed_dkdv", "window_dq")]
+    assert format_gaps([], steps=3) == "no gaps between kernels (over 15 us): the GPU did not wait for the host"
