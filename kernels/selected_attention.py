@@ -77,9 +77,9 @@ ITEMS_BLOCK = 1024
 INVERTED_PART_BYTES = 2**32
 INVERTED_ITEM_POSITIONS = 256
 # The dk/dv work items and partial slots are sized by bounds known on the host, so the backward queues its kernels
-# without waiting for the GPU; only where the bound's fp32 slots would pass this many bytes (the paper shape at 64k:
-# 128 MiB at G=16, 512 MiB at G=4, 2 GiB at G=1) does one host sync count them exactly. Items past the real ones
-# carry PADDING_ITEM as their slot and return at once.
+# without waiting for the GPU; only where the bound's fp32 slots would pass this many bytes (the paper shape at 64k
+# with the shipped H200 chunks: 256 MiB at G=16, 512 MiB at G=4; 4 GiB at G=1) does one host sync count them
+# exactly. Items past the real ones carry PADDING_ITEM as their slot and return at once.
 DKDV_UNSYNCED_PART_BYTES = 2**30
 PADDING_ITEM = tl.constexpr(-2)
 
