@@ -6,6 +6,7 @@ the reference; `gpu` cases run bf16/fp16 at long sequences against an fp32 refer
 
 import dataclasses
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -262,17 +263,20 @@ def test_shape_layouts_are_built_once():
 
 
 @pytest.mark.parametrize("counted", [False, True], ids=["bounds", "counted"])
-@pytest.mark.parametrize("chunk", [1, 5, 1000])
-def test_inverse_index_lists_every_selection(chunk, counted):
+@pytest.mark.parametrize("seqlens, chunk", [([50, 0, 9, 40], 1), ([50, 0, 9, 40], 5), ([50, 0, 9, 40], 1000),
+                                            ([3000, 2500, 700], 7)], ids=["chunk1", "chunk5", "chunk1000",
+                                                                          "keys-past-one-step"])
+def test_inverse_index_lists_every_selection(seqlens, chunk, counted):
     """Items by a host bound (real items first, then padding), slots by a host bound too, or counted exactly by a
-    host sync when the bound's slots would take too many bytes: the same lists and real items either way."""
+    host sync when the bound's slots would take too many bytes: the same lists and real items either way. The
+    last case has more keys (1167) than the items kernel takes in one step (ITEMS_BLOCK), so its running counts
+    carry over."""
     config = cfg(16, 4)
-    seqlens = [50, 0, 9, 40]
-    cu = torch.tensor([0, 50, 50, 59, 99], dtype=torch.int32)
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
     bi = random_selection(seqlens, 3, config, seed=chunk)[0]
     seqs = PackedSequences.build(config, 1, sum(seqlens), "cpu", cu)
     num_keys = sum(-(-n // 16) for n in seqlens) * 3
-    bound_items, bound_slots = max_inverse_items(99 * 3 * 4, num_keys, chunk)
+    bound_items, bound_slots = max_inverse_items(sum(seqlens) * 3 * 4, num_keys, chunk)
     inv = build_inverse_index(bi, seqs, config, chunk, slot_bytes=2**40 if counted else 1)
     real = inv.item_slot != -2
     num_real = int(real.sum())
@@ -307,6 +311,8 @@ def test_inverse_index_lists_every_selection(chunk, counted):
         else:
             assert [p[2] for p in pieces] == list(range(inv.key_slot0[key], inv.key_slot0[key] + len(pieces)))
             assert inv.key_slots[key] == len(pieces)
+    slots = sorted(slot for pieces in covered.values() for *_, slot in pieces if slot >= 0)
+    assert slots == list(range(int(inv.key_slots.sum())))  # each partial slot owned by one item
 
 
 @pytest.mark.parametrize("token0, count, item_len", [(0, 99, 1), (10, 45, 3), (55, 44, 1000)])
