@@ -57,7 +57,7 @@ from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, chec
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences, device_offsets, segment_ids, segment_ids_on_host
 from nsa.kernels.runtime import (MIN_DOT, cdiv, check_kernel_inputs, check_launch_params, compute_dtype,
-                                 dot_precision, head_dim_block, new_output, next_power_of_2, pack, store_or_add)
+                                 dot_precision, head_dim_block, new_output, next_power_of_2, pack)
 
 LOG2E = 1.4426950408889634
 # Kernels may only read globals declared as constexpr.
@@ -348,10 +348,9 @@ def selected_attention_bwd_dq_inverted_kernel(
 @triton.jit
 def selected_attention_sum_parts_kernel(
         OUT, PART, BLOCK_INDICES, token0, stride_ot, stride_oh, stride_pe, stride_ph, stride_bt, stride_bh,
-        N: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        ACCUMULATE: tl.constexpr):
+        N: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """OUT[position, heads of kv head hk] = the sum of its parts over the selected slots, in slot order
-    (deterministic), added to OUT's values with ACCUMULATE; grid (positions from token0, Hkv)."""
+    (deterministic); grid (positions from token0, Hkv)."""
     t = tl.program_id(0)
     hk = tl.program_id(1)
     tok = (token0 + t).to(tl.int64)
@@ -365,7 +364,8 @@ def selected_attention_sum_parts_kernel(
             acc += tl.load(PART + (ent0 + j) * stride_pe + offs_g[:, None] * stride_ph + offs_d[None, :], mask=mask,
                            other=0.0).to(tl.float32)
     head = hk * G + offs_g
-    store_or_add(OUT + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :], acc, mask, ACCUMULATE)
+    tl.store(OUT + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -377,12 +377,11 @@ def selected_attention_bwd_dq_kernel(
         stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
         SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DELTA_GIVEN: tl.constexpr, ACCUMULATE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DELTA_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq of BLOCK_T positions x G heads, tiled and scheduled like the forward; grid (tiles, Hkv).
 
     Unless DELTA_GIVEN (then read from DELTA), also writes delta = rowsum(dO * O) [Hq, total] fp32 for the dkdv
-    kernel, launched after this one. With ACCUMULATE, dq is added to DQ's values (the other branches' share).
+    kernel, launched after this one.
     """
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     tl.static_assert(BLOCK_T <= 32)
@@ -446,8 +445,8 @@ def selected_attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    store_or_add(DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :], dq * scale,
-                 mask_qk, ACCUMULATE)
+    tl.store(DQ + tok_r[:, None] * stride_dqt + head_r[:, None] * stride_dqh + offs_dk[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask_qk)
 
 
 @triton.jit
@@ -891,7 +890,7 @@ def build_inverse_index(block_indices: torch.Tensor, seqs: PackedSequences, conf
     `max_inverse_items`, the real items first and the rest padding (slot PADDING_ITEM), unless the bound's slots of
     `slot_bytes` each pass DKDV_UNSYNCED_PART_BYTES: then one host sync reads the exact number of slots.
     """
-    total, num_kv_heads, n = block_indices.shape
+    _, num_kv_heads, n = block_indices.shape
     device = block_indices.device
     sel = sort_selections(block_indices, seqs, config)
     num_keys = sel.num_keys
@@ -1074,9 +1073,8 @@ def _fwd_inverted(q, k, v, o, lse, block_indices, seqs: PackedSequences, config:
 
 
 def _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs: PackedSequences, config: NSAConfig,
-                 scale: float, params: SelectedAttentionParams, accumulate: bool) -> None:
-    """dq with dq_inverted: per chunk of positions, the per-block parts, then their sum into dq (added to its
-    values with `accumulate`)."""
+                 scale: float, params: SelectedAttentionParams) -> None:
+    """dq with dq_inverted: per chunk of positions, the per-block parts, then their sum into dq."""
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     n = block_indices.shape[2]
@@ -1100,27 +1098,24 @@ def _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs: PackedSequenc
         selected_attention_sum_parts_kernel[(count, num_kv_heads)](
             dq, dq_part, block_indices, token0, dq.stride(0), dq.stride(1), dq_part.stride(0), dq_part.stride(1),
             block_indices.stride(0), block_indices.stride(1),
-            N=n, G=group, HEAD_DIM=head_dim, BLOCK_G=next_power_of_2(group), BLOCK_D=block_dk,
-            ACCUMULATE=accumulate, num_warps=4)
+            N=n, G=group, HEAD_DIM=head_dim, BLOCK_G=next_power_of_2(group), BLOCK_D=block_dk, num_warps=4)
 
 
 def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig,
                            scale: float, params: SelectedAttentionParams, schedule: BlockSchedule | None = None, *,
-                           delta: torch.Tensor | None = None, dq: torch.Tensor | None = None):
+                           delta: torch.Tensor | None = None):
     """Backward on packed tensors: (dq, dk, dv) in the dtypes of q, k, v.
 
     Args as for `selected_attention_fwd`, plus do [total, Hq, Dv] and the forward's o and lse; `schedule` may be
     the forward's when params.dq_block_t == params.fwd_block_t. Runs the dq kernel (which also writes
     delta = rowsum(do * o) unless `delta` [Hq, total] fp32 is given), then the dkdv kernel over the inverse index,
-    then the reduction of split lists. A given `dq` (contiguous, q's dtype) gets this branch's dq added in place
-    and is returned.
+    then the reduction of split lists.
     """
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     group, block_dk, block_dv = _dims(q, k, v)
     device = q.device
-    accumulate = dq is not None
-    dq = new_output(q.shape, dtype=q.dtype, device=device) if dq is None else dq
+    dq = new_output(q.shape, dtype=q.dtype, device=device)
     dk = new_output(k.shape, dtype=k.dtype, device=device)
     dv = new_output(v.shape, dtype=v.dtype, device=device)
     if total == 0 or num_kv_heads == 0:
@@ -1131,7 +1126,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
     delta_given = delta is not None
     if params.dq_inverted:
         delta = attention_delta(o, do) if delta is None else delta
-        _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs, config, scale, params, accumulate)
+        _dq_inverted(q, k, v, do, lse, delta, dq, block_indices, seqs, config, scale, params)
     else:
         if delta is None:  # written by the dq kernel
             delta = new_output((num_heads, total), dtype=torch.float32, device=device)
@@ -1147,8 +1142,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
                 s.counts.stride(0), s.counts.stride(1),
                 SLC_BLOCK=ls, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
                 BLOCK_R=_rows(s.block_t, group), BLOCK_N=params.dq_block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                SUBS=cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, ACCUMULATE=accumulate,
-                DOT_PRECISION=precision, num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
+                SUBS=cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, DOT_PRECISION=precision,
+                num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
 
     inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk, ls * (head_dim + head_dim_v) * 4)
     block_n = params.dkdv_block_n
