@@ -9,7 +9,6 @@ each branch's Triton backward; the selection is discrete and gets no gradient. A
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from nsa.config import NSAConfig
 from nsa.inputs import check_attention_inputs
 from nsa.kernels.packing import PackedSequences
-from nsa.kernels.runtime import check_kernel_inputs, compute_dtype, pack
+from nsa.kernels.runtime import SideStream, check_kernel_inputs, compute_dtype, pack
 
 # Modules by path: nsa.kernels re-exports functions named like two of them (selected_attention, window_attention).
 combine = importlib.import_module("nsa.kernels.combine")
@@ -25,40 +24,6 @@ compression = importlib.import_module("nsa.kernels.compression")
 selected_attention = importlib.import_module("nsa.kernels.selected_attention")
 selection = importlib.import_module("nsa.kernels.selection")
 window_attention = importlib.import_module("nsa.kernels.window_attention")
-
-
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
-
-
-class _Beside:
-    """Work queued inside `with _Beside(device) as side:` goes to a second stream of a CUDA device, after
-    everything the current stream queued before; `side.join(*outputs)` makes the current stream wait for it and
-    marks the outputs as used there (for the caching allocator). Elsewhere (the interpreter) a no-op."""
-
-    def __init__(self, device: torch.device):
-        self.enabled = device.type == "cuda"
-        self.device = device
-
-    def __enter__(self):
-        if self.enabled:
-            self.main = torch.cuda.current_stream(self.device)
-            self.side = _side_stream(self.device)
-            self.side.wait_stream(self.main)
-            self.context = torch.cuda.stream(self.side)
-            self.context.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.context.__exit__(*exc)
-
-    def join(self, *outputs: torch.Tensor) -> None:
-        if self.enabled:
-            self.main.wait_stream(self.side)
-            for x in outputs:
-                x.record_stream(self.main)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +158,7 @@ class NSAAttentionFunction(torch.autograd.Function):
         # (matmul-bound), so the GPU fills one's stalls with the other; it writes its own dq, added at the end.
         # Bwd -1.2 ms at 64k and -0.6 ms at 16k, G=16, one H200 (session 15; the window forward beside the
         # selected forward lost 0.5 ms at 64k, and a high-priority side stream lost the gain).
-        with _Beside(q.device) as side:
+        with SideStream(q.device) as side:
             dq_slc, dk_slc, dv_slc = selected_attention.selected_attention_bwd(
                 do_slc, q, k, v, o_slc, lse_slc, block_indices, seqs, config, scale, params.selected, ctx.schedule,
                 delta=deltas[1])

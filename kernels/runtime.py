@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -132,3 +133,37 @@ def check_launch_params(params, *, counts=("num_stages",), tiles=(), flags=()) -
         if rows < MIN_DOT or block_n < MIN_DOT:
             raise ValueError(f"{name}: tl.dot on a GPU needs {kernel}block_m * {kernel}block_h >= {MIN_DOT} and "
                              f"{kernel}block_n >= {MIN_DOT}, got {rows} and {block_n}")
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+class SideStream:
+    """Work queued inside `with SideStream(device) as side:` goes to a second stream of a CUDA device, after
+    everything the current stream queued before; `side.join(*outputs)` makes the current stream wait for it and
+    marks the outputs as used there (for the caching allocator). Elsewhere (the interpreter) a no-op."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self):
+        if self.enabled:
+            self.main = torch.cuda.current_stream(self.device)
+            self.side = _side_stream(self.device)
+            self.side.wait_stream(self.main)
+            self.context = torch.cuda.stream(self.side)
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.context.__exit__(*exc)
+
+    def join(self, *outputs: torch.Tensor) -> None:
+        if self.enabled:
+            self.main.wait_stream(self.side)
+            for x in outputs:
+                x.record_stream(self.main)

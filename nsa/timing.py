@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nsa.kernels.runtime import SideStream
+
 FLUSH_L2_FACTOR = 4
 MIN_FLUSH_BYTES = 256 * 2**20
 
@@ -90,11 +92,9 @@ def _time_cpu(fn, settings: TimerSettings) -> Timing:
 
 def _captured(fn, device: torch.device):
     """(graph.replay, None) for fn captured in a CUDA graph, or (None, why) when it cannot be captured."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+    with SideStream(device) as side:  # warm-up off the default stream, as capture requires
         fn()
-    torch.cuda.current_stream(device).wait_stream(side)
+    side.join()
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
