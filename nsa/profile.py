@@ -7,9 +7,9 @@ by the steps. The backward's selected branch runs on a second stream beside the 
 the GPU's busy time is the union of the kernels' intervals, at most their sum. L2 is not flushed between kernels,
 so they run a little faster than in `nsa bench`. The step itself is also timed as the benchmark times it (CUDA
 events, L2 flushed): what it takes beyond the busy time is the GPU waiting for the host (synchronisations,
-launches). With `gaps`, the profiler also traces the host, and each gap between two
-consecutive kernels is listed with what the host was doing before the second one's launch (its open CPU ops, the
-CUDA runtime calls in the gap): where a short sequence's step goes. docs/performance.md keeps the tables.
+launches). With `gaps`, the profiler also traces the host, and each gap in which no kernel ran is listed with
+what the host was doing before the next kernel's launch (its open CPU ops, the CUDA runtime calls in the gap):
+where a short sequence's step goes. docs/performance.md keeps the tables.
 """
 
 from __future__ import annotations
@@ -48,9 +48,13 @@ def busy_ms(events, steps: int) -> float:
     return total / 1000.0 / steps
 
 
+# Gaps between kernels shorter than this are launch latency, not the host holding the GPU up.
+MIN_GAP_US = 15.0
+
+
 @dataclasses.dataclass(frozen=True)
 class HostGap:
-    """The GPU idle between two consecutive kernels, and what the host was doing before the second one's launch:
+    """The GPU idle between two kernels (no kernel running), and what the host was doing before the second one's launch:
     the CPU ops open at the launch (outermost first) and the CUDA runtime calls that overlap the gap up to that
     launch (us, longest first)."""
 
@@ -61,7 +65,7 @@ class HostGap:
     runtime_calls: tuple[tuple[str, float], ...]
 
 
-def host_gaps(trace_events: list[dict], min_us: float = 15.0) -> list[HostGap]:
+def host_gaps(trace_events: list[dict], min_us: float = MIN_GAP_US) -> list[HostGap]:
     """The gaps of at least `min_us` in which no kernel ran (on any stream), between the kernel that ended last
     and the next one to start, in a Chrome trace's events (torch.profiler with CPU and CUDA activities), longest
     first. Kernels are matched to their launches by correlation id."""
@@ -91,7 +95,7 @@ def host_gaps(trace_events: list[dict], min_us: float = 15.0) -> list[HostGap]:
 def format_gaps(gaps: list[HostGap], steps: int, most: int = 10) -> str:
     """Their sum per step, then the `most` longest: gap, the kernels around it, the host's innermost ops."""
     if not gaps:
-        return "no gaps between kernels (over 15 us): the GPU did not wait for the host"
+        return f"no gaps between kernels (over {MIN_GAP_US:.0f} us): the GPU did not wait for the host"
     lines = [f"{sum(g.gap_us for g in gaps) / steps / 1000:.3f} ms per step in {len(gaps) / max(steps, 1):.1f} gaps "
              "between kernels (the profiler's host tracing slows the host: upper bounds); the longest:"]
     for g in gaps[:most]:
