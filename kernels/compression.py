@@ -57,7 +57,8 @@ def _num_visible(pos, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q_tile, pos, k, v, cmp_start, num_cmp, n0, stride_kt, stride_vt, offs_dk, offs_dv,
                dk_ok, dv_ok, scale_log2, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over compressed keys [n0, n0 + BLOCK_N) (k, v point at the kv head)."""
+    """One online-softmax step over compressed keys [n0, n0 + BLOCK_N) (k, v point at the kv head). Pointer
+    loads: TMA tiles, as the dq kernel's, were no faster here on an H200 and slower at 4k (docs/performance.md)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < num_cmp
     k_t = tl.load(k + (cmp_start + offs_n)[None, :] * stride_kt + offs_dk[:, None],
@@ -250,16 +251,22 @@ def compressed_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, stride_kt, stride_vt,
-                  offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dq (without the scale) over compressed keys [n0, n0 + BLOCK_N)."""
+def _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, k_col, v_col, stride_kt,
+                  stride_vt, offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK: tl.constexpr,
+                  CMP_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Accumulate dq (without the scale) over compressed keys [n0, n0 + BLOCK_N): k, v point at the kv head, or
+    with TMA are descriptors read at columns k_col, v_col (their rows past the sequence's keys are not visible)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < num_cmp
-    k_tile = tl.load(k + (cmp_start + offs_n)[:, None] * stride_kt + offs_dk[None, :],
-                     mask=n_ok[:, None] & dk_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DK]
-    v_t = tl.load(v + (cmp_start + offs_n)[None, :] * stride_vt + offs_dv[:, None],
-                  mask=n_ok[None, :] & dv_ok[:, None], other=0.0)  # [BLOCK_DV, BLOCK_N]
+    if TMA:
+        k_tile = k.load([cmp_start + n0, k_col])
+        v_t = tl.trans(v.load([cmp_start + n0, v_col]))
+    else:
+        k_tile = tl.load(k + (cmp_start + offs_n)[:, None] * stride_kt + offs_dk[None, :],
+                         mask=n_ok[:, None] & dk_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DK]
+        v_t = tl.load(v + (cmp_start + offs_n)[None, :] * stride_vt + offs_dv[:, None],
+                      mask=n_ok[None, :] & dv_ok[:, None], other=0.0)  # [BLOCK_DV, BLOCK_N]
     s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION) * scale_log2
     p = tl.exp2(s - lse2[:, None])
     if MASK:
@@ -279,8 +286,8 @@ def compressed_attention_bwd_dq_kernel(
         scale, scale_log2,
         G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
-    """dq for a tile of BLOCK_P positions x HEADS query heads (the forward's tiling)."""
+        BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr):
+    """dq for a tile of BLOCK_P positions x HEADS query heads (the forward's tiling and TMA)."""
     BLOCK_M: tl.constexpr = BLOCK_P * HEADS
     p0, seq_start, seqlen, cmp_start, num_cmp, hk, hc = _query_tile(cu_seqlens, cu_cmp, BLOCK_P, NUM_HEAD_CHUNKS)
     if p0 >= seqlen:
@@ -296,21 +303,22 @@ def compressed_attention_bwd_dq_kernel(
                       mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     lse2 = tl.load(lse + head * stride_lh + tok, mask=row_ok, other=float("inf")) * _LOG2E
     row_delta = tl.load(delta + head * stride_lh + tok, mask=row_ok, other=0.0)
-    k += hk * stride_kh
-    v += hk * stride_vh
+    if not TMA:
+        k += hk * stride_kh
+        v += hk * stride_vh
 
     p_last = tl.minimum(p0 + BLOCK_P, seqlen) - 1
     n_vis = _num_visible(p_last, CMP_BLOCK, CMP_STRIDE)
     n_full = (_num_visible(p0, CMP_BLOCK, CMP_STRIDE) // BLOCK_N) * BLOCK_N
     acc = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
     for n0 in range(0, n_full, BLOCK_N):
-        acc = _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, stride_kt,
-                            stride_vt, offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK, CMP_STRIDE, BLOCK_N,
-                            False, PRECISION)
+        acc = _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, hk * DK,
+                            hk * DV, stride_kt, stride_vt, offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK,
+                            CMP_STRIDE, BLOCK_N, False, TMA, PRECISION)
     for n0 in range(n_full, n_vis, BLOCK_N):
-        acc = _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, stride_kt,
-                            stride_vt, offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK, CMP_STRIDE, BLOCK_N,
-                            True, PRECISION)
+        acc = _bwd_dq_inner(acc, q_tile, do_tile, lse2, row_delta, pos, k, v, cmp_start, num_cmp, n0, hk * DK,
+                            hk * DV, stride_kt, stride_vt, offs_dk, offs_dv, dk_ok, dv_ok, scale_log2, CMP_BLOCK,
+                            CMP_STRIDE, BLOCK_N, True, TMA, PRECISION)
     tl.store(dq + tok[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
              (acc * scale).to(dq.dtype.element_ty), mask=row_ok[:, None] & dk_ok[None, :])
 
@@ -337,6 +345,8 @@ class CompressionParams:
         dkdv_splits: programs per key tile, each taking one run of its query tiles (any int >= 1; above 1 the
             fp32 partials, splits x the size of dk_cmp and dv_cmp, are summed after the kernel).
         dq_block_m, dq_block_n, dq_block_h, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
+        dq_tma: the dq kernel's compressed K/V tiles read by TMA copies (tensor descriptors) where the GPU and
+            layout allow (`runtime.tma_rows`), else by pointer loads.
     """
 
     fwd_block_m: int = 16
@@ -355,9 +365,11 @@ class CompressionParams:
     dq_block_h: int = 4
     dq_num_warps: int = 4
     dq_num_stages: int = 2
+    dq_tma: bool = True
 
     def __post_init__(self):
-        runtime.check_launch_params(self, counts=("num_stages", "splits"), tiles=("fwd_", "dkdv_", "dq_"))
+        runtime.check_launch_params(self, counts=("num_stages", "splits"), tiles=("fwd_", "dkdv_", "dq_"),
+                                    flags=("_tma",))
 
 
 def heads_per_tile(group: int, rows: int) -> int:
@@ -388,7 +400,8 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v:
     (4 warps): the fastest of a coordinate sweep on an H200 (paper shape, T=32k, triton 3.6). dkdv 64 rows x 128
     keys, 8 warps, 3 stages, 8 splits: the fastest of 108 tilings swept at 64k on an H200 (see
     docs/performance.md). Head dims above 128 halve the rows; fp32 (its `ieee` tl.dot runs on FMA units) uses
-    16 x 16 tiles. Under the interpreter, large tiles (it pays per program and per step, not per element).
+    16 x 16 tiles and pointer loads (as the window kernels). Under the interpreter, large tiles (it pays per
+    program and per step, not per element).
     """
     group = num_heads // num_kv_heads
     if runtime.interpreting():
@@ -400,7 +413,7 @@ def default_params(num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v:
         return CompressionParams(fwd_block_m=16 // h, fwd_block_n=16, fwd_block_h=h, fwd_num_warps=4,
                                  fwd_num_stages=1, dkdv_block_m=16 // h, dkdv_block_n=16, dkdv_block_h=h,
                                  dkdv_num_warps=4, dkdv_num_stages=1, dq_block_m=16 // h, dq_block_n=16,
-                                 dq_block_h=h, dq_num_warps=4, dq_num_stages=1)
+                                 dq_block_h=h, dq_num_warps=4, dq_num_stages=1, dq_tma=False)
     big = max(head_dim, head_dim_v) > 128
     fwd_rows, dkdv_rows, dq_rows = (64, 16, 32) if big else (128, 64, 64)
     fwd_h, dkdv_h, dq_h = (heads_per_tile(group, r) for r in (fwd_rows, dkdv_rows, dq_rows))
@@ -501,12 +514,15 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
     heads_chunks = runtime.cdiv(group, params.dq_block_h)
+    k_src, v_src = runtime.key_value_sources(k_cmp, v_cmp, params.dq_block_n, shared["BLOCK_DK"], shared["BLOCK_DV"],
+                                             params.dq_tma)
     grid = (runtime.cdiv(seqs.max_seqlen, params.dq_block_m), seqs.num_seqs, num_kv_heads * heads_chunks)
     compressed_attention_bwd_dq_kernel[grid](
-        q, k_cmp, v_cmp, do, lse, delta, dq, seqs.cu_seqlens, seqs.cu_cmp, *strides,
+        q, k_src, v_src, do, lse, delta, dq, seqs.cu_seqlens, seqs.cu_cmp, *strides,
         dq.stride(0), dq.stride(1), scale, scale * LOG2E,
         BLOCK_P=params.dq_block_m, HEADS=params.dq_block_h, NUM_HEAD_CHUNKS=heads_chunks,
-        BLOCK_N=params.dq_block_n, num_warps=params.dq_num_warps, num_stages=params.dq_num_stages, **shared)
+        BLOCK_N=params.dq_block_n, TMA=k_src is not k_cmp, num_warps=params.dq_num_warps,
+        num_stages=params.dq_num_stages, **shared)
     return dq, dk, dv
 
 

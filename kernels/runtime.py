@@ -9,6 +9,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def interpreting() -> bool:
@@ -38,6 +39,33 @@ def supports_pdl(device) -> bool:
     device = torch.device(device)
     return (device.type == "cuda" and not interpreting()
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def tma_rows(x: torch.Tensor, block_rows: int, block_d: int) -> TensorDescriptor | None:
+    """x [Ttot, H, D] as a tensor descriptor of [block_rows, D] tiles over its [Ttot, H * D] view (a kernel reads
+    head h's rows at column h * D), or None where TMA copies cannot read it: before Hopper, a head dim padded to
+    block_d, a non-contiguous x or one not 16-byte aligned (TMA's rule for the base and the row stride). The
+    interpreter reads descriptors too, so CPU tests run the same kernel code."""
+    if COMPILE_ONLY_CAPABILITY is not None:
+        hopper = COMPILE_ONLY_CAPABILITY[0] >= 9
+    else:
+        hopper = interpreting() or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    total, heads, dim = x.shape
+    if (not hopper or dim != block_d or not x.is_contiguous() or x.data_ptr() % 16
+            or (heads * dim * x.element_size()) % 16):
+        return None
+    return TensorDescriptor.from_tensor(x.view(total, heads * dim), [block_rows, dim])
+
+
+def key_value_sources(k: torch.Tensor, v: torch.Tensor, block_n: int, block_dk: int, block_dv: int, tma: bool):
+    """The K and V arguments of a kernel that walks tiles of block_n keys: TMA descriptors (`tma_rows`) when
+    `tma` and both allow them, else k and v themselves (pointer loads). The kernel's TMA flag is
+    `k_src is not k`."""
+    if tma:
+        k_desc, v_desc = tma_rows(k, block_n, block_dk), tma_rows(v, block_n, block_dv)
+        if k_desc is not None and v_desc is not None:
+            return k_desc, v_desc
+    return k, v
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -34,6 +34,8 @@ UNEVEN = CompressionParams(fwd_block_m=4, fwd_block_n=16, fwd_block_h=4, dkdv_bl
 # dk/dv query tiles cut into runs, fp32 partials summed: 3 runs; more runs than some key tiles have query tiles.
 SPLIT3 = dataclasses.replace(SMALL, dkdv_splits=3)
 PACKED_SPLIT8 = dataclasses.replace(PACKED, dkdv_splits=8)
+# The dq kernel's K/V tiles by pointer loads instead of TMA descriptors (GPUs before Hopper, padded head dims).
+POINTERS = dict(dq_tma=False)
 
 PAPER_LIKE = NSAConfig(cmp_block=32, cmp_stride=16, slc_block=64, slc_topn=4)
 EQUAL = NSAConfig(cmp_block=16, cmp_stride=16, slc_block=16, slc_topn=4)
@@ -62,6 +64,10 @@ CASES = {
     "l32d16-G2-default-params": (PAPER_LIKE, 1, 130, None, 4, 2, 32, 16, None),
     "l16d16-G2-B2-T100-dkdv-split3": (EQUAL, 2, 100, None, 4, 2, 32, 32, SPLIT3),
     "varlen-l32d16-G4-packed-dkdv-split8": (PAPER_LIKE, 1, None, [31, 100, 32, 47], 8, 2, 16, 16, PACKED_SPLIT8),
+    "varlen-l8d4-G2-pointers": (OVERLAP, 1, None, [5, 50, 0, 17, 64], 4, 2, 32, 16,
+                                dataclasses.replace(SMALL, **POINTERS)),
+    "l32d16-G4-T150-Dk32-Dv16-packed-pointers": (PAPER_LIKE, 1, 150, None, 8, 2, 32, 16,
+                                                 dataclasses.replace(PACKED, **POINTERS)),
 }
 
 
@@ -233,14 +239,14 @@ def test_bad_inputs(bad):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(GPU_CHECK_SHAPES), ids=list(GPU_CHECK_SHAPES))
-@pytest.mark.parametrize("dkdv_splits", [1, 4], ids=["dkdv-whole", "dkdv-split4"])
-def test_compressed_attention_gpu(case, dtype, dkdv_splits):
+@pytest.mark.parametrize("dkdv_splits, tma", [(1, True), (4, False)], ids=["dkdv-whole-tma", "dkdv-split4-pointers"])
+def test_compressed_attention_gpu(case, dtype, dkdv_splits, tma):
     seqlen, seqlens, hq, hkv, d = GPU_CHECK_SHAPES[case]
     cfg = NSAConfig()  # l=32, d=16, l'=64, n=16
     x = random_inputs(cfg, batch=1, seqlen=seqlen, seqlens=seqlens, num_heads=hq, num_kv_heads=hkv, head_dim=d,
                       dtype=dtype, device="cuda", seed=11, requires_grad=True)
     q, k_cmp, v_cmp, cu = x["q"], x["k_cmp"], x["v_cmp"], x["cu_seqlens"]
-    params = dataclasses.replace(default_params(hq, hkv, d, d, dtype), dkdv_splits=dkdv_splits)
+    params = dataclasses.replace(default_params(hq, hkv, d, d, dtype), dkdv_splits=dkdv_splits, dq_tma=tma)
     o = compressed_attention(q, k_cmp, v_cmp, cfg, cu_seqlens=cu, params=params)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(12)).to(device="cuda", dtype=dtype)
     grads = torch.autograd.grad(o, (q, k_cmp, v_cmp), do)

@@ -4,6 +4,7 @@ CPU cases run the kernels in Triton's interpreter (TRITON_INTERPRET=1) in fp32; 
 cross several query/key tiles, band edges and sequence ends. GPU cases (-m gpu) use fp16/bf16 at full size.
 """
 
+import dataclasses
 import inspect
 
 import pytest
@@ -27,6 +28,8 @@ PACKED = WindowAttentionParams(fwd_block_m=4, fwd_block_n=16, fwd_block_h=4, dkd
 # More heads per program than the group has (or a group they do not divide): masked head rows.
 UNEVEN = WindowAttentionParams(fwd_block_m=4, fwd_block_n=16, fwd_block_h=4, dkdv_block_m=4, dkdv_block_n=16,
                                dkdv_block_h=4, dq_block_m=4, dq_block_n=16, dq_block_h=4)
+# K/V tiles by TMA descriptors in the forward and by pointer loads in dq: the other way round from the defaults.
+SWAPPED_LOADS = dict(fwd_tma=True, dq_tma=False)
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +80,9 @@ CASES = {
     "varlen-w16-G2": (16, 1, None, [1, 50, 0, 17, 64], 4, 2, 32, 16, SMALL),
     "varlen-w40-G4-packed": (40, 1, None, [37, 1, 70], 8, 2, 16, 16, PACKED),
     "w16-G2-default-params": (16, 1, 70, None, 4, 2, 32, 16, None),
+    "varlen-w16-G2-swapped-loads": (16, 1, None, [1, 50, 0, 17, 64], 4, 2, 32, 16,
+                                    dataclasses.replace(SMALL, **SWAPPED_LOADS)),
+    "w40-G4-T130-packed-swapped-loads": (40, 1, 130, None, 8, 2, 32, 16, dataclasses.replace(PACKED, **SWAPPED_LOADS)),
 }
 
 
@@ -184,6 +190,17 @@ def test_default_params_are_valid(monkeypatch, interpret):
         assert default_params(64, 4, 128, 128).fwd_block_h == 8
 
 
+def test_tma_rows_only_where_tma_can_read():
+    """A descriptor of [block, D] tiles over [T, H * D] for a contiguous, aligned K; None otherwise."""
+    k = torch.randn(40, 2, 32)
+    desc = runtime.tma_rows(k, 16, 32)
+    assert desc is not None and list(desc.shape) == [40, 64] and list(desc.block_shape) == [16, 32]
+    assert runtime.tma_rows(k, 16, 64) is None  # head dim padded to the block
+    assert runtime.tma_rows(k.transpose(0, 1).contiguous().transpose(0, 1), 16, 32) is None  # not contiguous
+    assert runtime.tma_rows(torch.randn(40 * 64 + 1)[1:].view(40, 2, 32), 16, 32) is None  # base not aligned
+    assert runtime.tma_rows(torch.randn(40, 1, 5), 16, 5) is None  # rows of 20 bytes
+
+
 def test_signature_matches_reference():
     """Same arguments as the reference stage (minus its chunking knob), plus keyword `params`."""
     ours = inspect.signature(window_attention).parameters
@@ -209,16 +226,19 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or runtime.interpreting(), reason="needs CUDA (not the interpreter)")
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
-def test_window_attention_gpu(case, dtype):
+def test_window_attention_gpu(case, dtype, tma):
+    """The default tiles, K/V tiles read by TMA (where the head dims allow) or by pointer loads."""
     window, seqlen, seqlens, hq, hkv, dk, dv = GPU_CASES[case]
     cfg = NSAConfig(window=window)
     seed = sorted(GPU_CASES).index(case)
     x = random_inputs(cfg, seqlen=seqlen, seqlens=seqlens, num_heads=hq, num_kv_heads=hkv, head_dim=dk,
                       head_dim_v=dv, dtype=dtype, device="cuda", seed=seed, requires_grad=True)
     q, k, v, cu = x["q"], x["k"], x["v"], x["cu_seqlens"]
-    o = window_attention(q, k, v, cfg, cu_seqlens=cu)
+    params = dataclasses.replace(default_params(hq, hkv, dk, dv), fwd_tma=tma, dq_tma=tma)
+    o = window_attention(q, k, v, cfg, cu_seqlens=cu, params=params)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(device="cuda", dtype=dtype)
     grads = torch.autograd.grad(o, (q, k, v), do)
 
