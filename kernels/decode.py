@@ -505,7 +505,7 @@ def nsa_decode_fwd(q, cache: KVCache, g_cmp, g_slc, g_win, config: NSAConfig, sc
     tiles = dict(BLOCK_H=block_h, BLOCK_DK=runtime.head_dim_block(head_dim),
                  BLOCK_DV=runtime.head_dim_block(head_dim_v),
                  PRECISION=runtime.dot_precision(q.dtype), DK=head_dim, DV=head_dim_v)
-    use_pdl = params.pdl and runtime.supports_pdl(device)
+    use_pdl = params.pdl and runtime.hopper_or_later(device)
     pdl = dict(USE_PDL=use_pdl, launch_pdl=use_pdl)
     launch = dict(num_warps=params.num_warps, num_stages=params.num_stages, **pdl)
     scale_log2 = scale * LOG2E

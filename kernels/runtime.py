@@ -31,14 +31,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 COMPILE_ONLY_CAPABILITY: tuple[int, int] | None = None
 
 
-def supports_pdl(device) -> bool:
-    """Programmatic dependent launch: CUDA devices of compute capability 9.0 (Hopper) and later, not the
-    interpreter."""
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def hopper_or_later(device) -> bool:
+    """A CUDA device of compute capability 9.0 (Hopper) or later (the compile-only target when one is set), not
+    the interpreter: what programmatic dependent launch and TMA copies need."""
     if COMPILE_ONLY_CAPABILITY is not None:
         return COMPILE_ONLY_CAPABILITY[0] >= 9
     device = torch.device(device)
-    return (device.type == "cuda" and not interpreting()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    if device.type != "cuda" or interpreting():
+        return False
+    return _capability(torch.cuda.current_device() if device.index is None else device.index)[0] >= 9
 
 
 def tma_rows(x: torch.Tensor, block_rows: int, block_d: int) -> TensorDescriptor | None:
@@ -46,12 +52,9 @@ def tma_rows(x: torch.Tensor, block_rows: int, block_d: int) -> TensorDescriptor
     head h's rows at column h * D), or None where TMA copies cannot read it: before Hopper, a head dim padded to
     block_d, a non-contiguous x or one not 16-byte aligned (TMA's rule for the base and the row stride). The
     interpreter reads descriptors too, so CPU tests run the same kernel code."""
-    if COMPILE_ONLY_CAPABILITY is not None:
-        hopper = COMPILE_ONLY_CAPABILITY[0] >= 9
-    else:
-        hopper = interpreting() or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9)
     total, heads, dim = x.shape
-    if (not hopper or dim != block_d or not x.is_contiguous() or x.data_ptr() % 16
+    readable = interpreting() or hopper_or_later(x.device)
+    if (not readable or dim != block_d or not x.is_contiguous() or x.data_ptr() % 16
             or (heads * dim * x.element_size()) % 16):
         return None
     return TensorDescriptor.from_tensor(x.view(total, heads * dim), [block_rows, dim])
