@@ -89,6 +89,18 @@ def _key_rows(src, start_n, keys, key_valid, row0, col, stride_t, offs_d, HEAD_D
 
 
 @triton.jit
+def _key_value_tiles(k_src, v_src, start_n, offs_n, seqlen, row0, k_col, v_col, stride_kt, stride_vt, offs_dk, offs_dv,
+                     HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DK: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
+    """The key positions start_n + offs_n and their K and V tiles (`_key_rows` of each source)."""
+    keys = start_n + offs_n
+    key_valid = keys < seqlen
+    k = _key_rows(k_src, start_n, keys, key_valid, row0, k_col, stride_kt, offs_dk, HEAD_DIM_K, BLOCK_DK, MASK, TMA)
+    v = _key_rows(v_src, start_n, keys, key_valid, row0, v_col, stride_vt, offs_dv, HEAD_DIM_V, BLOCK_DV, MASK, TMA)
+    return keys, k, v
+
+
+@triton.jit
 def _key_sources(K, V, seq_start, hk, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM_K: tl.constexpr,
                  HEAD_DIM_V: tl.constexpr, TMA: tl.constexpr):
     """What `_key_rows` reads for kv head hk: (k source, v source, row0, k column, v column)."""
@@ -107,12 +119,8 @@ def _window_fwd_inner(acc, l_i, m_i, q, pos, k_src, v_src, row0, k_col, v_col, s
                       DOT_PRECISION: tl.constexpr):
     """Online softmax over key tiles [lo, hi) (step BLOCK_N) of the sources from `_key_sources`."""
     for start_n in range(lo, hi, BLOCK_N):
-        keys = start_n + offs_n
-        key_valid = keys < seqlen
-        k = _key_rows(k_src, start_n, keys, key_valid, row0, k_col, stride_kt, offs_dk, HEAD_DIM_K, BLOCK_DK, MASK,
-                      TMA)
-        v = _key_rows(v_src, start_n, keys, key_valid, row0, v_col, stride_vt, offs_dv, HEAD_DIM_V, BLOCK_DV, MASK,
-                      TMA)
+        keys, k, v = _key_value_tiles(k_src, v_src, start_n, offs_n, seqlen, row0, k_col, v_col, stride_kt, stride_vt,
+                                      offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V, BLOCK_DK, BLOCK_DV, MASK, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK:
             inside = (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - window)
@@ -311,12 +319,8 @@ def _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_src, v_src, row0, k_col,
                          DOT_PRECISION: tl.constexpr):
     """Accumulate dq / scale [rows, BLOCK_DK] over key tiles [lo, hi) (step BLOCK_N)."""
     for start_n in range(lo, hi, BLOCK_N):
-        keys = start_n + offs_n
-        key_valid = keys < seqlen
-        k = _key_rows(k_src, start_n, keys, key_valid, row0, k_col, stride_kt, offs_dk, HEAD_DIM_K, BLOCK_DK, MASK,
-                      TMA)
-        v = _key_rows(v_src, start_n, keys, key_valid, row0, v_col, stride_vt, offs_dv, HEAD_DIM_V, BLOCK_DV, MASK,
-                      TMA)
+        keys, k, v = _key_value_tiles(k_src, v_src, start_n, offs_n, seqlen, row0, k_col, v_col, stride_kt, stride_vt,
+                                      offs_dk, offs_dv, HEAD_DIM_K, HEAD_DIM_V, BLOCK_DK, BLOCK_DV, MASK, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASK:
