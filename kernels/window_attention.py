@@ -363,14 +363,14 @@ def window_attention_bwd_dq_kernel(
 
     start, full_lo, full_hi, end = _key_band(m0, seqlen, window, BLOCK_M, BLOCK_N)
     dq = _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_src, v_src, row0, k_col, v_col, stride_kt,
-                              stride_vt, seqlen, window, qk_scale, start, full_lo, offs_n, offs_dk, offs_dv, HEAD_DIM_K,
-                              HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, True, TMA, DOT_PRECISION)
+                              stride_vt, seqlen, window, qk_scale, start, full_lo, offs_n, offs_dk, offs_dv,
+                              HEAD_DIM_K, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, True, TMA, DOT_PRECISION)
     dq = _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_src, v_src, row0, k_col, v_col, stride_kt,
-                              stride_vt, seqlen, window, qk_scale, full_lo, full_hi, offs_n, offs_dk, offs_dv, HEAD_DIM_K,
-                              HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, False, TMA, DOT_PRECISION)
+                              stride_vt, seqlen, window, qk_scale, full_lo, full_hi, offs_n, offs_dk, offs_dv,
+                              HEAD_DIM_K, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, False, TMA, DOT_PRECISION)
     dq = _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_src, v_src, row0, k_col, v_col, stride_kt,
-                              stride_vt, seqlen, window, qk_scale, full_hi, end, offs_n, offs_dk, offs_dv, HEAD_DIM_K,
-                              HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, True, TMA, DOT_PRECISION)
+                              stride_vt, seqlen, window, qk_scale, full_hi, end, offs_n, offs_dk, offs_dv,
+                              HEAD_DIM_K, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, True, TMA, DOT_PRECISION)
     store_or_add(DQ + (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
                  dq * scale, row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), ACCUMULATE)
 
