@@ -57,7 +57,7 @@ from nsa.inputs import check_config, check_cu_seqlens, check_float_tensors, chec
 from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences, device_offsets, segment_ids, segment_ids_on_host
 from nsa.kernels.runtime import (MIN_DOT, cdiv, check_kernel_inputs, check_launch_params, compute_dtype,
-                                 dot_precision, head_dim_block, new_output, next_power_of_2, pack)
+                                 dot_precision, head_dim_block, key_value_sources, new_output, next_power_of_2, pack)
 
 LOG2E = 1.4426950408889634
 # Kernels may only read globals declared as constexpr.
@@ -98,12 +98,14 @@ def selected_attention_fwd_kernel(
         stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
         SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """o and lse of BLOCK_T consecutive positions x the G heads of kv head hk; grid (tiles, Hkv).
 
     Rows r = p * G + g (position p of the tile, head g of the group), padded to BLOCK_R. Step `it` of the loop
     is union entry it // SUBS of the tile's schedule, key slice it % SUBS (BLOCK_N tokens) of that block; the
-    scores kept are those of rows whose position selected the block (bit p of its mask), causal s <= t.
+    scores kept are those of rows whose position selected the block (bit p of its mask), causal s <= t. With TMA,
+    K and V are descriptors (`runtime.tma_rows`) and a key slice is one TMA copy; its rows past the slice's
+    valid keys (another block, sequence, or zeros past the end) are finite and masked like the others.
     """
     tl.static_assert(BLOCK_T * G <= BLOCK_R)
     tl.static_assert(BLOCK_T <= 32)
@@ -128,8 +130,9 @@ def selected_attention_fwd_kernel(
     col_v = offs_dv < HEAD_DIM_V
     q = tl.load(Q + tok_r[:, None] * stride_qt + head_r[:, None] * stride_qh + offs_dk[None, :],
                 mask=row_valid[:, None] & col_k[None, :], other=0.0)
-    k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
-    v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
+    if not TMA:
+        k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
+        v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
     sched_blocks = SCHED_BLOCKS + tile.to(tl.int64) * stride_st + hk * stride_sh
     sched_masks = SCHED_MASKS + tile.to(tl.int64) * stride_mt + hk * stride_mh
     count = tl.load(SCHED_COUNTS + tile * stride_ct + hk * stride_ch)
@@ -146,17 +149,23 @@ def selected_attention_fwd_kernel(
         key_valid = (offs_in < SLC_BLOCK) & (key_pos <= pos_last)
         keep = row_valid & (((bits >> bit_r) & 1) != 0)
         mask = keep[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
-        key_off = key_pos.to(tl.int64)
-        k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
-                    mask=key_valid[:, None] & col_k[None, :], other=0.0)
+        if TMA:
+            k = K.load([seq_start + block * SLC_BLOCK + (it % SUBS) * BLOCK_N, hk * HEAD_DIM_K])
+        else:
+            key_off = key_pos.to(tl.int64)
+            k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
+                        mask=key_valid[:, None] & col_k[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(mask, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
-                    mask=key_valid[:, None] & col_v[None, :], other=0.0)
+        if TMA:
+            v = V.load([seq_start + block * SLC_BLOCK + (it % SUBS) * BLOCK_N, hk * HEAD_DIM_V])
+        else:
+            v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
+                        mask=key_valid[:, None] & col_v[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -377,8 +386,10 @@ def selected_attention_bwd_dq_kernel(
         stride_st, stride_sh, stride_mt, stride_mh, stride_mi, stride_ct, stride_ch,
         SLC_BLOCK: tl.constexpr, G: tl.constexpr, HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DELTA_GIVEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dq of BLOCK_T positions x G heads, tiled and scheduled like the forward; grid (tiles, Hkv).
+        BLOCK_DV: tl.constexpr, SUBS: tl.constexpr, DELTA_GIVEN: tl.constexpr, TMA: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """dq of BLOCK_T positions x G heads, tiled and scheduled like the forward (K/V by TMA copies too); grid
+    (tiles, Hkv).
 
     Unless DELTA_GIVEN (then read from DELTA), also writes delta = rowsum(dO * O) [Hq, total] fp32 for the dkdv
     kernel, launched after this one.
@@ -418,8 +429,9 @@ def selected_attention_bwd_dq_kernel(
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + head_r * stride_lseh + tok_r, delta, mask=row_valid)
     lse2 = tl.load(LSE + head_r * stride_lseh + tok_r, mask=row_valid, other=0.0) * _LOG2E
-    k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
-    v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
+    if not TMA:
+        k_base = K + seq_start.to(tl.int64) * stride_kt + hk * stride_kh
+        v_base = V + seq_start.to(tl.int64) * stride_vt + hk * stride_vh
     sched_blocks = SCHED_BLOCKS + tile.to(tl.int64) * stride_st + hk * stride_sh
     sched_masks = SCHED_MASKS + tile.to(tl.int64) * stride_mt + hk * stride_mh
     count = tl.load(SCHED_COUNTS + tile * stride_ct + hk * stride_ch)
@@ -434,11 +446,16 @@ def selected_attention_bwd_dq_kernel(
         key_valid = (offs_in < SLC_BLOCK) & (key_pos <= pos_last)
         keep = row_valid & (((bits >> bit_r) & 1) != 0)
         mask = keep[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
-        key_off = key_pos.to(tl.int64)
-        k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
-                    mask=key_valid[:, None] & col_k[None, :], other=0.0)
-        v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
-                    mask=key_valid[:, None] & col_v[None, :], other=0.0)
+        if TMA:
+            row = seq_start + block * SLC_BLOCK + (it % SUBS) * BLOCK_N
+            k = K.load([row, hk * HEAD_DIM_K])
+            v = V.load([row, hk * HEAD_DIM_V])
+        else:
+            key_off = key_pos.to(tl.int64)
+            k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
+                        mask=key_valid[:, None] & col_k[None, :], other=0.0)
+            v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
+                        mask=key_valid[:, None] & col_v[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.where(mask, tl.math.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -634,12 +651,15 @@ class SelectedAttentionParams:
     `dq_inverted` does the same for dq (`dq_block_t` positions, `dq_block_n` keys per step). With
     `fwd_parts_16bit` / `dq_parts_16bit` the inverted kernels write their per-block output / dq parts in 16 bits
     (bfloat16 for bfloat16 inputs, else float16) instead of fp32, halving the parts' bytes; the lse parts and
-    the merge stay fp32. Each part is then rounded once more before the fp32 merge.
+    the merge stay fp32. Each part is then rounded once more before the fp32 merge. With `fwd_tma` / `dq_tma`
+    the gathering (not inverted) kernels read each K/V key slice by one TMA copy where the GPU and layout allow
+    (`runtime.tma_rows`), else by pointer loads.
 
     Attributes:
-        fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages, fwd_inverted, fwd_parts_16bit: forward kernel.
-        dq_block_t, dq_block_n, dq_num_warps, dq_num_stages, dq_inverted, dq_parts_16bit: dq kernel (tiled like
-            the forward).
+        fwd_block_t, fwd_block_n, fwd_num_warps, fwd_num_stages, fwd_inverted, fwd_parts_16bit, fwd_tma: forward
+            kernel.
+        dq_block_t, dq_block_n, dq_num_warps, dq_num_stages, dq_inverted, dq_parts_16bit, dq_tma: dq kernel (tiled
+            like the forward).
         dkdv_block_t, dkdv_block_n, dkdv_chunk, dkdv_num_warps, dkdv_num_stages: dk/dv kernel.
     All tiles are powers of two; block_t <= 32 (fwd/dq: position bitmask), block_n >= 16 (GPU tl.dot).
     """
@@ -650,12 +670,14 @@ class SelectedAttentionParams:
     fwd_num_stages: int = 2
     fwd_inverted: bool = False
     fwd_parts_16bit: bool = False
+    fwd_tma: bool = False
     dq_block_t: int = 1
     dq_block_n: int = 64
     dq_num_warps: int = 4
     dq_num_stages: int = 2
     dq_inverted: bool = False
     dq_parts_16bit: bool = False
+    dq_tma: bool = False
     dkdv_block_t: int = 4
     dkdv_block_n: int = 64
     dkdv_chunk: int = 2048
@@ -663,7 +685,7 @@ class SelectedAttentionParams:
     dkdv_num_stages: int = 2
 
     def __post_init__(self):
-        check_launch_params(self, counts=("num_stages", "dkdv_chunk"), flags=("inverted", "parts_16bit"))
+        check_launch_params(self, counts=("num_stages", "dkdv_chunk"), flags=("inverted", "parts_16bit", "tma"))
         for kernel in ("fwd", "dq"):
             if getattr(self, f"{kernel}_parts_16bit") and not getattr(self, f"{kernel}_inverted"):
                 raise ValueError(f"SelectedAttentionParams.{kernel}_parts_16bit needs {kernel}_inverted (only the "
@@ -681,13 +703,15 @@ class SelectedAttentionParams:
 # ranges of the fields above on a GPU, and a few tile sizes for the interpreter, which ignores warps and stages and
 # pays per program (CI runs those).
 SEARCH_SPACE = dict(fwd_block_t=[1, 2, 4, 8, 16], fwd_block_n=[16, 32, 64, 128], fwd_num_warps=[1, 4, 8],
-                    fwd_num_stages=[1, 2, 3], fwd_inverted=[False, True], fwd_parts_16bit=[False, True])
+                    fwd_num_stages=[1, 2, 3], fwd_inverted=[False, True], fwd_parts_16bit=[False, True],
+                    fwd_tma=[False, True])
 INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[False, True])
 # The backward kernels (`selected_bwd`). Short list chunks could only pay at short lengths (from 2k the tuned
 # 1024-4096 were best on an H200; at 1k the tuner took 256, within the spread of the old 4096), and they multiply
 # the fp32 partial slots: the tuner's `dkdv_chunk_fits_length` predicate keeps them off long sequences.
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[64, 256, 1024, 4096], dkdv_num_stages=[2, 3],
-                             dq_inverted=[False, True], dq_parts_16bit=[False, True], dq_num_warps=[2, 4])
+                             dq_inverted=[False, True], dq_parts_16bit=[False, True], dq_num_warps=[2, 4],
+                             dq_tma=[False, True])
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_chunk=[64, 4096], dq_inverted=[False, True])
 
 
@@ -706,7 +730,10 @@ def default_params(config: NSAConfig, num_heads: int, num_kv_heads: int, head_di
     Gathering forward and dq tiles of 16 rows (16-bit, head dims <= 128) run on 1 and 2 warps: on 4, a step's 64
     keys are split across warps, so its row max and sum cross warps and p goes through shared memory to become
     the PV operand. At 64k, G=16 on an H200 (`nsa profile`) the forward kernel took 16.1 -> 14.8 ms on 1 warp and
-    the dq kernel 17.4 -> 16.0 ms on 2 (G=8, also 16 rows, was not measured)."""
+    the dq kernel 17.4 -> 16.0 ms on 2 (G=8, also 16 rows, was not measured). K/V by pointer loads: TMA key slices
+    (fwd_tma, dq_tma) are the tuner's to turn on. On an H200 they took the tuned forward kernel (16-key slices, 1
+    warp) from 0.83 to 0.73 ms at 4k and 14.8 to 14.0 ms at 64k (G=16), a gathering 16k G=4 forward from 10.6 to
+    8.9 ms, the dq kernel 0-2%; but this default's 64-key slices on 1 warp spill on sm_90 with TMA (untimed)."""
     group = num_heads // max(1, num_kv_heads)
     block_n = max(MIN_DOT, min(64, next_power_of_2(config.slc_block)))
     block_t = min(MAX_BLOCK_T, _floor_pow2(max(1, MIN_DOT // group)))
@@ -1001,9 +1028,10 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
         schedule = build_block_schedule(block_indices, seqs, params.fwd_block_t)
     block_n = params.fwd_block_n
     s = schedule
+    k_src, v_src = key_value_sources(k, v, block_n, block_dk, block_dv, params.fwd_tma)
     grid = (s.num_tiles, num_kv_heads)
     selected_attention_fwd_kernel[grid](
-        q, k, v, o, lse, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks, s.counts,
+        q, k_src, v_src, o, lse, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks, s.counts,
         scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         lse.stride(0), s.blocks.stride(0), s.blocks.stride(1), s.masks.stride(0), s.masks.stride(1),
@@ -1011,7 +1039,7 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
         SLC_BLOCK=config.slc_block, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
         BLOCK_R=_rows(s.block_t, group),
         BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=cdiv(config.slc_block, block_n),
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
+        TMA=k_src is not k, DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
     return o, lse
 
 
@@ -1133,8 +1161,9 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
         s = schedule if schedule is not None and schedule.block_t == params.dq_block_t else \
             build_block_schedule(block_indices, seqs, params.dq_block_t)
         if s.num_tiles:
+            k_src, v_src = key_value_sources(k, v, params.dq_block_n, block_dk, block_dv, params.dq_tma)
             selected_attention_bwd_dq_kernel[(s.num_tiles, num_kv_heads)](
-                q, k, v, o, do, lse, delta, dq, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks,
+                q, k_src, v_src, o, do, lse, delta, dq, s.tile_tok0, s.tile_seq, seqs.cu_seqlens, s.blocks, s.masks,
                 s.counts, scale, scale * LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0),
                 o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
@@ -1142,7 +1171,8 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
                 s.counts.stride(0), s.counts.stride(1),
                 SLC_BLOCK=ls, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
                 BLOCK_R=_rows(s.block_t, group), BLOCK_N=params.dq_block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-                SUBS=cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, DOT_PRECISION=precision,
+                SUBS=cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, TMA=k_src is not k,
+                DOT_PRECISION=precision,
                 num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
 
     inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk, ls * (head_dim + head_dim_v) * 4)

@@ -132,6 +132,10 @@ PREDICATES = (
      _smem_ok),
     ("registers", "accumulator + score tile (selection: score tile) above ~192 fp32 registers per thread spills",
      _registers_ok),
+    ("tma_flag_once_when_inverted", "the inverted selected kernels read K/V without TMA: their candidates keep the "
+     "TMA flag off only, not a second, identical candidate with it on",
+     lambda p, s, d, c: not any(getattr(p, f"{k}_inverted", False) and getattr(p, f"{k}_tma", False)
+                                for k in ("fwd", "dq"))),
     ("dkdv_chunk_fits_length", "a selected dk/dv list chunk under min(1024, T/16) positions cuts the lists into "
      "more items and fp32 partial slots than a long sequence gains from (64 KB a slot at the paper shape)",
      lambda p, s, d, c: not hasattr(p, "dkdv_chunk") or p.dkdv_chunk >= min(1024, s.seqlen // 16)),

@@ -137,6 +137,17 @@ CASES = {
     # Own block only: every key is on the causal diagonal; T < l'.
     "local-l32-G2-T20": (cfg(32, 3), dict(seqlen=20, num_heads=4, num_kv_heads=2, head_dim=16, head_dim_v=16),
                          "local", P(fwd_block_t=32, dq_block_t=4, dkdv_block_t=16)),
+    # K/V key slices by TMA copies (head dims equal to their blocks): tiles that run into the next sequence or past
+    # the tensor's end; 32-key tiles over blocks of 16 keys (each tile holds the next block's keys, masked) and
+    # l' = 64 walked in two slices.
+    "tma-varlen-ref-l16-G4-bt4-bn32": (cfg(16, 4), dict(seqlens=[37, 9, 0, 50], num_heads=4, num_kv_heads=1,
+                                                        head_dim=32, head_dim_v=16), "reference",
+                                       P(fwd_block_t=4, fwd_block_n=32, fwd_tma=True, dq_block_t=2, dq_block_n=32,
+                                         dq_tma=True, dkdv_chunk=12)),
+    "tma-ref-l64-G16-mqa-T150": (cfg(64, 3), dict(seqlen=150, num_heads=16, num_kv_heads=1, head_dim=16,
+                                                  head_dim_v=16), "reference",
+                                 P(fwd_block_t=2, fwd_block_n=32, fwd_tma=True, dq_block_t=1, dq_block_n=32,
+                                   dq_tma=True)),
     # The inverted forward and dq: blocks own the work. With the chunk and item sizes of `small_inverted_chunks`:
     # several chunks of positions, popular blocks cut into several items, l' = 64 walked in four slices, G = 3;
     # forward and dq inverted together and each alone.
@@ -426,9 +437,10 @@ GPU_SHAPES = {  # id: (T, Hq, Hkv)
 @pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs a CUDA GPU (no interpreter)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
-@pytest.mark.parametrize("inverted, parts_16bit", [(False, False), (True, False), (True, True)],
-                         ids=["gather", "inverted", "inverted-16bit-parts"])
-def test_gpu_low_precision(shape, dtype, inverted, parts_16bit, monkeypatch):
+@pytest.mark.parametrize("inverted, parts_16bit, tma", [(False, False, False), (False, False, True),
+                                                        (True, False, False), (True, True, False)],
+                         ids=["gather", "gather-tma", "inverted", "inverted-16bit-parts"])
+def test_gpu_low_precision(shape, dtype, inverted, parts_16bit, tma, monkeypatch):
     monkeypatch.setattr(runtime, "POISON_OUTPUTS", True)
     seqlen, num_heads, num_kv_heads = GPU_SHAPES[shape]
     config = NSAConfig()  # l' = 64, n = 16
@@ -439,7 +451,7 @@ def test_gpu_low_precision(shape, dtype, inverted, parts_16bit, monkeypatch):
     do = torch.randn_like(q[..., :v.shape[-1]])
     params = default_params(config, num_heads, num_kv_heads, 128, 128, dtype=dtype)
     params = dataclasses.replace(params, fwd_inverted=inverted, dq_inverted=inverted, fwd_parts_16bit=parts_16bit,
-                                 dq_parts_16bit=parts_16bit)
+                                 dq_parts_16bit=parts_16bit, fwd_tma=tma, dq_tma=tma)
     o = selected_attention(q, k, v, block_indices, config, params=params)
     grads = torch.autograd.grad(o, (q, k, v), do)
 
