@@ -394,7 +394,7 @@ def test_bad_input(what, error):
 @pytest.mark.parametrize("field, value", [("fwd_block_t", 3), ("dq_block_t", 64), ("fwd_block_n", 8),
                                           ("dkdv_chunk", 0), ("dkdv_num_warps", 6), ("fwd_num_stages", 0),
                                           ("fwd_inverted", 1), ("dq_inverted", "yes"), ("fwd_parts_16bit", 1),
-                                          ("dq_parts_16bit", True)])
+                                          ("dq_parts_16bit", True), ("fwd_tma", 1), ("dq_tma", "no")])
 def test_bad_params(field, value):
     """Bad values, and 16-bit parts without the inverted kernel that writes them."""
     with pytest.raises(ValueError, match=field):
