@@ -1039,7 +1039,8 @@ def selected_attention_fwd(q, k, v, block_indices, seqs: PackedSequences, config
         SLC_BLOCK=config.slc_block, G=group, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_T=s.block_t,
         BLOCK_R=_rows(s.block_t, group),
         BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv, SUBS=cdiv(config.slc_block, block_n),
-        TMA=k_src is not k, DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps, num_stages=params.fwd_num_stages)
+        TMA=k_src is not k, DOT_PRECISION=dot_precision(q.dtype), num_warps=params.fwd_num_warps,
+        num_stages=params.fwd_num_stages)
     return o, lse
 
 
