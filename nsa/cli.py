@@ -202,9 +202,14 @@ def cmd_tune(args) -> int:
     if _device_type(args.device) == "cpu" and world.is_main:
         print("CPU tune: kernels in the Triton interpreter, timed by perf_counter; it exercises the tuner, the "
               "timings say nothing about a GPU")
-    with world.started(args.device) as device:
-        result = tune(args.suite, families=args.families, device=device, out=args.out, budget_s=args.budget_s,
-                      world=world, progress=world.is_main, retune=args.retune, match=args.match or ())
+    try:
+        with world.started(args.device) as device:
+            result = tune(args.suite, families=args.families, device=device, out=args.out, budget_s=args.budget_s,
+                          world=world, progress=world.is_main, retune=args.retune, match=args.match or (),
+                          fields=args.fields or ())
+    except ValueError as e:  # fields no family searches, or a file at --out that is not this device's cache
+        print(f"nsa tune: {e}", file=sys.stderr)
+        return 1
     if not world.is_main:
         return 0  # rank 0 says how it went: a rank exiting non-zero first would make torchrun stop it
     if result.get("ranks", 1) > 1:
@@ -212,10 +217,15 @@ def cmd_tune(args) -> int:
     print(f"cache: {result['path']}")
     for key in result["skipped"]:
         print(f"{key}: already tuned (skipped)")
+    for key in result.get("untuned", ()):
+        print(f"{key}: not in the cache, so not refined (a tune without --fields covers it)")
     for row in result["done"]:
         rejected = ", ".join(f"{k} {v}" for k, v in row["rejected"].items()) or "none"
         if "ms" in row:
             default = "failed" if row["default_ms"] is None else f"{row['default_ms']:.4g} ms"
+            if "start_ms" in row:
+                start = "failed" if row["start_ms"] is None else f"{row['start_ms']:.4g} ms"
+                default = f"{default}; the cached params now {start}, {', '.join(row['fields'])} searched"
             print(f"{row['key']}: {row['ms']:.4g} ms (default {default}), {row['tried']} tried, rejected: {rejected}")
         else:
             print(f"{row['key']}: NO candidate passed ({rejected}); nothing cached")
@@ -374,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--match", type=_comma_list(), metavar="TEXT[,TEXT...]",
                       help="tune only the buckets whose key contains every TEXT, e.g. '|G=4|' or 'T=65536|' "
                       "(keys: nsa tune --show)")
+    tune.add_argument("--fields", type=_comma_list(), metavar="NAME[,NAME...]",
+                      help="a short search: vary only these params fields (of the kernels' search spaces, e.g. "
+                      "fwd_tma,fwd_num_stages), from each bucket's cached params; buckets the cache lacks are left "
+                      "to a full tune")
     tune.add_argument("--out", metavar="DIR", help="folder of the cache file <device-key>.json (default: the user "
                       "cache, $XDG_CACHE_HOME/nsa/configs or ~/.cache/nsa/configs; tuner/configs to ship one)")
     tune.add_argument("--show", action="store_true", help="print the config caches in use for this device")

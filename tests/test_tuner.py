@@ -560,6 +560,45 @@ def test_match_tunes_only_the_buckets_whose_key_contains_it(tmp_path, capsys):
     assert [key.split("|")[0] for key in entries] == ["combine"]
 
 
+@kernels_run
+def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys):
+    """A short search: only the named fields vary, from each cached entry; families that do not search them and
+    buckets the cache lacks are left alone; the entry keeps its default_ms and records start_ms."""
+    search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False)
+    path = tmp_path / "cpu-interpreter.json"
+    data = json.loads(path.read_text())
+    window_key = next(key for key in data["entries"] if key.startswith("window|"))
+    combine_entry_before = next(e for key, e in data["entries"].items() if key.startswith("combine|"))
+    cached = data["entries"][window_key]
+    cached["params"].update(fwd_block_n=32, fwd_num_stages=2)  # the fields not searched keep these values
+    cached.update(default_ms=123.0, note="set by hand")
+    cache.write_atomic(path, data)
+
+    result = search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False,
+                         fields=("fwd_block_n",))
+    (row,) = result["done"]
+    assert row["key"] == window_key and row["tried"] == 2 and row["fields"] == ["fwd_block_n"]
+    entries = json.loads(path.read_text())["entries"]
+    entry = entries[window_key]
+    assert entry["default_ms"] == 123.0 and entry["start_ms"] > 0 and "note" not in entry
+    assert entry["params"]["fwd_num_stages"] == 2 and entry["params"]["fwd_block_n"] in (32, 64)
+    assert next(e for key, e in entries.items() if key.startswith("combine|")) == combine_entry_before
+
+    del entries[window_key]
+    cache.write_atomic(path, dict(meta=data["meta"], entries=entries))
+    again = search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False,
+                        fields=("fwd_block_n",))
+    assert again["done"] == [] and again["untuned"] == [window_key]
+    with pytest.raises(ValueError, match="searches fwd_tma"):  # not in the interpreter's window space
+        search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False, fields=("fwd_tma",))
+    from nsa.cli import main
+    argv = ["tune", "--suite", "smoke", "--families", "window", "--device", "cpu", "--out", str(tmp_path)]
+    assert main([*argv, "--fields", "fwd_block_n"]) == 0
+    assert "not in the cache, so not refined" in capsys.readouterr().out
+    assert main([*argv, "--fields", "dkdv_block_n"]) == 1
+    assert "searches dkdv_block_n" in capsys.readouterr().err
+
+
 def test_spaces_are_declared_beside_each_kernel_and_split_forward_from_backward():
     for family in cache.ALL_FAMILIES:
         fields = {f.name for f in dataclasses.fields(cache.params_class(family))}

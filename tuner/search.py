@@ -10,7 +10,8 @@ after the call returns: a hung kernel is not interrupted). Long problems are che
 row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
 forward kernel; for a `<family>_bwd` family, the family's forward and backward with only the backward kernels'
 params varied (the forward at its default), checked on every gradient. After each bucket the cache file is
-rewritten atomically; buckets already in it are skipped, so an interrupted run resumes. The bucket in progress
+rewritten atomically; buckets already in it are skipped, so an interrupted run resumes. With `fields`, a short
+search instead: only those params fields vary, from each cached entry (see `tune`). The bucket in progress
 is kept candidate by candidate in a shard file (as the ranks of a sharded run keep theirs): a budget or an
 interruption inside a long bucket loses at most the candidate in progress.
 
@@ -329,10 +330,12 @@ def _evaluate(case: Case, params, device, timeout_s: float):
     return timing.median_ms, None
 
 
-def _summarize(bkey: str, outcomes: list, pruned: dict) -> tuple[dict, dict | None]:
+def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = None) -> tuple[dict, dict | None]:
     """(row, cache entry or None) of a bucket from its candidates' outcomes, in candidate order, each
     (params as a dict, ms or None, (kind, message) or None): the fastest right candidate wins (the first on a
-    tie) and the first candidate, the default, gives default_ms."""
+    tie) and the first candidate, the default, gives default_ms. With `refined` (a search of a few fields from
+    the cached entry: {"fields", "default_ms"}) the first candidate is that entry and gives start_ms; the
+    entry's default_ms is kept and the fields searched are recorded."""
     best, default_ms, rejected, errors = None, None, {}, []
     for i, (params, ms, failure) in enumerate(outcomes):
         if failure is not None:
@@ -350,6 +353,8 @@ def _summarize(bkey: str, outcomes: list, pruned: dict) -> tuple[dict, dict | No
         return row, None
     entry = dict(params=best[1], ms=best[0], default_ms=default_ms, tried=len(outcomes), rejected=rejected,
                  pruned=pruned)
+    if refined is not None:
+        entry.update(default_ms=refined["default_ms"], start_ms=default_ms, fields=list(refined["fields"]))
     return {**row, **entry}, entry
 
 
@@ -362,14 +367,22 @@ def shard_folder(path) -> Path:
 
 def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float | None = None,
          candidate_timeout_s: float = DEFAULT_CANDIDATE_TIMEOUT_S, progress: bool = True, world=None,
-         skip=frozenset(), retune: bool = False, match=()) -> dict:
+         skip=frozenset(), retune: bool = False, match=(), fields=()) -> dict:
     """Tune every (family, bucket) of `suite` on `device` into `out` (a folder; the user cache by default),
     except the bucket keys in `skip` and, unless `retune`, those the file already holds (a retuned bucket's
     entry is replaced: for a search space that grew, or a kernel that changed). With `match`, only the buckets
     whose key contains every one of those strings (e.g. "|G=4|" for one group size of the gqa suite).
 
-    Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "stopped":
-    True when the budget ran out}. Each row: key, params, ms, default_ms, tried, rejected {kind: count}, errors.
+    With `fields` (params field names, e.g. ("fwd_tma", "fwd_num_stages")), a short search: for every bucket
+    the file holds, of a family that declares some of those fields, the candidates are its cached params with
+    only those fields varied over their declared ranges (the cached params first); the winner replaces the entry,
+    which keeps its default_ms and records start_ms (the cached params' time now) and the fields. For a flag a
+    kernel gained, or one field of a tuned entry, at a few candidates a bucket instead of the whole space.
+    Buckets the file lacks are left to a full tune ("untuned").
+
+    Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "untuned":
+    [keys `fields` passed over], "stopped": True when the budget ran out}. Each row: key, params, ms,
+    default_ms, tried, rejected {kind: count}, errors (and start_ms, fields with `fields`).
 
     With `world` (a `nsa.tuner.distributed.World` of several ranks, started) the candidates are shared between
     the ranks, see `_tune_sharded`; so they are too when a shard folder of an interrupted sharded run is there.
@@ -381,6 +394,11 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     suite = get_suite(suite) if isinstance(suite, str) else suite
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     families = list(families or cache.ALL_FAMILIES)
+    searched = {name for family in families for name in spaces.field_space(family, fields)}
+    if set(fields) - searched:
+        raise ValueError(f"no family of {', '.join(families)} searches {', '.join(sorted(set(fields) - searched))} "
+                         "here (the fields are those of the kernels' declared search spaces: SEARCH_SPACE, "
+                         "BACKWARD_SEARCH_SPACE, or the INTERPRETER_ ones on a CPU)")
     key = cache.device_key(device)
     path = cache.config_path(key, out if out is not None else cache.user_dir())
     shards = shard_folder(path)
@@ -388,17 +406,18 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
         from nsa.tuner.distributed import World
         return _tune_sharded(suite, families, device, path, world or World(), budget=budget,
                              candidate_timeout_s=candidate_timeout_s, progress=progress, retune=retune,
-                             skip=skip, match=match)
+                             skip=skip, match=match, fields=fields)
     from nsa.tuner.distributed import ShardLog, remove_shards
     entries = _read_existing(path, key)
-    todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip, match=match)
-    result = dict(path=str(path), done=[], skipped=skipped, stopped=False)
+    todo, skipped, untuned = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip, match=match,
+                                           fields=fields)
+    result = dict(path=str(path), done=[], skipped=skipped, untuned=untuned, stopped=False)
     # The bucket in progress, one record per candidate: a run stopped inside it leaves the shard folder, and the
     # next run resumes through the sharded path (a world of one), redoing none of them.
     shard = ShardLog(shards, 0)
     bar = progress_bar(total=sum(len(t[3]) for t in todo), desc=f"tune {key}", unit="cand", enabled=progress)
     try:
-        for family, bkey, problem, cands, pruned in todo:
+        for family, bkey, problem, cands, pruned, refined in todo:
             bar.set_postfix_str(bkey)
             try:
                 case = build_case(family, problem, device)
@@ -419,7 +438,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
                 bar.update(1)
                 shard.append(_record(bkey, i, params, ms, failure))
                 outcomes.append((dataclasses.asdict(params), ms, failure))
-            row, entry = _summarize(bkey, outcomes, pruned)
+            row, entry = _summarize(bkey, outcomes, pruned, refined)
             if entry is not None:
                 entries[bkey] = entry
                 cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
@@ -430,21 +449,37 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     return result
 
 
-def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip, match=()) -> tuple[list, list]:
-    """(buckets to tune as (family, key, problem, candidates, pruned), keys skipped): every bucket of the suite's
-    families whose key contains every string of `match`, except those in `skip` and, unless `retune`, those
-    `entries` (the cache file's) already hold."""
-    todo, skipped = [], []
+def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip, match=(),
+                  fields=()) -> tuple[list, list, list]:
+    """(buckets to tune as (family, key, problem, candidates, pruned, refined), keys skipped, keys left untuned):
+    every bucket of the suite's families whose key contains every string of `match`, except those in `skip` and,
+    unless `retune`, those `entries` (the cache file's) already hold. With `fields` (see `tune`): the buckets
+    `entries` hold, of the families that search some of the fields, from their cached params (refined: {"fields",
+    "default_ms"}, else None); the others of those families are left untuned."""
+    todo, skipped, untuned = [], [], []
     for family, bkey, problem in buckets(suite, families):
-        if not all(text in bkey for text in match):
+        space = spaces.field_space(family, fields) if fields else None
+        if not all(text in bkey for text in match) or space == {}:
             continue
-        if (bkey in entries and not retune) or bkey in skip:
+        if bkey in skip or (bkey in entries and not retune and not fields):
             skipped.append(bkey)
             continue
+        if fields and bkey not in entries:
+            untuned.append(bkey)
+            continue
+        start, refined = None, None
+        if fields:
+            try:
+                start = cache.params_class(family)(**entries[bkey]["params"])
+            except (TypeError, ValueError) as e:  # the entry lookups ignore too: a full tune replaces it
+                log.warning("tune: %s: cached params not valid (%s); left to a full tune", bkey, e)
+                untuned.append(bkey)
+                continue
+            refined = dict(fields=list(space), default_ms=entries[bkey].get("default_ms"))
         cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
-                                            problem.num_kv_heads, device=device)
-        todo.append((family, bkey, problem, cands, pruned))
-    return todo, skipped
+                                            problem.num_kv_heads, device=device, space=space, start=start)
+        todo.append((family, bkey, problem, cands, pruned, refined))
+    return todo, skipped, untuned
 
 
 def _record(bkey: str, index: int, params, ms, failure) -> dict:
@@ -454,7 +489,7 @@ def _record(bkey: str, index: int, params, ms, failure) -> dict:
 
 
 def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget, candidate_timeout_s, progress,
-                  retune=False, skip=frozenset(), match=()) -> dict:
+                  retune=False, skip=frozenset(), match=(), fields=()) -> dict:
     """`tune` over the ranks of `world`: the work is (family, bucket, candidate), shared round-robin.
 
     1. Every rank reads the shard files it can see (`shard_folder(path)`; hosts need not share a disk) and rank 0
@@ -479,10 +514,11 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget,
 
     def plan() -> dict:
         entries = _read_existing(path, key)
-        todo, skipped = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip, match=match)
+        todo, skipped, untuned = _plan_buckets(suite, families, entries, device, retune=retune, skip=skip,
+                                               match=match, fields=fields)
         items, known = [], {}
         records = [record for rank_records in seen for record in rank_records]
-        for b, (_, bkey, _, cands, _) in enumerate(todo):
+        for b, (_, bkey, _, cands, _, _) in enumerate(todo):
             want = {i: _record(bkey, i, c, None, None)["params"] for i, c in enumerate(cands)}
             for record in records:  # a setup failure (inputs out of memory, ...) is not the candidate's: retried
                 i, failure = record.get("index"), record.get("failure") or [None]
@@ -491,7 +527,7 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget,
                     known.setdefault((bkey, i), record)
             items += [(b, i) for i in range(len(cands)) if (bkey, i) not in known]
         kept.update(entries=entries, known=known)
-        return dict(skipped=skipped, buckets=todo, items=items)
+        return dict(skipped=skipped, untuned=untuned, buckets=todo, items=items)
 
     work = world.on_main(plan)
     mine = world.share(work["items"])
@@ -507,7 +543,7 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget,
                 log.warning("tune: rank %d: budget spent; %d candidates left for a later run (it resumes)",
                             world.rank, len(mine) - len(made))
                 break
-            family, bkey, problem, cands, _ = work["buckets"][b]
+            family, bkey, problem, cands, _, _ = work["buckets"][b]
             if b != current:
                 current, case, setup_error = b, None, None  # drop the last bucket's inputs first
                 bar.set_postfix_str(bkey)
@@ -535,18 +571,19 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget,
             for record in rank_made:
                 known.setdefault((record["key"], record["index"]), record)
         rows, complete, changed = [], True, False
-        for _, bkey, _, cands, pruned in work["buckets"]:
+        for _, bkey, _, cands, pruned, refined in work["buckets"]:
             outcomes = [known.get((bkey, i)) for i in range(len(cands))]
             if any(o is None for o in outcomes):
                 complete = False
                 continue
-            row, entry = _summarize(bkey, [(o["params"], o["ms"], o["failure"]) for o in outcomes], pruned)
+            row, entry = _summarize(bkey, [(o["params"], o["ms"], o["failure"]) for o in outcomes], pruned,
+                                    refined)
             rows.append(row)
             if entry is not None:
                 entries[bkey], changed = entry, True
         if changed:
             cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
-        return dict(path=str(path), done=rows, skipped=work["skipped"],
+        return dict(path=str(path), done=rows, skipped=work["skipped"], untuned=work["untuned"],
                     stopped=any(rank_stopped for _, rank_stopped in gathered), complete=complete, ranks=world.size)
 
     result = world.on_main(fold)

@@ -32,6 +32,13 @@ def declared_space(family: str, interpreter: bool) -> dict:
     return getattr(module, f"INTERPRETER_{name}" if interpreter else name)
 
 
+def field_space(family: str, fields, interpreter: bool | None = None) -> dict:
+    """The declared ranges of those of `fields` that the family searches (empty when it searches none)."""
+    from nsa.kernels.runtime import interpreting
+    declared = declared_space(family, interpreting() if interpreter is None else interpreter)
+    return {name: declared[name] for name in fields if name in declared}
+
+
 def space_hash() -> str:
     """Identifies the declared spaces and predicates (stored in a cache's meta)."""
     declared = [{family: declared_space(family, interpreter) for family in ALL_FAMILIES} for interpreter in (0, 1)]
@@ -148,9 +155,10 @@ def device_properties(device):
 
 
 def search_space(family: str, shape: Shape, config: NSAConfig, num_heads: int, num_kv_heads: int, *, device="cpu",
-                 interpreter: bool | None = None, space: dict | None = None):
-    """(candidates, pruned): the default first, then every combination of the declared ranges that builds a
-    valid params object and passes every predicate; pruned counts the rest by predicate name."""
+                 interpreter: bool | None = None, space: dict | None = None, start=None):
+    """(candidates, pruned): `start` (the default when None) first, then every combination of the declared
+    ranges (or of `space`) applied to it that builds a valid params object and passes every predicate; pruned
+    counts the rest by predicate name."""
     from nsa.kernels.runtime import interpreting
     interpreter = interpreting() if interpreter is None else interpreter
     space = space if space is not None else declared_space(family, interpreter)
@@ -159,13 +167,13 @@ def search_space(family: str, shape: Shape, config: NSAConfig, num_heads: int, n
     unknown = set(space) - names
     if unknown:
         raise ValueError(f"search space of {family} names fields {sorted(unknown)} that {cls.__name__} lacks")
-    default = default_for(family, shape, config, num_heads, num_kv_heads, device)
+    first = start if start is not None else default_for(family, shape, config, num_heads, num_kv_heads, device)
     props = device_properties(device)
-    candidates, seen, pruned = [default], {default}, {}
+    candidates, seen, pruned = [first], {first}, {}
     for values in itertools.product(*space.values()):
         fields = dict(zip(space, values))
         try:
-            cand = dataclasses.replace(default, **fields)
+            cand = dataclasses.replace(first, **fields)
             if family == "decode":
                 # Each split count cut to the cache's tiles of work, so a short cache searches the splits it can
                 # use: at 8k the importance has 2 chunks, and ranges that start at 4 would leave only the default.
