@@ -599,6 +599,34 @@ def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys
     assert "searches dkdv_block_n" in capsys.readouterr().err
 
 
+@kernels_run
+def test_fields_search_stopped_inside_a_bucket_resumes(tmp_path, monkeypatch):
+    """A short search stopped after its first candidate resumes through the shard records like a full one, and
+    still records start_ms from the candidate evaluated before the stop."""
+    search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False)
+    real, calls = search._evaluate, []
+
+    def stop_at_the_second(case, params, device, timeout_s):
+        calls.append(params)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(case, params, device, timeout_s)
+
+    monkeypatch.setattr(search, "_evaluate", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False, fields=("fwd_block_n",))
+    path = tmp_path / "cpu-interpreter.json"
+    assert search.shard_folder(path).is_dir()
+
+    calls.clear()
+    monkeypatch.setattr(search, "_evaluate", lambda *a: (calls.append(a[1]), real(*a))[1])
+    result = search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False,
+                         fields=("fwd_block_n",))
+    (row,) = result["done"]
+    assert len(calls) == 1 and row["tried"] == 2 and row["start_ms"] > 0 and row["fields"] == ["fwd_block_n"]
+    assert not search.shard_folder(path).exists()
+
+
 def test_spaces_are_declared_beside_each_kernel_and_split_forward_from_backward():
     for family in cache.ALL_FAMILIES:
         fields = {f.name for f in dataclasses.fields(cache.params_class(family))}
