@@ -231,6 +231,9 @@ def cmd_tune(args) -> int:
             print(f"{row['key']}: NO candidate passed ({rejected}); nothing cached")
             for error in row["errors"]:
                 print(f"    {error}")
+        for changed, ms, failure in row.get("candidates", ()):  # a --fields search: each candidate's time
+            label = ", ".join(f"{k}={v}" for k, v in changed.items()) or "the cached params"
+            print(f"    {label}: {failure if ms is None else f'{ms:.4g} ms'}")
     if result["stopped"]:
         print("budget spent: run the same command again to resume")
     elif not result.get("complete", True):

@@ -578,6 +578,8 @@ def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys
                          fields=("fwd_block_n",))
     (row,) = result["done"]
     assert row["key"] == window_key and row["tried"] == 2 and row["fields"] == ["fwd_block_n"]
+    assert [changed for changed, _, _ in row["candidates"]] == [{}, {"fwd_block_n": 64}]
+    assert row["candidates"][0][1] == row["start_ms"] and all(ms > 0 for _, ms, _ in row["candidates"])
     entries = json.loads(path.read_text())["entries"]
     entry = entries[window_key]
     assert entry["default_ms"] == 123.0 and entry["start_ms"] > 0 and "note" not in entry
@@ -595,6 +597,11 @@ def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys
     argv = ["tune", "--suite", "smoke", "--families", "window", "--device", "cpu", "--out", str(tmp_path)]
     assert main([*argv, "--fields", "fwd_block_n"]) == 0
     assert "not in the cache, so not refined" in capsys.readouterr().out
+    assert main(argv) == 0  # a full tune of the bucket, then the short search prints each candidate's time
+    capsys.readouterr()
+    assert main([*argv, "--fields", "fwd_block_n"]) == 0
+    out = capsys.readouterr().out
+    assert "the cached params: " in out and "fwd_block_n=" in out
     assert main([*argv, "--fields", "dkdv_block_n"]) == 1
     assert "searches dkdv_block_n" in capsys.readouterr().err
 

@@ -335,7 +335,8 @@ def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = N
     (params as a dict, ms or None, (kind, message) or None): the fastest right candidate wins (the first on a
     tie) and the first candidate, the default, gives default_ms. With `refined` (a search of a few fields from
     the cached entry: {"fields", "default_ms"}) the first candidate is that entry and gives start_ms; the
-    entry's default_ms is kept and the fields searched are recorded."""
+    entry's default_ms is kept and the fields searched are recorded; the row lists every candidate as (the
+    fields it changed, ms or None, failure kind or None): a short search is an A/B of those fields too."""
     best, default_ms, rejected, errors = None, None, {}, []
     for i, (params, ms, failure) in enumerate(outcomes):
         if failure is not None:
@@ -348,6 +349,10 @@ def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = N
         if best is None or ms < best[0]:
             best = (ms, params)
     row = dict(key=bkey, tried=len(outcomes), pruned=pruned, rejected=rejected, errors=errors[:5])
+    if refined is not None:  # a few candidates: each one's time (or failure), by the fields it changed
+        start = outcomes[0][0]
+        row["candidates"] = [({k: v for k, v in params.items() if start.get(k) != v}, ms, failure and failure[0])
+                             for params, ms, failure in outcomes]
     if best is None:
         log.warning("tune: %s: no candidate passed the reference check; nothing cached", bkey)
         return row, None
@@ -382,7 +387,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
 
     Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "untuned":
     [keys `fields` passed over], "stopped": True when the budget ran out}. Each row: key, params, ms,
-    default_ms, tried, rejected {kind: count}, errors (and start_ms, fields with `fields`).
+    default_ms, tried, rejected {kind: count}, errors (and start_ms, fields, candidates with `fields`).
 
     With `world` (a `nsa.tuner.distributed.World` of several ranks, started) the candidates are shared between
     the ranks, see `_tune_sharded`; so they are too when a shard folder of an interrupted sharded run is there.
