@@ -218,7 +218,7 @@ def cmd_tune(args) -> int:
     for key in result["skipped"]:
         print(f"{key}: already tuned (skipped)")
     for key in result.get("untuned", ()):
-        print(f"{key}: not in the cache, so not refined (a tune without --fields covers it)")
+        print(f"{key}: no cache holds it, so not refined (a tune without --fields covers it)")
     for row in result["done"]:
         rejected = ", ".join(f"{k} {v}" for k, v in row["rejected"].items()) or "none"
         if "ms" in row:
@@ -389,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(keys: nsa tune --show)")
     tune.add_argument("--fields", type=_comma_list(), metavar="NAME[,NAME...]",
                       help="a short search: vary only these params fields (of the kernels' search spaces, e.g. "
-                      "fwd_tma,fwd_num_stages), from each bucket's cached params; buckets the cache lacks are left "
-                      "to a full tune")
+                      "fwd_tma,fwd_num_stages), from each bucket's cached params (the --out file's, else those of "
+                      "the caches in use), printing every candidate's time; buckets no cache holds are left to a "
+                      "full tune")
     tune.add_argument("--out", metavar="DIR", help="folder of the cache file <device-key>.json (default: the user "
                       "cache, $XDG_CACHE_HOME/nsa/configs or ~/.cache/nsa/configs; tuner/configs to ship one)")
     tune.add_argument("--show", action="store_true", help="print the config caches in use for this device")

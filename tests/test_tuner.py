@@ -596,14 +596,19 @@ def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys
     from nsa.cli import main
     argv = ["tune", "--suite", "smoke", "--families", "window", "--device", "cpu", "--out", str(tmp_path)]
     assert main([*argv, "--fields", "fwd_block_n"]) == 0
-    assert "not in the cache, so not refined" in capsys.readouterr().out
-    assert main(argv) == 0  # a full tune of the bucket, then the short search prints each candidate's time
-    capsys.readouterr()
-    assert main([*argv, "--fields", "fwd_block_n"]) == 0
-    out = capsys.readouterr().out
-    assert "the cached params: " in out and "fwd_block_n=" in out
+    assert "no cache holds it, so not refined" in capsys.readouterr().out
     assert main([*argv, "--fields", "dkdv_block_n"]) == 1
     assert "searches dkdv_block_n" in capsys.readouterr().err
+
+    # From the caches in use when the file lacks the bucket: an A/B into another folder.
+    search.tune("smoke", families=["window"], device="cpu", progress=False)  # into the user cache
+    elsewhere = search.tune("smoke", families=["window"], device="cpu", out=tmp_path / "ab", progress=False,
+                            fields=("fwd_block_n",))
+    assert [row["key"] for row in elsewhere["done"]] == [window_key] and elsewhere["done"][0]["start_ms"] > 0
+    assert list(json.loads((tmp_path / "ab" / "cpu-interpreter.json").read_text())["entries"]) == [window_key]
+    assert main([*argv, "--fields", "fwd_block_n"]) == 0  # the CLI prints each candidate's time
+    out = capsys.readouterr().out
+    assert "the cached params: " in out and "fwd_block_n=" in out
 
 
 @kernels_run

@@ -378,12 +378,13 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     entry is replaced: for a search space that grew, or a kernel that changed). With `match`, only the buckets
     whose key contains every one of those strings (e.g. "|G=4|" for one group size of the gqa suite).
 
-    With `fields` (params field names, e.g. ("fwd_tma", "fwd_num_stages")), a short search: for every bucket
-    the file holds, of a family that declares some of those fields, the candidates are its cached params with
-    only those fields varied over their declared ranges (the cached params first); the winner replaces the entry,
-    which keeps its default_ms and records start_ms (the cached params' time now) and the fields. For a flag a
-    kernel gained, or one field of a tuned entry, at a few candidates a bucket instead of the whole space.
-    Buckets the file lacks are left to a full tune ("untuned").
+    With `fields` (params field names, e.g. ("fwd_tma", "fwd_num_stages")), a short search: for every bucket of
+    a family that declares some of those fields, the candidates are its cached params (the file's, or else those
+    of the caches in use) with only those fields varied over their declared ranges (the cached params first);
+    the winner goes into the file, keeping the entry's default_ms and recording start_ms (the cached params' time
+    now) and the fields. For a flag a kernel gained, or one field of a tuned entry, at a few candidates a bucket
+    instead of the whole space; into another folder, an A/B that leaves the caches in use alone. Buckets no cache
+    holds are left to a full tune ("untuned").
 
     Returns {"path", "done": [rows of buckets tuned now], "skipped": [keys already in the file], "untuned":
     [keys `fields` passed over], "stopped": True when the budget ran out}. Each row: key, params, ms,
@@ -458,9 +459,12 @@ def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip,
                   fields=()) -> tuple[list, list, list]:
     """(buckets to tune as (family, key, problem, candidates, pruned, refined), keys skipped, keys left untuned):
     every bucket of the suite's families whose key contains every string of `match`, except those in `skip` and,
-    unless `retune`, those `entries` (the cache file's) already hold. With `fields` (see `tune`): the buckets
-    `entries` hold, of the families that search some of the fields, from their cached params (refined: {"fields",
-    "default_ms"}, else None); the others of those families are left untuned."""
+    unless `retune`, those `entries` (the cache file's) already hold. With `fields` (see `tune`): the buckets of
+    the families that search some of the fields, from their cached params (refined: {"fields", "default_ms"},
+    else None) in `entries` or, failing that, in the first cache of the lookup order that holds the bucket (so a
+    short search into another folder starts from the params in use); the others are left untuned."""
+    in_use = [data["entries"] for _, _, data in cache.in_use(cache.device_key(device)) if data is not None] \
+        if fields else []
     todo, skipped, untuned = [], [], []
     for family, bkey, problem in buckets(suite, families):
         space = spaces.field_space(family, fields) if fields else None
@@ -469,18 +473,19 @@ def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip,
         if bkey in skip or (bkey in entries and not retune and not fields):
             skipped.append(bkey)
             continue
-        if fields and bkey not in entries:
+        cached = next((found[bkey] for found in (entries, *in_use) if bkey in found), None) if fields else None
+        if fields and cached is None:
             untuned.append(bkey)
             continue
         start, refined = None, None
         if fields:
             try:
-                start = cache.params_class(family)(**entries[bkey]["params"])
+                start = cache.params_class(family)(**cached["params"])
             except (TypeError, ValueError) as e:  # the entry lookups ignore too: a full tune replaces it
                 log.warning("tune: %s: cached params not valid (%s); left to a full tune", bkey, e)
                 untuned.append(bkey)
                 continue
-            refined = dict(fields=list(space), default_ms=entries[bkey].get("default_ms"))
+            refined = dict(fields=list(space), default_ms=cached.get("default_ms"))
         cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
                                             problem.num_kv_heads, device=device, space=space, start=start)
         todo.append((family, bkey, problem, cands, pruned, refined))
