@@ -174,10 +174,10 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     assert entries[next(iter(first))] == first[next(iter(first))]
 
 
-@kernels_run
-def test_resume_inside_a_bucket_redoes_no_candidate(tmp_path, monkeypatch):
-    """A run stopped after the first candidate of a bucket keeps it (a shard file); the next run evaluates only
-    the others and writes the bucket, then leaves no shard folder behind."""
+def interrupt_then_resume(tmp_path, monkeypatch, **tune_kw):
+    """Stop a window tune into tmp_path at its second candidate (KeyboardInterrupt), then run it again: (the
+    first candidate, whether the cache file existed at the stop, the candidates the second run evaluated, its
+    result). The stop must leave the shard folder."""
     real, calls = search._evaluate, []
 
     def stop_at_the_second(case, params, device, timeout_s):
@@ -188,15 +188,23 @@ def test_resume_inside_a_bucket_redoes_no_candidate(tmp_path, monkeypatch):
 
     monkeypatch.setattr(search, "_evaluate", stop_at_the_second)
     with pytest.raises(KeyboardInterrupt):
-        search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False)
+        search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False, **tune_kw)
     path = tmp_path / "cpu-interpreter.json"
-    assert not path.exists() and search.shard_folder(path).is_dir()
-    first = calls[0]
-
+    assert search.shard_folder(path).is_dir()
+    first, existed = calls[0], path.exists()
     calls.clear()
     monkeypatch.setattr(search, "_evaluate", lambda *a: (calls.append(a[1]), real(*a))[1])
-    result = search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False)
-    assert calls and first not in calls
+    result = search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False, **tune_kw)
+    return first, existed, calls, result
+
+
+@kernels_run
+def test_resume_inside_a_bucket_redoes_no_candidate(tmp_path, monkeypatch):
+    """A run stopped after the first candidate of a bucket keeps it (a shard file); the next run evaluates only
+    the others and writes the bucket, then leaves no shard folder behind."""
+    first, existed, calls, result = interrupt_then_resume(tmp_path, monkeypatch)
+    path = tmp_path / "cpu-interpreter.json"
+    assert not existed and calls and first not in calls
     assert [row["key"].split("|")[0] for row in result["done"]] == ["window"]
     assert result["done"][0]["tried"] == len(calls) + 1
     assert list(json.loads(path.read_text())["entries"]) == [result["done"][0]["key"]]
@@ -616,27 +624,10 @@ def test_fields_search_stopped_inside_a_bucket_resumes(tmp_path, monkeypatch):
     """A short search stopped after its first candidate resumes through the shard records like a full one, and
     still records start_ms from the candidate evaluated before the stop."""
     search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False)
-    real, calls = search._evaluate, []
-
-    def stop_at_the_second(case, params, device, timeout_s):
-        calls.append(params)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(case, params, device, timeout_s)
-
-    monkeypatch.setattr(search, "_evaluate", stop_at_the_second)
-    with pytest.raises(KeyboardInterrupt):
-        search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False, fields=("fwd_block_n",))
-    path = tmp_path / "cpu-interpreter.json"
-    assert search.shard_folder(path).is_dir()
-
-    calls.clear()
-    monkeypatch.setattr(search, "_evaluate", lambda *a: (calls.append(a[1]), real(*a))[1])
-    result = search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False,
-                         fields=("fwd_block_n",))
+    _, _, calls, result = interrupt_then_resume(tmp_path, monkeypatch, fields=("fwd_block_n",))
     (row,) = result["done"]
     assert len(calls) == 1 and row["tried"] == 2 and row["start_ms"] > 0 and row["fields"] == ["fwd_block_n"]
-    assert not search.shard_folder(path).exists()
+    assert not search.shard_folder(tmp_path / "cpu-interpreter.json").exists()
 
 
 def test_spaces_are_declared_beside_each_kernel_and_split_forward_from_backward():
