@@ -150,7 +150,8 @@ def selected_attention_fwd_kernel(
         keep = row_valid & (((bits >> bit_r) & 1) != 0)
         mask = keep[:, None] & key_valid[None, :] & (key_pos[None, :] <= pos_r[:, None])
         if TMA:
-            k = K.load([seq_start + block * SLC_BLOCK + (it % SUBS) * BLOCK_N, hk * HEAD_DIM_K])
+            row = seq_start + block * SLC_BLOCK + (it % SUBS) * BLOCK_N
+            k = K.load([row, hk * HEAD_DIM_K])
         else:
             key_off = key_pos.to(tl.int64)
             k = tl.load(k_base + key_off[:, None] * stride_kt + offs_dk[None, :],
@@ -162,7 +163,7 @@ def selected_attention_fwd_kernel(
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if TMA:
-            v = V.load([seq_start + block * SLC_BLOCK + (it % SUBS) * BLOCK_N, hk * HEAD_DIM_V])
+            v = V.load([row, hk * HEAD_DIM_V])
         else:
             v = tl.load(v_base + key_off[:, None] * stride_vt + offs_dv[None, :],
                         mask=key_valid[:, None] & col_v[None, :], other=0.0)

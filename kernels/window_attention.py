@@ -395,8 +395,9 @@ class WindowAttentionParams:
         dq_block_m, dq_block_n, dq_block_h, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
         fwd_tma, dq_tma: the forward's and the dq kernel's K/V tiles read by TMA copies (tensor descriptors)
             where the GPU and layout allow (`runtime.tma_rows`), else by pointer loads. The dq kernel gained
-            2-4% from them on an H200 at every length measured; the forward gained 6-12% from 16k tokens and
-            lost 20-30% at 4k, so its flag is off unless tuned on.
+            2-4% from them on an H200 at every length measured; the forward gained 6-12% from 16k tokens but
+            lost 20-30% at 4k in one call (session 16; the session-17 tune chose TMA at 4k), so its flag is off
+            unless tuned on.
     """
 
     # Field defaults: default_params() for 16-bit inputs, head dim 128 and G = 1.
