@@ -337,7 +337,7 @@ def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = N
     the cached entry: {"fields", "default_ms"}) the first candidate is that entry and gives start_ms; the
     entry's default_ms is kept and the fields searched are recorded; the row lists every candidate as (the
     fields it changed, ms or None, failure kind or None): a short search is an A/B of those fields too."""
-    best, default_ms, rejected, errors = None, None, {}, []
+    best, first_ms, rejected, errors = None, None, {}, []
     for i, (params, ms, failure) in enumerate(outcomes):
         if failure is not None:
             kind, message = failure
@@ -345,7 +345,7 @@ def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = N
             errors.append(f"{kind}: {message[:200]} ({params})")
             continue
         if i == 0:
-            default_ms = ms
+            first_ms = ms
         if best is None or ms < best[0]:
             best = (ms, params)
     row = dict(key=bkey, tried=len(outcomes), pruned=pruned, rejected=rejected, errors=errors[:5])
@@ -356,10 +356,10 @@ def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = N
     if best is None:
         log.warning("tune: %s: no candidate passed the reference check; nothing cached", bkey)
         return row, None
-    entry = dict(params=best[1], ms=best[0], default_ms=default_ms, tried=len(outcomes), rejected=rejected,
+    entry = dict(params=best[1], ms=best[0], default_ms=first_ms, tried=len(outcomes), rejected=rejected,
                  pruned=pruned)
     if refined is not None:
-        entry.update(default_ms=refined["default_ms"], start_ms=default_ms, fields=list(refined["fields"]))
+        entry.update(default_ms=refined["default_ms"], start_ms=first_ms, fields=list(refined["fields"]))
     return {**row, **entry}, entry
 
 
@@ -473,16 +473,14 @@ def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip,
         if bkey in skip or (bkey in entries and not retune and not fields):
             skipped.append(bkey)
             continue
-        cached = next((found[bkey] for found in (entries, *in_use) if bkey in found), None) if fields else None
-        if fields and cached is None:
-            untuned.append(bkey)
-            continue
-        start, refined = None, None
+        start = refined = None
         if fields:
+            cached = next((found[bkey] for found in (entries, *in_use) if bkey in found), None)
             try:
-                start = cache.params_class(family)(**cached["params"])
-            except (TypeError, ValueError) as e:  # the entry lookups ignore too: a full tune replaces it
+                start = None if cached is None else cache.params_class(family)(**cached["params"])
+            except (TypeError, ValueError) as e:  # an entry lookups ignore too: a full tune replaces it
                 log.warning("tune: %s: cached params not valid (%s); left to a full tune", bkey, e)
+            if start is None:
                 untuned.append(bkey)
                 continue
             refined = dict(fields=list(space), default_ms=cached.get("default_ms"))
