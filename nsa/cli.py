@@ -226,7 +226,10 @@ def cmd_tune(args) -> int:
             if "start_ms" in row:
                 start = "failed" if row["start_ms"] is None else f"{row['start_ms']:.4g} ms"
                 default = f"{default}; the cached params now {start}, {', '.join(row['fields'])} searched"
-            print(f"{row['key']}: {row['ms']:.4g} ms (default {default}), {row['tried']} tried, rejected: {rejected}")
+            # a short search's candidates can be pruned too (a field another field makes invalid): say so
+            pruned = "".join(f", pruned {k}: {v}" for k, v in row["pruned"].items())
+            print(f"{row['key']}: {row['ms']:.4g} ms (default {default}), {row['tried']} tried, rejected: {rejected}"
+                  f"{pruned}")
         else:
             print(f"{row['key']}: NO candidate passed ({rejected}); nothing cached")
             for error in row["errors"]:

@@ -619,6 +619,19 @@ def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys
     assert "the cached params: " in out and "fwd_block_n=" in out
 
 
+def test_tune_cli_says_what_a_bucket_pruned(monkeypatch, capsys):
+    """A short search can prune candidates (a varied field that another cached field makes invalid): the summary
+    line counts them, so '1 tried' is not mistaken for a search of one candidate."""
+    from nsa.cli import main
+    from nsa.tuner import search
+    row = dict(key="selected|T=65536|G=4", ms=26.25, default_ms=37.9, start_ms=26.25, fields=["fwd_inverted"],
+               tried=1, rejected={}, pruned={"invalid": 2}, errors=[], candidates=[({}, 26.25, None)])
+    monkeypatch.setattr(search, "tune", lambda *a, **k: dict(path="cache.json", skipped=[], untuned=[], done=[row],
+                                                             stopped=False))
+    assert main(["tune", "--suite", "smoke", "--device", "cpu", "--fields", "fwd_inverted"]) == 0
+    assert "1 tried, rejected: none, pruned invalid: 2" in capsys.readouterr().out
+
+
 @kernels_run
 def test_fields_search_stopped_inside_a_bucket_resumes(tmp_path, monkeypatch):
     """A short search stopped after its first candidate resumes through the shard records like a full one, and
