@@ -152,8 +152,11 @@ def compressed_attention_fwd_kernel(
 def _bwd_dkdv_inner(dk, dv, k_tile, v_tile, offs_n, q, do, lse, delta, tok0, p0, seqlen, head_base, hc,
                     stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok, dv_ok,
                     scale_log2, G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
-                    BLOCK_P: tl.constexpr, HEADS: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dk, dv [BLOCK_N, D] of one key tile over one query tile (positions p0 .. p0 + BLOCK_P)."""
+                    BLOCK_P: tl.constexpr, HEADS: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    MASK: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dk, dv [BLOCK_N, D] of one key tile over one query tile (positions p0 .. p0 + BLOCK_P). With
+    TMA, q and do are descriptors of [BLOCK_P, HEADS, D] tiles (`runtime.tma_head_tiles`): rows outside the tile's
+    sequence or group hold other tokens' or heads' values (or zeros), finite, and get p = 0 from their lse."""
     BLOCK_M: tl.constexpr = BLOCK_P * HEADS
     offs_r = tl.arange(0, BLOCK_M)
     pos = p0 + offs_r // HEADS
@@ -161,10 +164,14 @@ def _bwd_dkdv_inner(dk, dv, k_tile, v_tile, offs_n, q, do, lse, delta, tok0, p0,
     head = head_base + g
     row_ok = (pos < seqlen) & (g < G)
     tok = (tok0 + pos).to(tl.int64)
-    q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
-                     mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
-    do_tile = tl.load(do + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
-                      mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    if TMA:
+        q_tile = tl.reshape(q.load([tok0 + p0, head_base + hc * HEADS, 0]), [BLOCK_M, BLOCK_DK])
+        do_tile = tl.reshape(do.load([tok0 + p0, head_base + hc * HEADS, 0]), [BLOCK_M, BLOCK_DV])
+    else:
+        q_tile = tl.load(q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_dk[None, :],
+                         mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
+        do_tile = tl.load(do + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_dv[None, :],
+                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     # Rows outside the problem get lse = +inf, hence p = 0 and no contribution.
     lse2 = tl.load(lse + head * stride_lh + tok, mask=row_ok, other=float("inf")) * _LOG2E
     row_delta = tl.load(delta + head * stride_lh + tok, mask=row_ok, other=0.0)
@@ -188,9 +195,11 @@ def compressed_attention_bwd_dkdv_kernel(
         scale, scale_log2,
         G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLITS: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+        SPLITS: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr,
+        PRECISION: tl.constexpr):
     """dk_cmp, dv_cmp for BLOCK_N compressed keys of one kv head: loops over the G heads and the query tiles (the
-    split-th of SPLITS runs of them; dk, dv are then [SPLITS, ...] float32 partials, indexed by stride_dks)."""
+    split-th of SPLITS runs of them; dk, dv are then [SPLITS, ...] float32 partials, indexed by stride_dks). With
+    TMA, q and do are descriptors of query tiles (`_bwd_dkdv_inner`)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     hk = tl.program_id(2) // SPLITS
@@ -232,17 +241,20 @@ def compressed_attention_bwd_dkdv_kernel(
             acc_dk, acc_dv = _bwd_dkdv_inner(
                 acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
                 head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
-                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, True, PRECISION)
+                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, BLOCK_DK, BLOCK_DV, True, TMA,
+                PRECISION)
         for i in range(tl.maximum(diag_end, lo), tl.minimum(full_end, hi)):
             acc_dk, acc_dv = _bwd_dkdv_inner(
                 acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
                 head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
-                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, False, PRECISION)
+                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, BLOCK_DK, BLOCK_DV, False, TMA,
+                PRECISION)
         for i in range(tl.maximum(full_end, lo), hi):  # the sequence's last, partial tile
             acc_dk, acc_dv = _bwd_dkdv_inner(
                 acc_dk, acc_dv, k_tile, v_tile, offs_n, q, do, lse, delta, seq_start, t_first + i * BLOCK_P, seqlen,
                 head_base, hc, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, offs_dk, offs_dv, dk_ok,
-                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, True, PRECISION)
+                dv_ok, scale_log2, G, CMP_BLOCK, CMP_STRIDE, BLOCK_P, HEADS, BLOCK_DK, BLOCK_DV, True, TMA,
+                PRECISION)
 
     tl.store(dk + split * stride_dks + cmp_rows[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
              (acc_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None] & dk_ok[None, :])
@@ -347,6 +359,8 @@ class CompressionParams:
         dq_block_m, dq_block_n, dq_block_h, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
         dq_tma: the dq kernel's compressed K/V tiles read by TMA copies (tensor descriptors) where the GPU and
             layout allow (`runtime.tma_rows`), else by pointer loads.
+        dkdv_tma: the dk/dv kernel's q and dO tiles read by TMA copies of [dkdv_block_m, dkdv_block_h, D] boxes
+            where the GPU and layout allow (`runtime.tma_head_tiles`), else by pointer loads.
     """
 
     fwd_block_m: int = 16
@@ -366,6 +380,7 @@ class CompressionParams:
     dq_num_warps: int = 4
     dq_num_stages: int = 2
     dq_tma: bool = True
+    dkdv_tma: bool = False
 
     def __post_init__(self):
         runtime.check_launch_params(self, counts=("num_stages", "splits"), tiles=("fwd_", "dkdv_", "dq_"),
@@ -386,7 +401,7 @@ INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 64])
 # The backward kernels (`compression_bwd`). Without splits the H200 tune picked the smallest key tile (more
 # programs for the triangular load); with splits the large key tiles win (a sweep at 64k in docs/performance.md).
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[64, 128], dkdv_num_warps=[4, 8], dkdv_splits=[1, 4, 8],
-                             dkdv_num_stages=[2, 3])
+                             dkdv_num_stages=[2, 3], dkdv_tma=[False, True])
 # dk/dv partials of all splits together (fp32) stay under this; larger dkdv_splits are lowered to fit.
 DKDV_PARTIAL_BYTES = 2**30
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 64], dkdv_splits=[2])
@@ -503,13 +518,19 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
     else:  # every (split, key row) is written, zeros where a split has no query tile for the key tile
         dk_out = runtime.new_output((splits, *k_cmp.shape), dtype=torch.float32, device=q.device)
         dv_out = runtime.new_output((splits, *v_cmp.shape), dtype=torch.float32, device=q.device)
+    q_src, do_src = q, do
+    if params.dkdv_tma:
+        tiles = [runtime.tma_head_tiles(x, params.dkdv_block_m, params.dkdv_block_h, shared[block])
+                 for x, block in ((q, "BLOCK_DK"), (do, "BLOCK_DV"))]
+        if None not in tiles:
+            q_src, do_src = tiles
     grid = (runtime.cdiv(seqs.max_cmp, params.dkdv_block_n), seqs.num_seqs, num_kv_heads * splits)
     compressed_attention_bwd_dkdv_kernel[grid](
-        q, k_cmp, v_cmp, do, lse, delta, dk_out, dv_out, seqs.cu_seqlens, seqs.cu_cmp, *strides,
+        q_src, k_cmp, v_cmp, do_src, lse, delta, dk_out, dv_out, seqs.cu_seqlens, seqs.cu_cmp, *strides,
         *dk_out.stride()[:3], *dv_out.stride()[:3], scale, scale * LOG2E,
         BLOCK_P=params.dkdv_block_m, HEADS=params.dkdv_block_h,
         NUM_HEAD_CHUNKS=runtime.cdiv(group, params.dkdv_block_h), BLOCK_N=params.dkdv_block_n, SPLITS=splits,
-        num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages, **shared)
+        TMA=q_src is not q, num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages, **shared)
     if splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))

@@ -47,17 +47,32 @@ def hopper_or_later(device) -> bool:
     return _capability(torch.cuda.current_device() if device.index is None else device.index)[0] >= 9
 
 
+def _tma_readable(x: torch.Tensor, block_d: int) -> bool:
+    """Whether TMA copies can read x [Ttot, H, D] in tiles of whole head dims: Hopper or later (or the
+    interpreter, so CPU tests run the same kernel code), a head dim not padded to block_d, a contiguous x, 16-byte
+    aligned (TMA's rule for the base and the strides)."""
+    dim = x.shape[2]
+    readable = interpreting() or hopper_or_later(x.device)
+    return (readable and dim == block_d and x.is_contiguous() and x.data_ptr() % 16 == 0
+            and (dim * x.element_size()) % 16 == 0)
+
+
 def tma_rows(x: torch.Tensor, block_rows: int, block_d: int) -> TensorDescriptor | None:
     """x [Ttot, H, D] as a tensor descriptor of [block_rows, D] tiles over its [Ttot, H * D] view (a kernel reads
-    head h's rows at column h * D), or None where TMA copies cannot read it: before Hopper, a head dim padded to
-    block_d, a non-contiguous x or one not 16-byte aligned (TMA's rule for the base and the row stride). The
-    interpreter reads descriptors too, so CPU tests run the same kernel code."""
+    head h's rows at column h * D), or None where TMA copies cannot read it (`_tma_readable`)."""
     total, heads, dim = x.shape
-    readable = interpreting() or hopper_or_later(x.device)
-    if (not readable or dim != block_d or not x.is_contiguous() or x.data_ptr() % 16
-            or (heads * dim * x.element_size()) % 16):
+    if not _tma_readable(x, block_d):
         return None
     return TensorDescriptor.from_tensor(x.view(total, heads * dim), [block_rows, dim])
+
+
+def tma_head_tiles(x: torch.Tensor, block_t: int, block_h: int, block_d: int) -> TensorDescriptor | None:
+    """x [Ttot, H, D] as a tensor descriptor of [block_t, block_h, D] tiles (consecutive tokens x consecutive
+    heads, which a kernel reshapes to the position-major rows of its query tile), or None where TMA copies cannot
+    read it (`_tma_readable`). Tokens past Ttot and heads past H read as zeros."""
+    if not _tma_readable(x, block_d):
+        return None
+    return TensorDescriptor.from_tensor(x, [block_t, block_h, x.shape[2]])
 
 
 def key_value_sources(k: torch.Tensor, v: torch.Tensor, block_n: int, block_dk: int, block_dv: int, tma: bool):

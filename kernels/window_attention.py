@@ -28,7 +28,7 @@ from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import (cdiv, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
                                  head_dim_block, interpreting, key_value_sources, new_output, pack, row_mask,
-                                 store_or_add)
+                                 store_or_add, tma_head_tiles)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
@@ -209,25 +209,34 @@ def window_attention_fwd_kernel(
 
 
 @triton.jit
-def _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh,
+def _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_src, do_src, lse_ptr, delta_ptr, stride_qt, stride_qh,
                            stride_dot, stride_doh, stride_lseh, head_in_group, group, seqlen, window, qk_scale,
-                           lo, hi, offs_r, offs_dk, offs_dv,
+                           lo, hi, offs_r, offs_dk, offs_dv, tok0, head0,
                            HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                           EVEN_HEADS: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           EVEN_HEADS: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
     """Accumulate dk, dv [BLOCK_N, D] over query tiles [lo, hi) (step BLOCK_M) of the heads `head_in_group`.
-    q_ptr/do_ptr point at (token 0, head 0 of the group); lse_ptr/delta_ptr at (head 0 of the group, token 0)."""
+    q_src/do_src point at (token 0, head 0 of the group), or with TMA are descriptors of [BLOCK_M, BLOCK_H, D]
+    boxes (`runtime.tma_head_tiles`) read at (token tok0 + position, head head0), whose rows past the sequence or
+    the group hold finite values of other tokens or heads (or zeros) and get p = 0 from their lse.
+    lse_ptr/delta_ptr point at (head 0 of the group, token 0)."""
     CHECK_ROWS: tl.constexpr = MASK or not EVEN_HEADS
+    ROWS: tl.constexpr = BLOCK_M * BLOCK_H
     for start_m in range(lo, hi, BLOCK_M):
         pos = start_m + offs_r // BLOCK_H
         row_valid = pos < seqlen
         if not EVEN_HEADS:
             row_valid = row_valid & (head_in_group < group)
-        pos64 = pos.to(tl.int64)
-        q = _load_rows(q_ptr + pos64[:, None] * stride_qt + head_in_group[:, None] * stride_qh + offs_dk[None, :],
-                       row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK, CHECK_ROWS)
-        do = _load_rows(do_ptr + pos64[:, None] * stride_dot + head_in_group[:, None] * stride_doh + offs_dv[None, :],
-                        row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_ROWS)
+        if TMA:
+            q = tl.reshape(q_src.load([tok0 + start_m, head0, 0]), [ROWS, BLOCK_DK])
+            do = tl.reshape(do_src.load([tok0 + start_m, head0, 0]), [ROWS, BLOCK_DV])
+        else:
+            pos64 = pos.to(tl.int64)
+            q = _load_rows(q_src + pos64[:, None] * stride_qt + head_in_group[:, None] * stride_qh
+                           + offs_dk[None, :], row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK, CHECK_ROWS)
+            do = _load_rows(do_src + pos64[:, None] * stride_dot + head_in_group[:, None] * stride_doh
+                            + offs_dv[None, :], row_valid, offs_dv, HEAD_DIM_V, BLOCK_DV, CHECK_ROWS)
         lse_ptrs = lse_ptr + head_in_group * stride_lseh + pos
         delta_ptrs = delta_ptr + head_in_group * stride_lseh + pos
         if CHECK_ROWS:
@@ -256,8 +265,9 @@ def window_attention_bwd_dkdv_kernel(
         stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_HEADS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """Grid (key tiles of the longest sequence, sequences x kv heads). LSE and DELTA share strides [Hq, Ttot]."""
+        TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (key tiles of the longest sequence, sequences x kv heads). LSE and DELTA share strides [Hq, Ttot].
+    With TMA, Q and DO are descriptors of query tiles (`_window_bwd_dkdv_inner`)."""
     pid_n = tl.program_id(0)
     pid = tl.program_id(1)
     hk = pid % num_kv_heads
@@ -281,28 +291,32 @@ def window_attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    q_ptr = Q + seq_start * stride_qt + hk * group * stride_qh
-    do_ptr = DO + seq_start * stride_dot + hk * group * stride_doh
+    if TMA:
+        q_src, do_src = Q, DO
+    else:
+        q_src = Q + seq_start * stride_qt + hk * group * stride_qh
+        do_src = DO + seq_start * stride_dot + hk * group * stride_doh
+    tok0 = seq_start.to(tl.int32)
     lse_ptr = LSE + hk * group * stride_lseh + seq_start
     delta_ptr = DELTA + hk * group * stride_lseh + seq_start
     full_lo, full_hi, end = _query_band(n0, seqlen, window, BLOCK_M, BLOCK_N)
     for h0 in range(0, group, BLOCK_H):
         head_in_group = h0 + offs_r % BLOCK_H
-        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt,
+        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_src, do_src, lse_ptr, delta_ptr, stride_qt,
                                         stride_qh, stride_dot, stride_doh, stride_lseh, head_in_group, group,
-                                        seqlen, window, qk_scale, n0, full_lo, offs_r, offs_dk, offs_dv,
-                                        HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK, BLOCK_DV, EVEN_HEADS,
-                                        True, DOT_PRECISION)
-        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt,
+                                        seqlen, window, qk_scale, n0, full_lo, offs_r, offs_dk, offs_dv, tok0,
+                                        hk * group + h0, HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK,
+                                        BLOCK_DV, EVEN_HEADS, True, TMA, DOT_PRECISION)
+        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_src, do_src, lse_ptr, delta_ptr, stride_qt,
                                         stride_qh, stride_dot, stride_doh, stride_lseh, head_in_group, group,
-                                        seqlen, window, qk_scale, full_lo, full_hi, offs_r, offs_dk, offs_dv,
-                                        HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK, BLOCK_DV, EVEN_HEADS,
-                                        False, DOT_PRECISION)
-        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt,
+                                        seqlen, window, qk_scale, full_lo, full_hi, offs_r, offs_dk, offs_dv, tok0,
+                                        hk * group + h0, HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK,
+                                        BLOCK_DV, EVEN_HEADS, False, TMA, DOT_PRECISION)
+        dk, dv = _window_bwd_dkdv_inner(dk, dv, k, v, keys, q_src, do_src, lse_ptr, delta_ptr, stride_qt,
                                         stride_qh, stride_dot, stride_doh, stride_lseh, head_in_group, group,
-                                        seqlen, window, qk_scale, full_hi, end, offs_r, offs_dk, offs_dv,
-                                        HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK, BLOCK_DV, EVEN_HEADS,
-                                        True, DOT_PRECISION)
+                                        seqlen, window, qk_scale, full_hi, end, offs_r, offs_dk, offs_dv, tok0,
+                                        hk * group + h0, HEAD_DIM_K, HEAD_DIM_V, BLOCK_M, BLOCK_H, BLOCK_DK,
+                                        BLOCK_DV, EVEN_HEADS, True, TMA, DOT_PRECISION)
 
     dk = dk * scale
     tl.store(DK + (seq_start + keys)[:, None] * stride_dkt + hk * stride_dkh + offs_dk[None, :],
@@ -398,6 +412,8 @@ class WindowAttentionParams:
             2-4% from them on an H200 at every length measured; the forward gained 6-12% from 16k tokens but
             lost 20-30% at 4k in one call (session 16; the session-17 tune chose TMA at 4k), so its flag is off
             unless tuned on.
+        dkdv_tma: the dk/dv kernel's q and dO tiles read by TMA copies of [dkdv_block_m, dkdv_block_h, D] boxes
+            where the GPU and layout allow (`runtime.tma_head_tiles`), else by pointer loads.
     """
 
     # Field defaults: default_params() for 16-bit inputs, head dim 128 and G = 1.
@@ -418,6 +434,7 @@ class WindowAttentionParams:
     dq_num_stages: int = 3
     fwd_tma: bool = False
     dq_tma: bool = True
+    dkdv_tma: bool = False
 
     def __post_init__(self):
         check_launch_params(self, tiles=("fwd_", "dkdv_", "dq_"), flags=("_tma",))
@@ -463,7 +480,7 @@ INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[32, 64])
 # leave each warpgroup's MMA half empty, which 4 warps (or 128 keys) avoid. The H200 paper-suite tune chose 64
 # keys on 4 warps from 4k to 128k (the dk/dv kernel 11.3 -> 6.4 ms at 64k; docs/performance.md).
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_m=[8, 16, 32], dkdv_block_n=[64, 128], dkdv_num_warps=[4, 8],
-                             dq_block_m=[8, 16, 32])
+                             dq_block_m=[8, 16, 32], dkdv_tma=[False, True])
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 64])
 
 
@@ -549,11 +566,16 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               do.stride(0), do.stride(1), lse.stride(0))
     bm, bn, bh = params.dkdv_block_m, params.dkdv_block_n, params.dkdv_block_h
+    q_src, do_src = q, do
+    if params.dkdv_tma:
+        tiles = tma_head_tiles(q, bm, bh, block_dk), tma_head_tiles(do, bm, bh, block_dv)
+        if None not in tiles:
+            q_src, do_src = tiles
     window_attention_bwd_dkdv_kernel[(cdiv(seqs.max_seqlen, bn), seqs.num_seqs * num_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, seqs.cu_seqlens, *common,
+        q_src, k, v, do_src, lse, delta, dk, dv, seqs.cu_seqlens, *common,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,
-        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, DOT_PRECISION=precision,
+        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, TMA=q_src is not q, DOT_PRECISION=precision,
         num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages)
 
     bm, bn, bh = params.dq_block_m, params.dq_block_n, params.dq_block_h

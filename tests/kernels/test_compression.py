@@ -36,6 +36,9 @@ SPLIT3 = dataclasses.replace(SMALL, dkdv_splits=3)
 PACKED_SPLIT8 = dataclasses.replace(PACKED, dkdv_splits=8)
 # The dq kernel's K/V tiles by pointer loads instead of TMA descriptors (GPUs before Hopper, padded head dims).
 POINTERS = dict(dq_tma=False)
+# The dk/dv kernel's q and dO tiles by TMA copies of [positions, heads, D] boxes: the box crosses sequence ends,
+# and with a head chunk that does not divide the group, into the next group's heads (or past the last head).
+DKDV_TMA = dict(dkdv_tma=True)
 
 PAPER_LIKE = NSAConfig(cmp_block=32, cmp_stride=16, slc_block=64, slc_topn=4)
 EQUAL = NSAConfig(cmp_block=16, cmp_stride=16, slc_block=16, slc_topn=4)
@@ -68,6 +71,9 @@ CASES = {
                                 dataclasses.replace(SMALL, **POINTERS)),
     "l32d16-G4-T150-Dk32-Dv16-packed-pointers": (PAPER_LIKE, 1, 150, None, 8, 2, 32, 16,
                                                  dataclasses.replace(PACKED, **POINTERS)),
+    "varlen-l32d16-G4-packed-dkdv-split8-tma": (PAPER_LIKE, 1, None, [31, 100, 32, 47], 8, 2, 32, 16,
+                                                dataclasses.replace(PACKED_SPLIT8, **DKDV_TMA)),
+    "l8d4-G3-uneven-dkdv-tma": (OVERLAP, 1, 70, None, 6, 2, 16, 32, dataclasses.replace(UNEVEN, **DKDV_TMA)),
 }
 
 
@@ -241,12 +247,14 @@ def test_bad_inputs(bad):
 @pytest.mark.parametrize("case", list(GPU_CHECK_SHAPES), ids=list(GPU_CHECK_SHAPES))
 @pytest.mark.parametrize("dkdv_splits, tma", [(1, True), (4, False)], ids=["dkdv-whole-tma", "dkdv-split4-pointers"])
 def test_compressed_attention_gpu(case, dtype, dkdv_splits, tma):
+    """Both kernels of the backward with TMA tiles, or both with pointer loads."""
     seqlen, seqlens, hq, hkv, d = GPU_CHECK_SHAPES[case]
     cfg = NSAConfig()  # l=32, d=16, l'=64, n=16
     x = random_inputs(cfg, batch=1, seqlen=seqlen, seqlens=seqlens, num_heads=hq, num_kv_heads=hkv, head_dim=d,
                       dtype=dtype, device="cuda", seed=11, requires_grad=True)
     q, k_cmp, v_cmp, cu = x["q"], x["k_cmp"], x["v_cmp"], x["cu_seqlens"]
-    params = dataclasses.replace(default_params(hq, hkv, d, d, dtype), dkdv_splits=dkdv_splits, dq_tma=tma)
+    params = dataclasses.replace(default_params(hq, hkv, d, d, dtype), dkdv_splits=dkdv_splits, dq_tma=tma,
+                                 dkdv_tma=tma)
     o = compressed_attention(q, k_cmp, v_cmp, cfg, cu_seqlens=cu, params=params)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(12)).to(device="cuda", dtype=dtype)
     grads = torch.autograd.grad(o, (q, k_cmp, v_cmp), do)

@@ -28,8 +28,9 @@ PACKED = WindowAttentionParams(fwd_block_m=4, fwd_block_n=16, fwd_block_h=4, dkd
 # More heads per program than the group has (or a group they do not divide): masked head rows.
 UNEVEN = WindowAttentionParams(fwd_block_m=4, fwd_block_n=16, fwd_block_h=4, dkdv_block_m=4, dkdv_block_n=16,
                                dkdv_block_h=4, dq_block_m=4, dq_block_n=16, dq_block_h=4)
-# K/V tiles by TMA descriptors in the forward and by pointer loads in dq: the other way round from the defaults.
-SWAPPED_LOADS = dict(fwd_tma=True, dq_tma=False)
+# K/V tiles by TMA descriptors in the forward and by pointer loads in dq, q/dO tiles of dk/dv by TMA boxes: the
+# other way round from the defaults.
+SWAPPED_LOADS = dict(fwd_tma=True, dq_tma=False, dkdv_tma=True)
 
 
 @pytest.fixture(autouse=True)
@@ -83,6 +84,7 @@ CASES = {
     "varlen-w16-G2-swapped-loads": (16, 1, None, [1, 50, 0, 17, 64], 4, 2, 32, 16,
                                     dataclasses.replace(SMALL, **SWAPPED_LOADS)),
     "w40-G4-T130-packed-swapped-loads": (40, 1, 130, None, 8, 2, 32, 16, dataclasses.replace(PACKED, **SWAPPED_LOADS)),
+    "w16-G2-uneven-heads-swapped-loads": (16, 1, 40, None, 4, 2, 16, 32, dataclasses.replace(UNEVEN, **SWAPPED_LOADS)),
 }
 
 
@@ -191,7 +193,8 @@ def test_default_params_are_valid(monkeypatch, interpret):
 
 
 def test_tma_rows_only_where_tma_can_read():
-    """A descriptor of [block, D] tiles over [T, H * D] for a contiguous, aligned K; None otherwise."""
+    """A descriptor of [block, D] tiles over [T, H * D] (or of [tokens, heads, D] boxes) for a contiguous,
+    aligned K; None otherwise."""
     k = torch.randn(40, 2, 32)
     desc = runtime.tma_rows(k, 16, 32)
     assert desc is not None and list(desc.shape) == [40, 64] and list(desc.block_shape) == [16, 32]
@@ -199,6 +202,9 @@ def test_tma_rows_only_where_tma_can_read():
     assert runtime.tma_rows(k.transpose(0, 1).contiguous().transpose(0, 1), 16, 32) is None  # not contiguous
     assert runtime.tma_rows(torch.randn(40 * 64 + 1)[1:].view(40, 2, 32), 16, 32) is None  # base not aligned
     assert runtime.tma_rows(torch.randn(40, 1, 5), 16, 5) is None  # rows of 20 bytes
+    tiles = runtime.tma_head_tiles(k, 4, 2, 32)  # the same rules for [tokens, heads, D] boxes
+    assert tiles is not None and list(tiles.shape) == [40, 2, 32] and list(tiles.block_shape) == [4, 2, 32]
+    assert runtime.tma_head_tiles(k, 4, 2, 64) is None and runtime.tma_head_tiles(k[:, :, :16], 4, 2, 16) is None
 
 
 def test_signature_matches_reference():
@@ -230,14 +236,15 @@ GPU_CASES = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
 def test_window_attention_gpu(case, dtype, tma):
-    """The default tiles, K/V tiles read by TMA (where the head dims allow) or by pointer loads."""
+    """The default tiles, K/V tiles (and dk/dv's q/dO tiles) read by TMA (where the head dims allow) or by
+    pointer loads."""
     window, seqlen, seqlens, hq, hkv, dk, dv = GPU_CASES[case]
     cfg = NSAConfig(window=window)
     seed = sorted(GPU_CASES).index(case)
     x = random_inputs(cfg, seqlen=seqlen, seqlens=seqlens, num_heads=hq, num_kv_heads=hkv, head_dim=dk,
                       head_dim_v=dv, dtype=dtype, device="cuda", seed=seed, requires_grad=True)
     q, k, v, cu = x["q"], x["k"], x["v"], x["cu_seqlens"]
-    params = dataclasses.replace(default_params(hq, hkv, dk, dv), fwd_tma=tma, dq_tma=tma)
+    params = dataclasses.replace(default_params(hq, hkv, dk, dv), fwd_tma=tma, dq_tma=tma, dkdv_tma=tma)
     o = window_attention(q, k, v, cfg, cu_seqlens=cu, params=params)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(device="cuda", dtype=dtype)
     grads = torch.autograd.grad(o, (q, k, v), do)
