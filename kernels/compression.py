@@ -518,12 +518,8 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
     else:  # every (split, key row) is written, zeros where a split has no query tile for the key tile
         dk_out = runtime.new_output((splits, *k_cmp.shape), dtype=torch.float32, device=q.device)
         dv_out = runtime.new_output((splits, *v_cmp.shape), dtype=torch.float32, device=q.device)
-    q_src, do_src = q, do
-    if params.dkdv_tma:
-        tiles = [runtime.tma_head_tiles(x, params.dkdv_block_m, params.dkdv_block_h, shared[block])
-                 for x, block in ((q, "BLOCK_DK"), (do, "BLOCK_DV"))]
-        if None not in tiles:
-            q_src, do_src = tiles
+    q_src, do_src = runtime.query_tile_sources(q, do, params.dkdv_block_m, params.dkdv_block_h, shared["BLOCK_DK"],
+                                               shared["BLOCK_DV"], params.dkdv_tma)
     grid = (runtime.cdiv(seqs.max_cmp, params.dkdv_block_n), seqs.num_seqs, num_kv_heads * splits)
     compressed_attention_bwd_dkdv_kernel[grid](
         q_src, k_cmp, v_cmp, do_src, lse, delta, dk_out, dv_out, seqs.cu_seqlens, seqs.cu_cmp, *strides,

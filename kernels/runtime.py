@@ -158,6 +158,18 @@ def store_or_add(ptrs, value, mask, ACCUMULATE: tl.constexpr):
     tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
 
 
+def query_tile_sources(q: torch.Tensor, do: torch.Tensor, block_t: int, block_h: int, block_dk: int, block_dv: int,
+                       tma: bool):
+    """The Q and DO arguments of a dk/dv kernel that steps over query tiles of block_t positions x block_h heads:
+    TMA descriptors of those boxes (`tma_head_tiles`) when `tma` and both allow them, else q and do themselves.
+    The kernel's TMA flag is `q_src is not q`."""
+    if tma:
+        q_desc, do_desc = tma_head_tiles(q, block_t, block_h, block_dk), tma_head_tiles(do, block_t, block_h, block_dv)
+        if q_desc is not None and do_desc is not None:
+            return q_desc, do_desc
+    return q, do
+
+
 def check_launch_params(params, *, counts=("num_stages",), tiles=(), flags=()) -> None:
     """Validate a kernel-params dataclass: fields whose names end in one of `flags` are bools, those ending in
     one of `counts` ints >= 1, every other field a power of two; for each kernel prefix in `tiles` ("fwd_", ""

@@ -28,7 +28,7 @@ from nsa.kernels.delta import attention_delta
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.runtime import (cdiv, check_kernel_inputs, check_launch_params, compute_dtype, dot_precision,
                                  head_dim_block, interpreting, key_value_sources, new_output, pack, row_mask,
-                                 store_or_add, tma_head_tiles)
+                                 query_tile_sources, store_or_add)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
@@ -568,11 +568,7 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               do.stride(0), do.stride(1), lse.stride(0))
     bm, bn, bh = params.dkdv_block_m, params.dkdv_block_n, params.dkdv_block_h
-    q_src, do_src = q, do
-    if params.dkdv_tma:
-        tiles = tma_head_tiles(q, bm, bh, block_dk), tma_head_tiles(do, bm, bh, block_dv)
-        if None not in tiles:
-            q_src, do_src = tiles
+    q_src, do_src = query_tile_sources(q, do, bm, bh, block_dk, block_dv, params.dkdv_tma)
     window_attention_bwd_dkdv_kernel[(cdiv(seqs.max_seqlen, bn), seqs.num_seqs * num_kv_heads)](
         q_src, k, v, do_src, lse, delta, dk, dv, seqs.cu_seqlens, *common,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),

@@ -237,6 +237,9 @@ def cmd_tune(args) -> int:
         for changed, ms, failure in row.get("candidates", ()):  # a --fields search: each candidate's time
             label = ", ".join(f"{k}={v}" for k, v in changed.items()) or "the cached params"
             print(f"    {label}: {failure if ms is None else f'{ms:.4g} ms'}")
+        if "candidates" in row and row["pruned"].get("invalid"):
+            print("    (invalid: the varied fields conflict with other cached fields, e.g. fwd_parts_16bit without "
+                  "fwd_inverted; add those fields to --fields to search them together)")
     if result["stopped"]:
         print("budget spent: run the same command again to resume")
     elif not result.get("complete", True):

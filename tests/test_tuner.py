@@ -629,7 +629,8 @@ def test_tune_cli_says_what_a_bucket_pruned(monkeypatch, capsys):
     monkeypatch.setattr(search, "tune", lambda *a, **k: dict(path="cache.json", skipped=[], untuned=[], done=[row],
                                                              stopped=False))
     assert main(["tune", "--suite", "smoke", "--device", "cpu", "--fields", "fwd_inverted"]) == 0
-    assert "1 tried, rejected: none, pruned invalid: 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 tried, rejected: none, pruned invalid: 2" in out and "add those fields to --fields" in out
 
 
 @kernels_run
