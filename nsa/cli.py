@@ -393,11 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--match", type=_comma_list(), metavar="TEXT[,TEXT...]",
                       help="tune only the buckets whose key contains every TEXT, e.g. '|G=4|' or 'T=65536|' "
                       "(keys: nsa tune --show)")
-    tune.add_argument("--fields", type=_comma_list(), metavar="NAME[,NAME...]",
-                      help="a short search: vary only these params fields (of the kernels' search spaces, e.g. "
-                      "fwd_tma,fwd_num_stages), from each bucket's cached params (the --out file's, else those of "
-                      "the caches in use), printing every candidate's time; buckets no cache holds are left to a "
-                      "full tune")
+    tune.add_argument("--fields", type=_comma_list(), metavar="NAME[=V/V...][,...]",
+                      help="a short search: vary only these params fields (over their declared ranges, e.g. "
+                      "fwd_tma,fwd_num_stages, or over given values of any field, e.g. dkdv_block_m=2/4/8), from "
+                      "each bucket's cached params (the --out file's, else those of the caches in use), printing "
+                      "every candidate's time; buckets no cache holds are left to a full tune")
     tune.add_argument("--out", metavar="DIR", help="folder of the cache file <device-key>.json (default: the user "
                       "cache, $XDG_CACHE_HOME/nsa/configs or ~/.cache/nsa/configs; tuner/configs to ship one)")
     tune.add_argument("--show", action="store_true", help="print the config caches in use for this device")

@@ -617,6 +617,27 @@ def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys
     assert main([*argv, "--fields", "fwd_block_n"]) == 0  # the CLI prints each candidate's time
     out = capsys.readouterr().out
     assert "the cached params: " in out and "fwd_block_n=" in out
+    # Given values, for a field outside the interpreter's declared space.
+    assert main([*argv, "--fields", "fwd_num_stages=1/2"]) == 0
+    out = capsys.readouterr().out
+    assert "fwd_num_stages searched), 2 tried" in out and "    fwd_num_stages=" in out
+
+
+def test_field_space_takes_declared_ranges_or_given_values():
+    """--fields items: a plain name searches its declared range; name=v1/v2 those values, for a field of the
+    family's params that its kernels use (fwd_* in the forward family, the rest in its _bwd family)."""
+    assert spaces.parse_field("fwd_tma") == ("fwd_tma", None)
+    assert spaces.parse_field("dkdv_block_m=2/4/8") == ("dkdv_block_m", [2, 4, 8])
+    assert spaces.parse_field("fwd_tma=true/False") == ("fwd_tma", [True, False])
+    with pytest.raises(ValueError, match="ints or true/false"):
+        spaces.parse_field("fwd_block_n=wide")
+    fields = ("dkdv_block_m=2/4", "dkdv_tma", "fwd_num_warps=4", "fwd_tma")
+    assert spaces.field_space("compression_bwd", fields, interpreter=False) == {"dkdv_block_m": [2, 4],
+                                                                               "dkdv_tma": [False, True]}
+    assert spaces.field_space("compression", fields, interpreter=False) == {"fwd_num_warps": [4]}
+    assert spaces.field_space("combine", ("dkdv_block_m=2/4",), interpreter=False) == {}
+    with pytest.raises(ValueError, match="searches no_such_field"):
+        search.tune("smoke", families=["window"], device="cpu", progress=False, fields=("no_such_field=1",))
 
 
 def test_tune_cli_says_what_a_bucket_pruned(monkeypatch, capsys):

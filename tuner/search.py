@@ -378,9 +378,10 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     entry is replaced: for a search space that grew, or a kernel that changed). With `match`, only the buckets
     whose key contains every one of those strings (e.g. "|G=4|" for one group size of the gqa suite).
 
-    With `fields` (params field names, e.g. ("fwd_tma", "fwd_num_stages")), a short search: for every bucket of
-    a family that declares some of those fields, the candidates are its cached params (the file's, or else those
-    of the caches in use) with only those fields varied over their declared ranges (the cached params first);
+    With `fields` (params field names, e.g. ("fwd_tma", "fwd_num_stages"), or "name=v1/v2" for given values of
+    any params field, `spaces.field_space`), a short search: for every bucket of a family that searches some of
+    those fields, the candidates are its cached params (the file's, or else those of the caches in use) with only
+    those fields varied over their ranges (the cached params first);
     the winner goes into the file, keeping the entry's default_ms and recording start_ms (the cached params' time
     now) and the fields. For a flag a kernel gained, or one field of a tuned entry, at a few candidates a bucket
     instead of the whole space; into another folder, an A/B that leaves the caches in use alone. Buckets no cache
@@ -401,10 +402,12 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     families = list(families or cache.ALL_FAMILIES)
     searched = {name for family in families for name in spaces.field_space(family, fields)}
-    if set(fields) - searched:
-        raise ValueError(f"no family of {', '.join(families)} searches {', '.join(sorted(set(fields) - searched))} "
-                         "here (the fields are those of the kernels' declared search spaces: SEARCH_SPACE, "
-                         "BACKWARD_SEARCH_SPACE, or the INTERPRETER_ ones on a CPU)")
+    unsearched = {spaces.parse_field(field)[0] for field in fields} - searched
+    if unsearched:
+        raise ValueError(f"no family of {', '.join(families)} searches {', '.join(sorted(unsearched))} here (a "
+                         "plain name must be in a kernel's declared search space: SEARCH_SPACE, "
+                         "BACKWARD_SEARCH_SPACE, or the INTERPRETER_ ones on a CPU; name=v1/v2 may be any field "
+                         "of a family's params)")
     key = cache.device_key(device)
     path = cache.config_path(key, out if out is not None else cache.user_dir())
     shards = shard_folder(path)

@@ -32,11 +32,49 @@ def declared_space(family: str, interpreter: bool) -> dict:
     return getattr(module, f"INTERPRETER_{name}" if interpreter else name)
 
 
+def parse_field(field: str) -> tuple[str, list | None]:
+    """A `--fields` item: "name" (the declared range) or "name=v1/v2/..." (those values: ints, or true/false)."""
+    name, sep, text = field.partition("=")
+    if not sep:
+        return name, None
+    values = []
+    for item in text.split("/"):
+        if item.lower() in ("true", "false"):
+            values.append(item.lower() == "true")
+        else:
+            try:
+                values.append(int(item))
+            except ValueError:
+                raise ValueError(f"--fields {field}: values are ints or true/false, separated by '/'") from None
+    return name, values
+
+
+def _owns(family: str, name: str) -> bool:
+    """Whether `family` times the params field `name`: a forward family and its `_bwd` family share one params
+    class, the forward kernel's fields (fwd_*) belong to the first and the others to the second."""
+    if family in BACKWARD_FAMILIES:
+        return not name.startswith("fwd_")
+    if f"{family}_bwd" in ALL_FAMILIES:
+        return name.startswith("fwd_")
+    return True
+
+
 def field_space(family: str, fields, interpreter: bool | None = None) -> dict:
-    """The declared ranges of those of `fields` that the family searches (empty when it searches none)."""
+    """The ranges of those of `fields` that the family searches (empty when it searches none): a plain name takes
+    its declared range, where the family declares one; "name=v1/v2" takes those values for any field of the
+    family's params that its kernels use (`_owns`; one outside the declared space too, e.g. a tile size for a
+    one-off A/B)."""
     from nsa.kernels.runtime import interpreting
     declared = declared_space(family, interpreting() if interpreter is None else interpreter)
-    return {name: declared[name] for name in fields if name in declared}
+    names = {f.name for f in dataclasses.fields(params_class(family))}
+    space = {}
+    for field in fields:
+        name, values = parse_field(field)
+        if values is None and name in declared:
+            space[name] = declared[name]
+        elif values is not None and name in names and _owns(family, name):
+            space[name] = values
+    return space
 
 
 def space_hash() -> str:
