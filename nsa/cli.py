@@ -155,8 +155,11 @@ def cmd_profile(args) -> int:
     import torch
 
     from nsa.bench import device_name
+    from nsa.config import NSAConfig
     from nsa.profile import format_gaps, format_table, profile_attention, step_tflop
     from nsa.suites.problem import DTYPE_LABELS, DTYPES
+    from nsa.timing import measure_ceilings
+    from nsa.work import kernel_work
     if _device_type(args.device) != "cuda":
         print("nsa profile: kernel times come from CUDA events; this machine has no CUDA GPU (on a CPU the "
               "interpreter's timings would say nothing)", file=sys.stderr)
@@ -170,7 +173,12 @@ def cmd_profile(args) -> int:
     print(f"{device_name(args.device)}, torch {torch.__version__}: nsa_attention {'+'.join(args.ops)}, B=1, "
           f"T={args.seqlen}, {args.heads} query / {args.kv_heads} kv heads, D={args.head_dim}, "
           f"{args.dtype}, paper config (l=32, d=16, l'=64, n=16, w=512), mean of {args.steps} steps")
-    print(format_table(times))
+    ceilings = measure_ceilings(args.device)
+    work = kernel_work(seqlen=args.seqlen, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                       head_dim_v=args.head_dim, config=NSAConfig(), itemsize=dtype.itemsize)
+    print(f"ceilings measured now: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, device copy "
+          f"{ceilings['copy_gbps'] / 1e3:.2f} TB/s (the profile does not flush L2 between kernels)")
+    print(format_table(times, work=work, ceilings=ceilings))
     tflop = step_tflop(seqlen=args.seqlen, num_heads=args.heads, num_kv_heads=args.kv_heads,
                        head_dim=args.head_dim, dtype=dtype_name, backward="bwd" in args.ops)
     if profiled.gpu_busy_ms < 0.99 * profiled.kernel_ms:
@@ -183,7 +191,9 @@ def cmd_profile(args) -> int:
         print(format_gaps(profiled.gaps, args.steps))
     if args.out:
         import pandas as pd
-        pd.DataFrame(times, columns=["kernel", "ms_per_step"]).to_csv(args.out, index=False)
+        rows = [(name, ms, *((work[name].bound, work[name].amount) if name in work else ("", None)))
+                for name, ms in times]
+        pd.DataFrame(rows, columns=["kernel", "ms_per_step", "bound", "work"]).to_csv(args.out, index=False)
         print(f"kernel times: {args.out}")
     return 0
 
@@ -357,8 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile_ = sub.add_parser("profile", help="GPU time of each kernel of one nsa_attention step",
                               description="Profile nsa_attention (fwd, or fwd + bwd) on this GPU with torch.profiler "
-                              "and print each kernel's GPU time per step and share, slowest first: where the time "
-                              "goes, for docs/performance.md. The kernels read the tuned config cache.")
+                              "and print each kernel's GPU time per step and share, slowest first, with its useful "
+                              "work (FLOPs, or bytes gathered or moved), its rate and its share of the card's "
+                              "ceiling, measured first: where the time goes, for docs/performance.md. The kernels "
+                              "read the tuned config cache.")
     profile_.add_argument("--seqlen", type=int, default=65536, help="tokens (default: %(default)s)")
     profile_.add_argument("--heads", type=int, default=64, help="query heads (default: %(default)s)")
     profile_.add_argument("--kv-heads", type=int, default=4, help="kv heads (default: %(default)s)")
@@ -368,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile_.add_argument("--ops", type=_comma_list(["fwd", "bwd"]), default=["fwd", "bwd"], metavar="fwd[,bwd]",
                           help="fwd alone, or fwd and bwd (default)")
     profile_.add_argument("--steps", type=int, default=3, help="profiled steps, after 2 warm-up (default: 3)")
-    profile_.add_argument("--out", metavar="FILE.csv", help="also write the kernel times as CSV")
+    profile_.add_argument("--out", metavar="FILE.csv", help="also write the kernel times (and work) as CSV")
     profile_.add_argument("--gaps", action="store_true", help="also trace the host and list the longest gaps "
                           "between kernels with what the host was doing (the tracing slows the host)")
     profile_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

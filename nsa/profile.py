@@ -192,14 +192,38 @@ def step_tflop(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int,
                        config).flops for op in ops) / 1e12
 
 
-def format_table(times: list[tuple[str, float]], most: int = 20) -> str:
-    """The `most` slowest kernels: ms per step, share of the total, name (shortened); then the total."""
+def _against_ceiling(work, ms: float, ceilings: dict | None) -> str:
+    """A kernel's work, its rate and the share of its ceiling (`nsa.work.KernelWork`; ceilings as
+    `nsa.timing.measure_ceilings` returns them), as three columns of WORK_COLUMNS characters."""
+    rate = work.amount / (ms * 1e-3) / 1e12  # per second, in units of 1e12
+    if work.bound == "matmul":
+        amount, speed = f"{work.amount / 1e12:.2f} TFLOP", f"{rate:.0f} TFLOP/s"
+        share = f"{100 * rate / ceilings['matmul_tflops']:.0f}% of matmul" if ceilings else ""
+    else:
+        amount, speed = f"{work.amount / 1e9:.1f} GB", f"{rate:.1f} TB/s"
+        share = "gathered" if work.bound == "gather" else (
+            f"{100e3 * rate / ceilings['copy_gbps']:.0f}% of copy" if ceilings else "")
+    return f"{amount:>14} {speed:>14} {share:>14}"
+
+
+WORK_COLUMNS = 14 * 3 + 2
+
+
+def format_table(times: list[tuple[str, float]], most: int = 20, work: dict | None = None,
+                 ceilings: dict | None = None) -> str:
+    """The `most` slowest kernels: ms per step, share of the total, name (shortened); then the total. With `work`
+    (`nsa.work.kernel_work`), each modelled kernel's work, rate and share of its ceiling too (`ceilings`, the
+    card's measured matmul and copy rates; "gathered" for the selected blocks' gathers, which have none)."""
     total = sum(ms for _, ms in times)
-    lines = [f"{'ms/step':>10} {'share':>6}  kernel"]
+    blank = " " * (WORK_COLUMNS + 1) if work else ""  # rows without a model (and the totals) leave them empty
+    head = f"{'work':>14} {'rate':>14} {'of its ceiling':>14} " if work else ""
+    lines = [f"{'ms/step':>10} {'share':>6}  {head}kernel"]
     for name, ms in times[:most]:
-        lines.append(f"{ms:10.3f} {100 * ms / total if total else 0:5.1f}%  {name[:100]}")
+        cols = _against_ceiling(work[name], ms, ceilings) + " " if work and name in work and ms > 0 else blank
+        lines.append(f"{ms:10.3f} {100 * ms / total if total else 0:5.1f}%  {cols}{name[:100]}")
     if len(times) > most:
         rest = sum(ms for _, ms in times[most:])
-        lines.append(f"{rest:10.3f} {100 * rest / total if total else 0:5.1f}%  ({len(times) - most} more kernels)")
-    lines.append(f"{total:10.3f} 100.0%  total GPU time per step")
+        lines.append(f"{rest:10.3f} {100 * rest / total if total else 0:5.1f}%  {blank}"
+                     f"({len(times) - most} more kernels)")
+    lines.append(f"{total:10.3f} 100.0%  {blank}total GPU time per step")
     return "\n".join(lines)

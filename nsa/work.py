@@ -72,3 +72,52 @@ def op_work(problem: Problem, config: NSAConfig | None) -> Work:
     if problem.op == "bwd":  # inputs read and their gradients written; o and do read
         return Work(BACKWARD_FLOP_FACTOR * flops, float(itemsize * 2 * elements))
     return Work(flops, float(itemsize * elements))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelWork:
+    """The useful work of one kernel in one step and what bounds it: `bound` "matmul" (amount in FLOPs), "gather"
+    (bytes gathered from the selected blocks, mostly L2 hits, for which the card has no measured ceiling) or
+    "copy" (bytes read and written)."""
+
+    bound: str
+    amount: float
+
+
+def kernel_work(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
+                config: NSAConfig, itemsize: int) -> dict[str, KernelWork]:
+    """The work of each kernel of one `nsa.kernels.nsa_attention` step (B=1, one sequence of `seqlen` tokens), by
+    the Triton kernel's name, for `nsa profile` to hold each kernel against its ceiling (docs/performance.md keeps
+    the tables). A product over the pairs (query head, attended key) is 2 * D FLOPs a pair: the compressed and
+    window forwards do QK and PV, their dk/dv kernels four products, their dq kernels three, the selection
+    recomputes QK. The selected forward and dq gather each chosen block's K and V (l' tokens, whole blocks), the
+    selected dk/dv the q and dO rows of the G heads for every (position, block) entry. The combination reads the
+    three branch outputs and gates and writes o (backward: reads dO too, writes the three gradients and the gates').
+    Kernels not listed here (the inverted selected kernels of small groups, sorts, torch ops) have no model."""
+    l, d, ls, n, w = config.cmp_block, config.cmp_stride, config.slc_block, config.slc_topn, config.window
+    t = np.arange(seqlen, dtype=np.int64)
+    cmp_pairs = num_heads * float(np.where(t >= l - 1, (t - l + 1) // d + 1, 0).sum())
+    win_pairs = num_heads * float(np.minimum(w, t + 1).sum())
+    entries = num_kv_heads * float(np.minimum(n, t // ls + 1).sum())  # (position, kv head, selected block)
+    dk, dv, group = head_dim, head_dim_v, num_heads // num_kv_heads
+    kv_gathered = entries * ls * (dk + dv) * itemsize
+    rows_gathered = entries * group * (dk + dv) * itemsize
+    rows = float(seqlen * num_heads * itemsize)  # one element per (token, query head)
+
+    def matmul(flops):
+        return KernelWork("matmul", flops)
+
+    return {
+        "compressed_attention_fwd_kernel": matmul(2 * (dk + dv) * cmp_pairs),
+        "select_blocks_fwd_kernel": matmul(2 * dk * cmp_pairs),
+        "compressed_attention_bwd_dkdv_kernel": matmul(4 * (dk + dv) * cmp_pairs),
+        "compressed_attention_bwd_dq_kernel": matmul(2 * (2 * dk + dv) * cmp_pairs),
+        "window_attention_fwd_kernel": matmul(2 * (dk + dv) * win_pairs),
+        "window_attention_bwd_dkdv_kernel": matmul(4 * (dk + dv) * win_pairs),
+        "window_attention_bwd_dq_kernel": matmul(2 * (2 * dk + dv) * win_pairs),
+        "selected_attention_fwd_kernel": KernelWork("gather", kv_gathered),
+        "selected_attention_bwd_dq_kernel": KernelWork("gather", kv_gathered),
+        "selected_attention_bwd_dkdv_kernel": KernelWork("gather", rows_gathered),
+        "combine_fwd_kernel": KernelWork("copy", (4 * dv + 3) * rows),
+        "combine_bwd_kernel": KernelWork("copy", (7 * dv + 6) * rows),
+    }

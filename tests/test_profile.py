@@ -27,6 +27,37 @@ def test_table_lists_the_slowest_then_the_rest_and_the_total():
     assert "(2 more kernels)" in table[-2] and table[-1].split()[:2] == ["40.000", "100.0%"]
 
 
+def test_kernel_work_is_the_documented_count_at_64k():
+    """The per-kernel work model at the paper shape, 64k tokens: the counts docs/performance.md's tables use."""
+    from nsa import NSAConfig
+    from nsa.work import kernel_work
+    work = kernel_work(seqlen=65536, num_heads=64, num_kv_heads=4, head_dim=128, head_dim_v=128,
+                       config=NSAConfig(), itemsize=2)
+    tera = {name: round(w.amount / 1e12, 2) for name, w in work.items() if w.bound == "matmul"}
+    assert tera == {"compressed_attention_fwd_kernel": 4.39, "select_blocks_fwd_kernel": 2.2,
+                    "compressed_attention_bwd_dkdv_kernel": 8.79, "compressed_attention_bwd_dq_kernel": 6.59,
+                    "window_attention_fwd_kernel": 1.1, "window_attention_bwd_dkdv_kernel": 2.19,
+                    "window_attention_bwd_dq_kernel": 1.64}
+    # Whole blocks of 64 tokens of K and V (bf16, 2 x 128 dims, 32 KB), 16 per (position, kv head) from t = 960.
+    assert work["selected_attention_fwd_kernel"].amount == (65536 - 15 * 64) * 4 * 16 * 64 * 512 + sum(
+        (t // 64 + 1) * 4 * 64 * 512 for t in range(15 * 64))
+    assert work["selected_attention_bwd_dkdv_kernel"].bound == "gather"
+    assert work["combine_fwd_kernel"].bound == "copy"
+
+
+def test_table_holds_each_modelled_kernel_against_its_ceiling():
+    from nsa.work import KernelWork
+    work = {"mm": KernelWork("matmul", 4e12), "slc": KernelWork("gather", 1e11), "cp": KernelWork("copy", 4e9)}
+    times = [("mm", 10.0), ("slc", 10.0), ("cp", 1.0), ("sort", 0.5)]
+    table = format_table(times, work=work, ceilings=dict(matmul_tflops=800.0, copy_gbps=4000.0)).splitlines()
+    assert "of its ceiling" in table[0]
+    assert table[1].split() == ["10.000", "46.5%", "4.00", "TFLOP", "400", "TFLOP/s", "50%", "of", "matmul", "mm"]
+    assert table[2].split()[2:] == ["100.0", "GB", "10.0", "TB/s", "gathered", "slc"]
+    assert table[3].split()[2:] == ["4.0", "GB", "4.0", "TB/s", "100%", "of", "copy", "cp"]
+    assert table[4].split() == ["0.500", "2.3%", "sort"]  # no model: the columns left empty, aligned
+    assert table[4].index("sort") == table[1].index("mm")
+
+
 def test_step_time_beyond_the_kernels_is_host_wait():
     profiled = StepProfile([("dkdv", 3.0), ("fwd", 0.5)], step_ms=4.25)
     assert profiled.kernel_ms == 3.5 and profiled.host_wait_ms == 0.75
@@ -46,6 +77,27 @@ def test_busy_time_is_the_union_of_kernels_on_two_streams():
 def test_refuses_without_a_gpu(capsys):
     assert main(["profile", "--device", "cpu", "--seqlen", "1024"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_prints_the_kernels_against_the_ceilings_and_writes_the_work(monkeypatch, capsys, tmp_path):
+    """The command's glue, without a GPU: the profile and the ceilings stubbed, the table and CSV checked."""
+    import nsa.bench
+    import nsa.cli
+    import nsa.profile
+    import nsa.timing
+    monkeypatch.setattr(nsa.cli, "_device_type", lambda device: "cuda")
+    monkeypatch.setattr(nsa.bench, "device_name", lambda device: "Test GPU")
+    monkeypatch.setattr(nsa.timing, "measure_ceilings", lambda device: dict(matmul_tflops=800.0, copy_gbps=4000.0))
+    kernels = [("compressed_attention_fwd_kernel", 2.0), ("sort", 0.1)]
+    monkeypatch.setattr(nsa.profile, "profile_attention", lambda **kw: StepProfile(kernels, step_ms=2.5))
+    out = tmp_path / "kernels.csv"
+    assert main(["profile", "--device", "cpu", "--seqlen", "4096", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ceilings measured now: bf16 matmul 800 TFLOP/s" in printed and "% of matmul" in printed
+    import pandas as pd
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["kernel", "ms_per_step", "bound", "work"]
+    assert table.bound.tolist()[0] == "matmul" and table.work.isna().tolist() == [False, True]
 
 
 def test_step_work_is_the_benchmarks_count():
