@@ -37,15 +37,21 @@ class Work:
     bytes: float
 
 
-def keys_per_query(positions: np.ndarray, config: NSAConfig | None) -> np.ndarray:
-    """Keys each query at `positions` attends to, per head: NSA's three branches, or dense causal (config None)."""
+def branch_keys(positions: np.ndarray, config: NSAConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keys each query at `positions` attends to, per head, in NSA's compressed, selected and window branches."""
     t = positions.astype(np.int64)
-    if config is None:
-        return t + 1
     l, d, ls, n, w = config.cmp_block, config.cmp_stride, config.slc_block, config.slc_topn, config.window
     compressed = np.where(t >= l - 1, (t - l + 1) // d + 1, 0)
     selected = np.where(t // ls + 1 <= n, t + 1, (n - 1) * ls + t % ls + 1)
     window = np.minimum(w, t + 1)
+    return compressed, selected, window
+
+
+def keys_per_query(positions: np.ndarray, config: NSAConfig | None) -> np.ndarray:
+    """Keys each query at `positions` attends to, per head: NSA's three branches, or dense causal (config None)."""
+    if config is None:
+        return positions.astype(np.int64) + 1
+    compressed, selected, window = branch_keys(positions, config)
     return compressed + selected + window
 
 
@@ -94,11 +100,12 @@ def kernel_work(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int
     selected dk/dv the q and dO rows of the G heads for every (position, block) entry. The combination reads the
     three branch outputs and gates and writes o (backward: reads dO too, writes the three gradients and the gates').
     Kernels not listed here (the inverted selected kernels of small groups, sorts, torch ops) have no model."""
-    l, d, ls, n, w = config.cmp_block, config.cmp_stride, config.slc_block, config.slc_topn, config.window
+    ls = config.slc_block
     t = np.arange(seqlen, dtype=np.int64)
-    cmp_pairs = num_heads * float(np.where(t >= l - 1, (t - l + 1) // d + 1, 0).sum())
-    win_pairs = num_heads * float(np.minimum(w, t + 1).sum())
-    entries = num_kv_heads * float(np.minimum(n, t // ls + 1).sum())  # (position, kv head, selected block)
+    compressed, _, window = branch_keys(t, config)
+    cmp_pairs = num_heads * float(compressed.sum())
+    win_pairs = num_heads * float(window.sum())
+    entries = num_kv_heads * float(np.minimum(config.slc_topn, t // ls + 1).sum())  # (position, kv head, block)
     dk, dv, group = head_dim, head_dim_v, num_heads // num_kv_heads
     kv_gathered = entries * ls * (dk + dv) * itemsize
     rows_gathered = entries * group * (dk + dv) * itemsize
