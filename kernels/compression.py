@@ -195,11 +195,12 @@ def compressed_attention_bwd_dkdv_kernel(
         scale, scale_log2,
         G: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         BLOCK_P: tl.constexpr, HEADS: tl.constexpr, NUM_HEAD_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLITS: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr,
-        PRECISION: tl.constexpr):
+        SPLITS: tl.constexpr, POSITION_SPLITS: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+        TMA: tl.constexpr, PRECISION: tl.constexpr):
     """dk_cmp, dv_cmp for BLOCK_N compressed keys of one kv head: loops over the G heads and the query tiles (the
-    split-th of SPLITS runs of them; dk, dv are then [SPLITS, ...] float32 partials, indexed by stride_dks). With
-    TMA, q and do are descriptors of query tiles (`_bwd_dkdv_inner`)."""
+    split-th of SPLITS runs of them; dk, dv are then [SPLITS, ...] float32 partials, indexed by stride_dks). The
+    runs cut this key tile's query tiles in equal parts, or with POSITION_SPLITS the sequence's positions at the
+    same places for every key tile. With TMA, q and do are descriptors of query tiles (`_bwd_dkdv_inner`)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     hk = tl.program_id(2) // SPLITS
@@ -232,9 +233,17 @@ def compressed_attention_bwd_dkdv_kernel(
     num_tiles = tl.cdiv(seqlen - t_first, BLOCK_P)
     diag_end = tl.minimum(tl.cdiv(t_full - t_first, BLOCK_P), num_tiles)  # tiles that need the causal mask
     full_end = tl.maximum(diag_end, (seqlen - t_first) // BLOCK_P)  # then tiles wholly inside the sequence
-    per_split = tl.cdiv(num_tiles, SPLITS)
-    lo = split * per_split  # this program's run of query tiles: [lo, hi)
-    hi = tl.minimum(lo + per_split, num_tiles)
+    if POSITION_SPLITS:
+        # The programs of one split, adjacent in launch order, then stream the same q and dO tiles (their
+        # t_first differ by whole tiles when BLOCK_P divides BLOCK_N * CMP_STRIDE), so L2 serves all but one read.
+        offset = (t_first - (CMP_BLOCK - 1)) // BLOCK_P  # this key tile's first query tile, counted from key 0's
+        per_split = tl.cdiv(tl.cdiv(seqlen - (CMP_BLOCK - 1), BLOCK_P), SPLITS)
+        lo = tl.maximum(split * per_split - offset, 0)
+        hi = tl.minimum((split + 1) * per_split - offset, num_tiles)
+    else:
+        per_split = tl.cdiv(num_tiles, SPLITS)
+        lo = split * per_split  # this program's run of query tiles: [lo, hi)
+        hi = tl.minimum(lo + per_split, num_tiles)
     head_base = hk * G
     for hc in range(NUM_HEAD_CHUNKS):
         for i in range(lo, tl.minimum(diag_end, hi)):
@@ -356,6 +365,12 @@ class CompressionParams:
             dkdv_block_h heads at a time.
         dkdv_splits: programs per key tile, each taking one run of its query tiles (any int >= 1; above 1 the
             fp32 partials, splits x the size of dk_cmp and dv_cmp, are summed after the kernel).
+        dkdv_position_splits: the runs cut the sequence's positions at the same places for every key tile (so
+            the programs of a run, which the GPU runs together, read the same q and dO tiles: one read from
+            memory, the rest from L2) instead of cutting each key tile's own query tiles in equal parts (balanced
+            programs, but each streams different tiles). On an H200 (session 19) it paid at 64k (the compressed
+            backward 33.8 -> 32.1 ms with 16 splits and dkdv_tma) and lost at 16k (2.68 -> 2.81 ms), where the
+            tuner's cache has it off.
         dq_block_m, dq_block_n, dq_block_h, dq_num_warps, dq_num_stages: dq kernel (tiled like the forward).
         dq_tma: the dq kernel's compressed K/V tiles read by TMA copies (tensor descriptors) where the GPU and
             layout allow (`runtime.tma_rows`), else by pointer loads.
@@ -383,10 +398,11 @@ class CompressionParams:
     dq_num_stages: int = 2
     dq_tma: bool = True
     dkdv_tma: bool = False
+    dkdv_position_splits: bool = False
 
     def __post_init__(self):
         runtime.check_launch_params(self, counts=("num_stages", "splits"), tiles=("fwd_", "dkdv_", "dq_"),
-                                    flags=("_tma",))
+                                    flags=("_tma", "_position_splits"))
 
 
 def heads_per_tile(group: int, rows: int) -> int:
@@ -403,7 +419,7 @@ INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 64])
 # The backward kernels (`compression_bwd`). Without splits the H200 tune picked the smallest key tile (more
 # programs for the triangular load); with splits the large key tiles win (a sweep at 64k in docs/performance.md).
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[64, 128], dkdv_num_warps=[4, 8], dkdv_splits=[1, 4, 8],
-                             dkdv_num_stages=[2, 3], dkdv_tma=[False, True])
+                             dkdv_num_stages=[2, 3], dkdv_tma=[False, True], dkdv_position_splits=[False, True])
 # dk/dv partials of all splits together (fp32) stay under this; larger dkdv_splits are lowered to fit.
 DKDV_PARTIAL_BYTES = 2**30
 INTERPRETER_BACKWARD_SEARCH_SPACE = dict(dkdv_block_n=[16, 64], dkdv_splits=[2])
@@ -528,7 +544,7 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
         *dk_out.stride()[:3], *dv_out.stride()[:3], scale, scale * LOG2E,
         BLOCK_P=params.dkdv_block_m, HEADS=params.dkdv_block_h,
         NUM_HEAD_CHUNKS=runtime.cdiv(group, params.dkdv_block_h), BLOCK_N=params.dkdv_block_n, SPLITS=splits,
-        TMA=q_src is not q, num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages, **shared)
+        POSITION_SPLITS=params.dkdv_position_splits, TMA=q_src is not q, num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages, **shared)
     if splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))

@@ -100,6 +100,15 @@ def test_short_dkdv_chunks_only_for_short_sequences(seqlen, kept):
     assert pruned.get("dkdv_chunk_fits_length", 0) == 5 - len(kept)
 
 
+def test_position_splits_only_with_several_splits():
+    """With one dk/dv split both ways of cutting the runs are one kernel's work: that candidate is kept once."""
+    shape = cache.Shape(65536, 16, 128, 128, 32, 16, 64, 16, "bfloat16")
+    cands, pruned = spaces.search_space("compression_bwd", shape, NSAConfig(), 64, 4, interpreter=False,
+                                        space=dict(dkdv_splits=[1, 8], dkdv_position_splits=[False, True]))
+    assert {(c.dkdv_splits, c.dkdv_position_splits) for c in cands} == {(1, False), (8, False), (8, True)}
+    assert pruned == {"position_splits_once": 1}
+
+
 @kernels_run
 def test_tune_smoke_tiny_space_writes_checked_entries(tmp_path):
     result = search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False)

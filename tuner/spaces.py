@@ -181,6 +181,9 @@ PREDICATES = (
      "TMA flag off only, not a second, identical candidate with it on",
      lambda p, s, d, c: not any(getattr(p, f"{k}_inverted", False) and getattr(p, f"{k}_tma", False)
                                 for k in ("fwd", "dq"))),
+    ("position_splits_once", "with one dk/dv split both ways of cutting the runs are the same kernel work: keep "
+     "the candidate with position splits off",
+     lambda p, s, d, c: not getattr(p, "dkdv_position_splits", False) or p.dkdv_splits > 1),
     ("dkdv_chunk_fits_length", "a selected dk/dv list chunk under min(1024, T/16) positions cuts the lists into "
      "more items and fp32 partial slots than a long sequence gains from (64 KB a slot at the paper shape)",
      lambda p, s, d, c: not hasattr(p, "dkdv_chunk") or p.dkdv_chunk >= min(1024, s.seqlen // 16)),

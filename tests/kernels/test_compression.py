@@ -39,6 +39,10 @@ POINTERS = dict(dq_tma=False)
 # The dk/dv kernel's q and dO tiles by TMA copies of [positions, heads, D] boxes: the box crosses sequence ends,
 # and with a head chunk that does not divide the group, into the next group's heads (or past the last head).
 DKDV_TMA = dict(dkdv_tma=True)
+# The dk/dv runs cut at the same positions for every key tile: key tiles whose first query tile lies past a
+# run's end get empty runs (zero partials); with l8d4 and 16 keys a key tile starts 64 positions (8 query
+# tiles) after the previous one, 3 key tiles at T=150.
+POSITION_SPLITS = dict(dkdv_position_splits=True)
 
 PAPER_LIKE = NSAConfig(cmp_block=32, cmp_stride=16, slc_block=64, slc_topn=4)
 EQUAL = NSAConfig(cmp_block=16, cmp_stride=16, slc_block=16, slc_topn=4)
@@ -74,6 +78,11 @@ CASES = {
     "varlen-l32d16-G4-packed-dkdv-split8-tma": (PAPER_LIKE, 1, None, [31, 100, 32, 47], 8, 2, 32, 16,
                                                 dataclasses.replace(PACKED_SPLIT8, **DKDV_TMA)),
     "l8d4-G3-uneven-dkdv-tma": (OVERLAP, 1, 70, None, 6, 2, 16, 32, dataclasses.replace(UNEVEN, **DKDV_TMA)),
+    "l16d16-G2-B2-T100-dkdv-split3-positions": (EQUAL, 2, 100, None, 4, 2, 32, 32,
+                                                dataclasses.replace(SPLIT3, **POSITION_SPLITS)),
+    "varlen-l8d4-G3-uneven-dkdv-split8-positions-tma": (OVERLAP, 1, None, [5, 150, 0, 17, 64], 6, 2, 16, 32,
+                                                        dataclasses.replace(UNEVEN, dkdv_splits=8, **DKDV_TMA,
+                                                                            **POSITION_SPLITS)),
 }
 
 
