@@ -99,9 +99,10 @@ def kernel_work(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int
     recomputes QK. The selected forward and dq gather each chosen block's K and V (l' tokens, whole blocks); the
     selected dk/dv runs four products over whole blocks for the G heads of every (position, block) entry (it
     gathers those q and dO rows, a quarter of the forward's bytes, and sits nearer the matmul ceiling than the
-    gather one: 43% against 27% on an H200 at 64k, session 19). The combination reads the
-    three branch outputs and gates and writes o (backward: reads dO too, writes the three gradients and the gates').
-    Kernels not listed here (the inverted selected kernels of small groups, sorts, torch ops) have no model."""
+    gather one: 43% against 27% on an H200 at 64k, session 19); so do the inverted forward and dq of small groups
+    (one block's K/V per program, the positions that chose it gathered), two and three products. The combination
+    reads the three branch outputs and gates and writes o (backward: reads dO too, writes the three gradients and
+    the gates'). Kernels not listed here (the inverted kernels' merges, sorts, torch ops) have no model."""
     ls = config.slc_block
     t = np.arange(seqlen, dtype=np.int64)
     compressed, _, window = branch_keys(t, config)
@@ -110,6 +111,7 @@ def kernel_work(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int
     entries = num_kv_heads * float(np.minimum(config.slc_topn, t // ls + 1).sum())  # (position, kv head, block)
     dk, dv, group = head_dim, head_dim_v, num_heads // num_kv_heads
     kv_gathered = entries * ls * (dk + dv) * itemsize
+    slc_pairs = entries * group * ls  # (query head, key) pairs of the selected branch, whole blocks
     rows = float(seqlen * num_heads * itemsize)  # one element per (token, query head)
 
     def matmul(flops):
@@ -125,7 +127,9 @@ def kernel_work(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int
         "window_attention_bwd_dq_kernel": matmul(2 * (2 * dk + dv) * win_pairs),
         "selected_attention_fwd_kernel": KernelWork("gather", kv_gathered),
         "selected_attention_bwd_dq_kernel": KernelWork("gather", kv_gathered),
-        "selected_attention_bwd_dkdv_kernel": matmul(4 * (dk + dv) * entries * group * ls),
+        "selected_attention_bwd_dkdv_kernel": matmul(4 * (dk + dv) * slc_pairs),
+        "selected_attention_fwd_inverted_kernel": matmul(2 * (dk + dv) * slc_pairs),
+        "selected_attention_bwd_dq_inverted_kernel": matmul(2 * (2 * dk + dv) * slc_pairs),
         "combine_fwd_kernel": KernelWork("copy", (4 * dv + 3) * rows),
         "combine_bwd_kernel": KernelWork("copy", (7 * dv + 6) * rows),
     }

@@ -37,7 +37,8 @@ def test_kernel_work_is_the_documented_count_at_64k():
     assert tera == {"compressed_attention_fwd_kernel": 4.39, "select_blocks_fwd_kernel": 2.2,
                     "compressed_attention_bwd_dkdv_kernel": 8.79, "compressed_attention_bwd_dq_kernel": 6.59,
                     "window_attention_fwd_kernel": 1.1, "window_attention_bwd_dkdv_kernel": 2.19,
-                    "window_attention_bwd_dq_kernel": 1.64, "selected_attention_bwd_dkdv_kernel": 4.37}
+                    "window_attention_bwd_dq_kernel": 1.64, "selected_attention_bwd_dkdv_kernel": 4.37,
+                    "selected_attention_fwd_inverted_kernel": 2.18, "selected_attention_bwd_dq_inverted_kernel": 3.27}
     # Whole blocks of 64 tokens of K and V (bf16, 2 x 128 dims, 32 KB), 16 per (position, kv head) from t = 960.
     assert work["selected_attention_fwd_kernel"].amount == (65536 - 15 * 64) * 4 * 16 * 64 * 512 + sum(
         (t // 64 + 1) * 4 * 64 * 512 for t in range(15 * 64))
