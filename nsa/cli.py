@@ -242,8 +242,8 @@ def cmd_tune(args) -> int:
                   f"{pruned}")
         else:
             print(f"{row['key']}: NO candidate passed ({rejected}); nothing cached")
-            for error in row["errors"]:
-                print(f"    {error}")
+        for error in row["errors"]:  # why candidates were rejected (the first few), whether or not one passed
+            print(f"    {error}")
         for changed, ms, failure in row.get("candidates", ()):  # a --fields search: each candidate's time
             label = ", ".join(f"{k}={v}" for k, v in changed.items()) or "the cached params"
             print(f"    {label}: {failure if ms is None else f'{ms:.4g} ms'}")

@@ -661,6 +661,14 @@ def test_tune_cli_says_what_a_bucket_pruned(monkeypatch, capsys):
     assert main(["tune", "--suite", "smoke", "--device", "cpu", "--fields", "fwd_inverted"]) == 0
     out = capsys.readouterr().out
     assert "1 tried, rejected: none, pruned invalid: 2" in out and "add those fields to --fields" in out
+    # A bucket with a winner still says why its other candidates failed (an H200 search of session 19 printed
+    # only "error" for tiles past the shared memory).
+    error = "error: OutOfResources: out of resource: shared memory ({'dkdv_block_t': 16})"
+    row.update(tried=2, rejected={"error": 1}, errors=[error],
+               candidates=[({}, 26.25, None), ({"dkdv_block_t": 16}, None, "error")])
+    assert main(["tune", "--suite", "smoke", "--device", "cpu", "--fields", "dkdv_block_t"]) == 0
+    out = capsys.readouterr().out
+    assert "rejected: error 1" in out and f"    {error}" in out and "dkdv_block_t=16: error" in out
 
 
 @kernels_run
