@@ -207,16 +207,16 @@ def cmd_tune(args) -> int:
     if code is not None:
         return code
     from nsa.tuner.distributed import World
-    from nsa.tuner.search import tune
+    from nsa.tuner import search
     world = World.from_env()  # under torchrun: one rank per GPU, the candidates shared between them
     if _device_type(args.device) == "cpu" and world.is_main:
         print("CPU tune: kernels in the Triton interpreter, timed by perf_counter; it exercises the tuner, the "
               "timings say nothing about a GPU")
     try:
         with world.started(args.device) as device:
-            result = tune(args.suite, families=args.families, device=device, out=args.out, budget_s=args.budget_s,
-                          world=world, progress=world.is_main, retune=args.retune, match=args.match or (),
-                          fields=args.fields or ())
+            result = search.tune(args.suite, families=args.families, device=device, out=args.out,
+                                 budget_s=args.budget_s, world=world, progress=world.is_main, retune=args.retune,
+                                 match=args.match or (), fields=args.fields or ())
     except ValueError as e:  # fields no family searches, or a file at --out that is not this device's cache
         print(f"nsa tune: {e}", file=sys.stderr)
         return 1
@@ -238,8 +238,10 @@ def cmd_tune(args) -> int:
                 default = f"{default}; the cached params now {start}, {', '.join(row['fields'])} searched"
             # a short search's candidates can be pruned too (a field another field makes invalid): say so
             pruned = "".join(f", pruned {k}: {v}" for k, v in row["pruned"].items())
+            confirmed = (f", the {row['confirmed']} fastest re-timed in {search.CONFIRM_ROUNDS} interleaved rounds"
+                         if row.get("confirmed") else "")
             print(f"{row['key']}: {row['ms']:.4g} ms (default {default}), {row['tried']} tried, rejected: {rejected}"
-                  f"{pruned}")
+                  f"{pruned}{confirmed}")
         else:
             print(f"{row['key']}: NO candidate passed ({rejected}); nothing cached")
         for error in row["errors"]:  # why candidates were rejected (the first few), whether or not one passed

@@ -100,6 +100,55 @@ def test_short_dkdv_chunks_only_for_short_sequences(seqlen, kept):
     assert pruned.get("dkdv_chunk_fits_length", 0) == 5 - len(kept)
 
 
+def test_close_candidates_are_retimed_in_interleaved_rounds():
+    """The candidates within 5% of the fastest are timed again, round by round in turn, and each takes the
+    median of its rounds: here the second-fastest by its first timing wins. Others keep their first timing."""
+    outcomes = [({"a": 0}, 10.0, None), ({"a": 1}, 9.8, None), ({"a": 2}, 9.9, None), ({"a": 3}, 12.0, None),
+                ({"a": 4}, None, ("wrong", "mismatch"))]
+    rounds = {0: [10.0, 10.1, 9.9], 1: [10.5, 10.4, 10.6], 2: [9.7, 9.6, 9.8]}
+    calls = []
+
+    def time_candidate(i):
+        calls.append(i)
+        return rounds[i][sum(c == i for c in calls) - 1]
+
+    confirmed, n = search._confirm(outcomes, time_candidate, search.Budget(None))
+    assert n == 3 and calls == [1, 2, 0] * search.CONFIRM_ROUNDS
+    assert [ms for _, ms, _ in confirmed] == [10.0, 10.5, 9.7, 12.0, None]
+    row, entry = search._summarize("k", confirmed, {})
+    assert entry["params"] == {"a": 2} and entry["default_ms"] == 10.0
+    # Unchanged: no timer (off a GPU), a single close candidate, a spent budget, a failing round.
+    assert search._confirm(outcomes, None, search.Budget(None)) == (outcomes, 0)
+    assert search._confirm(outcomes[1:2] + outcomes[3:], time_candidate, search.Budget(None)) == (
+        outcomes[1:2] + outcomes[3:], 0)
+    assert search._confirm(outcomes, time_candidate, search.Budget(0.0)) == (outcomes, 0)
+
+    def failing(i):
+        raise RuntimeError("out of memory")
+    assert search._confirm(outcomes, failing, search.Budget(None)) == (outcomes, 0)
+
+
+def test_retimer_sets_the_problem_up_once_and_only_on_a_gpu(monkeypatch):
+    from nsa.timing import Timing
+    built, timed = [], []
+
+    class Case:
+        cuda_graph = False
+
+        def run_time(self, params):
+            timed.append(params)
+
+    monkeypatch.setattr(search, "build_case", lambda family, problem, device: built.append(family) or Case())
+    monkeypatch.setattr(search, "time_call", lambda fn, device, settings, cuda_graph: fn() or Timing(
+        float(len(timed)), 0.0, 0.0, 1, "fake"))
+    assert search._retimer("window", "problem", ["p0", "p1"], "cpu") is None
+    time_candidate = search._retimer("window", "problem", ["p0", "p1"], "cuda")
+    assert built == [] and [time_candidate(1), time_candidate(0)] == [1.0, 2.0]
+    assert built == ["window"] and timed == ["p1", "p0"]
+    search._retimer("window", "problem", ["p0"], "cuda", Case())(0)  # a bucket's own case is reused
+    assert built == ["window"]
+
+
 def test_position_splits_only_with_several_splits():
     """With one dk/dv split both ways of cutting the runs are one kernel's work: that candidate is kept once."""
     shape = cache.Shape(65536, 16, 128, 128, 32, 16, 64, 16, "bfloat16")
@@ -669,6 +718,9 @@ def test_tune_cli_says_what_a_bucket_pruned(monkeypatch, capsys):
     assert main(["tune", "--suite", "smoke", "--device", "cpu", "--fields", "dkdv_block_t"]) == 0
     out = capsys.readouterr().out
     assert "rejected: error 1" in out and f"    {error}" in out and "dkdv_block_t=16: error" in out
+    row.update(confirmed=2)
+    assert main(["tune", "--suite", "smoke", "--device", "cpu", "--fields", "dkdv_block_t"]) == 0
+    assert "the 2 fastest re-timed in 3 interleaved rounds" in capsys.readouterr().out
 
 
 @kernels_run

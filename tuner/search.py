@@ -9,7 +9,9 @@ a candidate slower than `candidate_timeout_s` is recorded and skipped, never cac
 after the call returns: a hung kernel is not interrupted). Long problems are checked at up to 8192 tokens per
 row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
 forward kernel; for a `<family>_bwd` family, the family's forward and backward with only the backward kernels'
-params varied (the forward at its default), checked on every gradient. After each bucket the cache file is
+params varied (the forward at its default), checked on every gradient. On a GPU the candidates within 5% of a
+bucket's fastest are then timed again in interleaved rounds, on one GPU (`_confirm`), and rank by the median of
+those. After each bucket the cache file is
 rewritten atomically; buckets already in it are skipped, so an interrupted run resumes. With `fields`, a short
 search instead: only those params fields vary, from each cached entry (see `tune`). The bucket in progress
 is kept candidate by candidate in a shard file (as the ranks of a sharded run keep theirs): a budget or an
@@ -46,6 +48,13 @@ DEFAULT_CANDIDATE_TIMEOUT_S = 120.0
 # Ranking candidates needs less than publishing a number: a quarter of nsa bench's GPU timing per candidate (a full
 # tune times about two thousand), still the median of >= 5 L2-flushed calls.
 GPU_TUNE_TIMER = TimerSettings(warmup_ms=10.0, rep_ms=50.0, min_reps=5, max_reps=250)
+# Then the candidates within CONFIRM_MARGIN of a bucket's fastest (at most CONFIRM_MAX) are timed again in
+# CONFIRM_ROUNDS interleaved rounds, on one GPU: single timings minutes apart (the card's clocks drift, and a
+# sharded tune's candidates ran on different GPUs) moved a 64k bucket's medians by up to 8% on an H200 (session
+# 19), more than the gains they chose between.
+CONFIRM_MARGIN = 0.05
+CONFIRM_MAX = 4
+CONFIRM_ROUNDS = 3
 
 
 class Budget:
@@ -330,6 +339,47 @@ def _evaluate(case: Case, params, device, timeout_s: float):
     return timing.median_ms, None
 
 
+def _retimer(family: str, problem, cands: list, device, case=None):
+    """time(i) -> ms of candidate i of a bucket on `case` (or its problem set up at the first call); None off
+    a GPU, where the interpreter's timings rank nothing worth a second look."""
+    if not is_cuda(device):
+        return None
+    made = [case] if case is not None else []
+
+    def time_candidate(i: int) -> float:
+        if not made:
+            made.append(build_case(family, problem, device))
+        timing = time_call(lambda: made[0].run_time(cands[i]), device, GPU_TUNE_TIMER, cuda_graph=made[0].cuda_graph)
+        return timing.median_ms
+    return time_candidate
+
+
+def _confirm(outcomes: list, time_candidate, budget: Budget) -> tuple[list, int]:
+    """(outcomes, how many were re-timed): the passing candidates within CONFIRM_MARGIN of the fastest, at most
+    CONFIRM_MAX, timed again by `time_candidate(index)` in CONFIRM_ROUNDS interleaved rounds, each one's ms then
+    the median of its rounds. Unchanged with fewer than two such candidates, without a timer, when the budget
+    is spent, or when a round fails (the first timings stand)."""
+    timed = sorted((ms, i) for i, (_, ms, failure) in enumerate(outcomes) if failure is None)
+    close = [i for ms, i in timed if ms <= timed[0][0] * (1 + CONFIRM_MARGIN)][:CONFIRM_MAX] if timed else []
+    if time_candidate is None or len(close) < 2 or not budget.start_next():
+        return outcomes, 0
+    rounds = {i: [] for i in close}
+    try:
+        for _ in range(CONFIRM_ROUNDS):
+            for i in close:
+                rounds[i].append(time_candidate(i))
+    except Exception as e:  # out of memory beside another process, ...: keep the first timings
+        log.warning("tune: re-timing the close candidates failed (%s: %s); the first timings stand",
+                    type(e).__name__, e)
+        torch.cuda.empty_cache()
+        return outcomes, 0
+    outcomes = list(outcomes)
+    for i in close:
+        params, _, failure = outcomes[i]
+        outcomes[i] = (params, sorted(rounds[i])[CONFIRM_ROUNDS // 2], failure)
+    return outcomes, len(close)
+
+
 def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = None) -> tuple[dict, dict | None]:
     """(row, cache entry or None) of a bucket from its candidates' outcomes, in candidate order, each
     (params as a dict, ms or None, (kind, message) or None): the fastest right candidate wins (the first on a
@@ -447,7 +497,9 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
                 bar.update(1)
                 shard.append(_record(bkey, i, params, ms, failure))
                 outcomes.append((dataclasses.asdict(params), ms, failure))
+            outcomes, confirmed = _confirm(outcomes, _retimer(family, problem, cands, device, case), budget)
             row, entry = _summarize(bkey, outcomes, pruned, refined)
+            row["confirmed"] = confirmed
             if entry is not None:
                 entries[bkey] = entry
                 cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
@@ -582,13 +634,15 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget,
             for record in rank_made:
                 known.setdefault((record["key"], record["index"]), record)
         rows, complete, changed = [], True, False
-        for _, bkey, _, cands, pruned, refined in work["buckets"]:
+        for family, bkey, problem, cands, pruned, refined in work["buckets"]:
             outcomes = [known.get((bkey, i)) for i in range(len(cands))]
             if any(o is None for o in outcomes):
                 complete = False
                 continue
-            row, entry = _summarize(bkey, [(o["params"], o["ms"], o["failure"]) for o in outcomes], pruned,
-                                    refined)
+            outcomes, confirmed = _confirm([(o["params"], o["ms"], o["failure"]) for o in outcomes],
+                                           _retimer(family, problem, cands, device), budget)
+            row, entry = _summarize(bkey, outcomes, pruned, refined)
+            row["confirmed"] = confirmed
             rows.append(row)
             if entry is not None:
                 entries[bkey], changed = entry, True
