@@ -544,7 +544,8 @@ def compressed_attention_bwd(do, q, k_cmp, v_cmp, o, lse, seqs: PackedSequences,
         *dk_out.stride()[:3], *dv_out.stride()[:3], scale, scale * LOG2E,
         BLOCK_P=params.dkdv_block_m, HEADS=params.dkdv_block_h,
         NUM_HEAD_CHUNKS=runtime.cdiv(group, params.dkdv_block_h), BLOCK_N=params.dkdv_block_n, SPLITS=splits,
-        POSITION_SPLITS=params.dkdv_position_splits, TMA=q_src is not q, num_warps=params.dkdv_num_warps, num_stages=params.dkdv_num_stages, **shared)
+        POSITION_SPLITS=params.dkdv_position_splits, TMA=q_src is not q, num_warps=params.dkdv_num_warps,
+        num_stages=params.dkdv_num_stages, **shared)
     if splits > 1:
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))

@@ -10,7 +10,7 @@ after the call returns: a hung kernel is not interrupted). Long problems are che
 row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
 forward kernel; for a `<family>_bwd` family, the family's forward and backward with only the backward kernels'
 params varied (the forward at its default), checked on every gradient. On a GPU the candidates within 5% of a
-bucket's fastest are then timed again in interleaved rounds, on one GPU (`_confirm`), and rank by the median of
+bucket's fastest are then timed again in interleaved rounds, on one GPU (`_confirm`), and ranked by the median of
 those. After each bucket the cache file is
 rewritten atomically; buckets already in it are skipped, so an interrupted run resumes. With `fields`, a short
 search instead: only those params fields vary, from each cached entry (see `tune`). The bucket in progress
