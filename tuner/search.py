@@ -327,8 +327,7 @@ def _evaluate(case: Case, params, device, timeout_s: float):
         why = case.check(case.run_check(params))
         if why is not None:
             return None, ("wrong", why)
-        timer = GPU_TUNE_TIMER if is_cuda(device) else default_timer(device)
-        timing = time_call(lambda: case.run_time(params), device, timer, cuda_graph=case.cuda_graph)
+        ms = _time_candidate(case, params, device)
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
         return None, ("oom", str(e).splitlines()[0])
@@ -336,7 +335,13 @@ def _evaluate(case: Case, params, device, timeout_s: float):
         return None, ("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if time.perf_counter() - start > timeout_s:
         return None, ("timeout", f"took {time.perf_counter() - start:.1f} s > {timeout_s:.0f} s")
-    return timing.median_ms, None
+    return ms, None
+
+
+def _time_candidate(case: Case, params, device) -> float:
+    """Median ms of `case` run with `params` (after its check), by the tuner's timer for the device."""
+    timer = GPU_TUNE_TIMER if is_cuda(device) else default_timer(device)
+    return time_call(lambda: case.run_time(params), device, timer, cuda_graph=case.cuda_graph).median_ms
 
 
 def _retimer(family: str, problem, cands: list, device, case=None):
@@ -349,8 +354,7 @@ def _retimer(family: str, problem, cands: list, device, case=None):
     def time_candidate(i: int) -> float:
         if not made:
             made.append(build_case(family, problem, device))
-        timing = time_call(lambda: made[0].run_time(cands[i]), device, GPU_TUNE_TIMER, cuda_graph=made[0].cuda_graph)
-        return timing.median_ms
+        return _time_candidate(made[0], cands[i], device)
     return time_candidate
 
 
