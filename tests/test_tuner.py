@@ -184,6 +184,22 @@ def test_long_problems_checked_shortened_timed_in_full():
     assert case.check(case.run_check(params)) is None
 
 
+def test_short_training_problems_and_decode_are_graph_timed(monkeypatch, caplog):
+    from nsa.suites import get_suite
+    from nsa.timing import Timing
+    paper = {(p.op, p.seqlen, p.batch): p for p in get_suite("paper").problems}
+    assert search.graph_timed("window", paper["fwd", 1024, 1])
+    assert search.graph_timed("window_bwd", paper["bwd", 16384, 1])
+    assert not search.graph_timed("window_bwd", paper["bwd", 32768, 1])
+    assert search.graph_timed("decode", paper["decode", 131072, 16])
+    case = search.Case(run_check=None, check=None, run_time=lambda params: None, cuda_graph=True)
+    monkeypatch.setattr(search, "time_call", lambda fn, device, settings, cuda_graph: Timing(
+        1.0, 1.0, 1.0, 5, "cuda events, eager (CUDA graph capture failed: RuntimeError: sync)"))
+    with caplog.at_level("WARNING", logger="nsa.tuner"):
+        assert search._time_candidate(case, "p0", "cuda") == 1.0
+    assert "p0 timed eagerly" in caplog.text and "capture failed" in caplog.text
+
+
 @kernels_run
 def test_wrong_candidate_rejected_and_never_cached(tmp_path, monkeypatch):
     real = window_module.window_attention

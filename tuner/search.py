@@ -3,19 +3,19 @@
 For each (family, bucket) of a suite's problems (fwd/bwd problems: the training families; decode problems: the
 decode family, bucketed by the step's rows too), every candidate of `spaces.search_space` runs once and
 is compared with the reference stage (float64 on CPU, fp32 on GPU); only then is it timed (nsa.timing: CUDA
-events with L2 flushed on a GPU, perf_counter on a CPU; a decode step as CUDA-graph replays, the way serving runs
-it: its microseconds would otherwise be launch overhead). A wrong result, an exception (compile error), an OOM or
-a candidate slower than `candidate_timeout_s` is recorded and skipped, never cached (the timeout is judged
-after the call returns: a hung kernel is not interrupted). Long problems are checked at up to 8192 tokens per
-row (same config and shapes, as `nsa check` does) and timed at full length. The timed objective is the family's
-forward kernel; for a `<family>_bwd` family, the family's forward and backward with only the backward kernels'
-params varied (the forward at its default), checked on every gradient. On a GPU the candidates within 5% of a
-bucket's fastest are then timed again in interleaved rounds, on one GPU (`_confirm`), and ranked by the median of
-those. After each bucket the cache file is
-rewritten atomically; buckets already in it are skipped, so an interrupted run resumes. With `fields`, a short
-search instead: only those params fields vary, from each cached entry (see `tune`). The bucket in progress
-is kept candidate by candidate in a shard file (as the ranks of a sharded run keep theirs): a budget or an
-interruption inside a long bucket loses at most the candidate in progress.
+events with L2 flushed on a GPU, perf_counter on a CPU; a decode step, and a training problem of up to
+GRAPH_MAX_TOKENS tokens, as CUDA-graph replays: their kernels' time would otherwise hide behind the host's). A
+wrong result, an exception (compile error), an OOM or a candidate slower than `candidate_timeout_s` is recorded
+and skipped, never cached (the timeout is judged after the call returns: a hung kernel is not interrupted). Long
+problems are checked at up to 8192 tokens per row (same config and shapes, as `nsa check` does) and timed at full
+length. The timed objective is the family's forward kernel; for a `<family>_bwd` family, the family's forward and
+backward with only the backward kernels' params varied (the forward at its default), checked on every gradient. On
+a GPU the candidates within 5% of a bucket's fastest are then timed again in interleaved rounds, on one GPU
+(`_confirm`), and ranked by the median of those. After each bucket the cache file is rewritten atomically;
+buckets already in it are skipped, so an interrupted run resumes. With `fields`, a short search instead: only those
+params fields vary, from each cached entry (see `tune`). The bucket in progress is kept candidate by candidate in a
+shard file (as the ranks of a sharded run keep theirs): a budget or an interruption inside a long bucket loses at
+most the candidate in progress.
 
 Under torchrun (several GPUs, one process each) the candidates themselves are shared between the ranks and rank
 0 writes the one cache, in the same format: see `_tune_sharded` and `nsa.tuner.distributed`.
@@ -55,6 +55,10 @@ GPU_TUNE_TIMER = TimerSettings(warmup_ms=10.0, rep_ms=50.0, min_reps=5, max_reps
 CONFIRM_MARGIN = 0.05
 CONFIRM_MAX = 4
 CONFIRM_ROUNDS = 3
+# Training problems up to this many tokens are timed as CUDA-graph replays too: an eager step there is paced by
+# the host (an H200's 1k step: 2.9 ms eager, 1.4 ms graphed, session 20), so eager timings ranked host noise.
+# Longer steps stay eager: their kernels take tens of ms, and a graph would hold a second set of temporaries.
+GRAPH_MAX_TOKENS = 16384
 
 
 class Budget:
@@ -249,7 +253,12 @@ def build_case(family: str, problem, device, max_check_tokens: int = DEFAULT_MAX
     small = problem.shortened(max_check_tokens)
     run_small, check = _stage(family, small, device, with_check=True)
     run_full = run_small if small == problem else _stage(family, problem, device, with_check=False)[0]
-    return Case(run_check=run_small, check=check, run_time=run_full, cuda_graph=family in cache.DECODE_FAMILIES)
+    return Case(run_check=run_small, check=check, run_time=run_full, cuda_graph=graph_timed(family, problem))
+
+
+def graph_timed(family: str, problem) -> bool:
+    """Whether the family's candidates on `problem` are timed as CUDA-graph replays (see GRAPH_MAX_TOKENS)."""
+    return family in cache.DECODE_FAMILIES or problem.batch * problem.seqlen <= GRAPH_MAX_TOKENS
 
 
 def problem_shape(problem) -> cache.Shape:
@@ -341,7 +350,10 @@ def _evaluate(case: Case, params, device, timeout_s: float):
 def _time_candidate(case: Case, params, device) -> float:
     """Median ms of `case` run with `params` (after its check), by the tuner's timer for the device."""
     timer = GPU_TUNE_TIMER if is_cuda(device) else default_timer(device)
-    return time_call(lambda: case.run_time(params), device, timer, cuda_graph=case.cuda_graph).median_ms
+    timing = time_call(lambda: case.run_time(params), device, timer, cuda_graph=case.cuda_graph)
+    if "capture failed" in timing.timer:  # ranked against graphed candidates, this one carries the host's time
+        log.warning("tune: %s timed eagerly: %s", params, timing.timer)
+    return timing.median_ms
 
 
 def _retimer(family: str, problem, cands: list, device, case=None):
