@@ -200,6 +200,24 @@ def test_short_training_problems_and_decode_are_graph_timed(monkeypatch, caplog)
     assert "p0 timed eagerly" in caplog.text and "capture failed" in caplog.text
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", list(cache.ALL_FAMILIES))
+def test_every_family_of_a_short_problem_is_captured_for_timing(family):
+    """On a GPU the tuner times short problems as CUDA-graph replays: each family's timed call (a `_bwd` family's
+    forward and backward) must capture, else its candidates would be timed eagerly, with the host's time."""
+    from nsa.suites import get_suite
+    from nsa.timing import TimerSettings, time_call
+    problem = next(p for p in get_suite("smoke").problems if (p.op == "decode") == (family in cache.DECODE_FAMILIES))
+    assert search.graph_timed(family, problem)
+    case = search.build_case(family, problem, "cuda")
+    heads = (problem.num_heads, problem.num_kv_heads)
+    params = spaces.default_for(family, search.problem_shape(problem), problem.config, *heads)
+    quick = TimerSettings(warmup_ms=1.0, rep_ms=5.0, min_reps=3, max_reps=20)
+    timing = time_call(lambda: case.run_time(params), "cuda", quick, cuda_graph=case.cuda_graph)
+    assert timing.timer.startswith("cuda events over CUDA-graph replays"), timing.timer
+
+
 @kernels_run
 def test_wrong_candidate_rejected_and_never_cached(tmp_path, monkeypatch):
     real = window_module.window_attention
