@@ -142,6 +142,7 @@ class NSAAttentionFunction(torch.autograd.Function):
                               lse_win, block_indices)
         ctx.seqs, ctx.config, ctx.scale, ctx.params = seqs, config, scale, params
         ctx.mark_non_differentiable(block_indices)
+        ctx.set_materialize_grads(False)  # no zeros made (one more launch) for block_indices' gradient
         return o, block_indices
 
     @staticmethod
