@@ -115,8 +115,8 @@ def test_close_candidates_are_retimed_in_interleaved_rounds():
     confirmed, n = search._confirm(outcomes, time_candidate, search.Budget(None))
     assert n == 3 and calls == [1, 2, 0] * search.CONFIRM_ROUNDS
     assert [ms for _, ms, _ in confirmed] == [10.0, 10.5, 9.7, 12.0, None]
-    row, entry = search._summarize("k", confirmed, {})
-    assert entry["params"] == {"a": 2} and entry["default_ms"] == 10.0
+    row, entry = search._summarize("k", confirmed, {}, "cuda-graph")
+    assert entry["params"] == {"a": 2} and entry["default_ms"] == 10.0 and entry["timed_as"] == "cuda-graph"
     # Unchanged: no timer (off a GPU), a single close candidate, a spent budget, a failing round.
     assert search._confirm(outcomes, None, search.Budget(None)) == (outcomes, 0)
     assert search._confirm(outcomes[1:2] + outcomes[3:], time_candidate, search.Budget(None)) == (
@@ -192,6 +192,8 @@ def test_short_training_problems_and_decode_are_graph_timed(monkeypatch, caplog)
     assert search.graph_timed("window_bwd", paper["bwd", 16384, 1])
     assert not search.graph_timed("window_bwd", paper["bwd", 32768, 1])
     assert search.graph_timed("decode", paper["decode", 131072, 16])
+    assert search.timing_method("window", paper["fwd", 1024, 1], "cpu") == "eager"  # the interpreter: all eager
+    assert search.entry_timing("decode", {}) == "cuda-graph" and search.entry_timing("window", {}) == "eager"
     case = search.Case(run_check=None, check=None, run_time=lambda params: None, cuda_graph=True)
     monkeypatch.setattr(search, "time_call", lambda fn, device, settings, cuda_graph: Timing(
         1.0, 1.0, 1.0, 5, "cuda events, eager (CUDA graph capture failed: RuntimeError: sync)"))
@@ -661,7 +663,7 @@ def test_match_tunes_only_the_buckets_whose_key_contains_it(tmp_path, capsys):
 
 
 @kernels_run
-def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys):
+def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys, monkeypatch):
     """A short search: only the named fields vary, from each cached entry; families that do not search them and
     buckets the cache lacks are left alone; the entry keeps its default_ms and records start_ms."""
     search.tune("smoke", families=["window", "combine"], device="cpu", out=tmp_path, progress=False)
@@ -685,6 +687,14 @@ def test_fields_search_only_those_fields_from_the_cached_params(tmp_path, capsys
     assert entry["default_ms"] == 123.0 and entry["start_ms"] > 0 and "note" not in entry
     assert entry["params"]["fwd_num_stages"] == 2 and entry["params"]["fwd_block_n"] in (32, 64)
     assert next(e for key, e in entries.items() if key.startswith("combine|")) == combine_entry_before
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path))
+    assert entry["timed_as"] == "eager" and f"{window_key}: {entry['ms']:.4g} ms (eager)" in search.describe("cpu")
+
+    entry["timed_as"] = "cuda-graph"  # as a GPU's short bucket: its default_ms does not compare with eager times
+    cache.write_atomic(path, dict(meta=data["meta"], entries=entries))
+    search.tune("smoke", families=["window"], device="cpu", out=tmp_path, progress=False, fields=("fwd_block_n",))
+    entries = json.loads(path.read_text())["entries"]
+    assert entries[window_key]["default_ms"] is None and entries[window_key]["timed_as"] == "eager"
 
     del entries[window_key]
     cache.write_atomic(path, dict(meta=data["meta"], entries=entries))

@@ -261,6 +261,17 @@ def graph_timed(family: str, problem) -> bool:
     return family in cache.DECODE_FAMILIES or problem.batch * problem.seqlen <= GRAPH_MAX_TOKENS
 
 
+def timing_method(family: str, problem, device) -> str:
+    """How the family's candidates on `problem` are timed on `device`, as each cache entry records it
+    (`timed_as`): "cuda-graph" or "eager". Times of the two do not compare at short lengths."""
+    return "cuda-graph" if is_cuda(device) and graph_timed(family, problem) else "eager"
+
+
+def entry_timing(family: str, entry: dict) -> str:
+    """An entry's `timed_as`; entries written before it was recorded were timed eagerly, decode's as graphs."""
+    return entry.get("timed_as") or ("cuda-graph" if family in cache.DECODE_FAMILIES else "eager")
+
+
 def problem_shape(problem) -> cache.Shape:
     """The bucket shape of `problem`; a decode problem's rows are B x Hkv (one new token per sequence)."""
     from nsa.kernels.runtime import compute_dtype
@@ -396,13 +407,15 @@ def _confirm(outcomes: list, time_candidate, budget: Budget) -> tuple[list, int]
     return outcomes, len(close)
 
 
-def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = None) -> tuple[dict, dict | None]:
+def _summarize(bkey: str, outcomes: list, pruned: dict, timed_as: str,
+               refined: dict | None = None) -> tuple[dict, dict | None]:
     """(row, cache entry or None) of a bucket from its candidates' outcomes, in candidate order, each
     (params as a dict, ms or None, (kind, message) or None): the fastest right candidate wins (the first on a
-    tie) and the first candidate, the default, gives default_ms. With `refined` (a search of a few fields from
-    the cached entry: {"fields", "default_ms"}) the first candidate is that entry and gives start_ms; the
-    entry's default_ms is kept and the fields searched are recorded; the row lists every candidate as (the
-    fields it changed, ms or None, failure kind or None): a short search is an A/B of those fields too."""
+    tie) and the first candidate, the default, gives default_ms; the entry records `timed_as`. With `refined` (a
+    search of a few fields from the cached entry: {"fields", "default_ms"}) the first candidate is that entry
+    and gives start_ms; the entry's default_ms is kept (None when it was timed another way) and the fields
+    searched are recorded; the row lists every candidate as (the fields it changed, ms or None, failure kind or
+    None): a short search is an A/B of those fields too."""
     best, first_ms, rejected, errors = None, None, {}, []
     for i, (params, ms, failure) in enumerate(outcomes):
         if failure is not None:
@@ -423,7 +436,7 @@ def _summarize(bkey: str, outcomes: list, pruned: dict, refined: dict | None = N
         log.warning("tune: %s: no candidate passed the reference check; nothing cached", bkey)
         return row, None
     entry = dict(params=best[1], ms=best[0], default_ms=first_ms, tried=len(outcomes), rejected=rejected,
-                 pruned=pruned)
+                 pruned=pruned, timed_as=timed_as)
     if refined is not None:
         entry.update(default_ms=refined["default_ms"], start_ms=first_ms, fields=list(refined["fields"]))
     return {**row, **entry}, entry
@@ -514,7 +527,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
                 shard.append(_record(bkey, i, params, ms, failure))
                 outcomes.append((dataclasses.asdict(params), ms, failure))
             outcomes, confirmed = _confirm(outcomes, _retimer(family, problem, cands, device, case), budget)
-            row, entry = _summarize(bkey, outcomes, pruned, refined)
+            row, entry = _summarize(bkey, outcomes, pruned, timing_method(family, problem, device), refined)
             row["confirmed"] = confirmed
             if entry is not None:
                 entries[bkey] = entry
@@ -554,7 +567,8 @@ def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip,
             if start is None:
                 untuned.append(bkey)
                 continue
-            refined = dict(fields=list(space), default_ms=cached.get("default_ms"))
+            same_timing = entry_timing(family, cached) == timing_method(family, problem, device)
+            refined = dict(fields=list(space), default_ms=cached.get("default_ms") if same_timing else None)
         cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
                                             problem.num_kv_heads, device=device, space=space, start=start)
         todo.append((family, bkey, problem, cands, pruned, refined))
@@ -657,7 +671,7 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget,
                 continue
             outcomes, confirmed = _confirm([(o["params"], o["ms"], o["failure"]) for o in outcomes],
                                            _retimer(family, problem, cands, device), budget)
-            row, entry = _summarize(bkey, outcomes, pruned, refined)
+            row, entry = _summarize(bkey, outcomes, pruned, timing_method(family, problem, device), refined)
             row["confirmed"] = confirmed
             rows.append(row)
             if entry is not None:
@@ -691,7 +705,8 @@ def describe(device=None) -> str:
             if entry.get("ms") and entry.get("default_ms"):
                 gain = f"  {entry['default_ms'] / entry['ms']:.2f}x vs default"
             params = ",".join(f"{k}={v}" for k, v in entry["params"].items())
-            lines.append(f"    {bkey}: {entry.get('ms', float('nan')):.4g} ms{gain}  {params}")
+            timing = entry_timing(bkey.split("|")[0], entry)
+            lines.append(f"    {bkey}: {entry.get('ms', float('nan')):.4g} ms ({timing}){gain}  {params}")
     return "\n".join(lines)
 
 
