@@ -220,6 +220,9 @@ def test_merge_keeps_fastest_entry_with_its_source(tmp_path):
     c = write(tmp_path / "c.json", {KEY_A: {"params": entry(8, 0)["params"]}})
     again = merge([c, path])
     assert again["entries"][KEY_A]["source"]["file"] == str(a)
+    # A graph-timed entry beats an eager one, even a faster one: at short lengths their times do not compare.
+    graphed = write(tmp_path / "g.json", {KEY_A: {**entry(32, 1.5), "timed_as": "cuda-graph"}})
+    assert merge([a, graphed])["entries"][KEY_A]["params"]["block_r"] == 32
 
 
 def test_cli_cache_merge_writes_one_cache_and_refuses_other_cards(tmp_path, capsys):

@@ -193,7 +193,7 @@ def test_short_training_problems_and_decode_are_graph_timed(monkeypatch, caplog)
     assert not search.graph_timed("window_bwd", paper["bwd", 32768, 1])
     assert search.graph_timed("decode", paper["decode", 131072, 16])
     assert search.timing_method("window", paper["fwd", 1024, 1], "cpu") == "eager"  # the interpreter: all eager
-    assert search.entry_timing("decode", {}) == "cuda-graph" and search.entry_timing("window", {}) == "eager"
+    assert cache.entry_timing("decode", {}) == "cuda-graph" and cache.entry_timing("window", {}) == "eager"
     case = search.Case(run_check=None, check=None, run_time=lambda params: None, cuda_graph=True)
     monkeypatch.setattr(search, "time_call", lambda fn, device, settings, cuda_graph: Timing(
         1.0, 1.0, 1.0, 5, "cuda events, eager (CUDA graph capture failed: RuntimeError: sync)"))

@@ -68,6 +68,12 @@ def params_class(family: str):
     return getattr(importlib.import_module(module), name)
 
 
+def entry_timing(family: str, entry: dict) -> str:
+    """How an entry's `ms` was timed (`timed_as`): "cuda-graph" replays or "eager" calls. Entries written before
+    it was recorded were timed eagerly, decode's as graphs."""
+    return entry.get("timed_as") or ("cuda-graph" if family in DECODE_FAMILIES else "eager")
+
+
 def with_backward(params, backward):
     """`params` (a family's forward winner or default) with the backward kernels' fields of `backward` (the
     `<family>_bwd` entry, same class), or `params` itself when there is no such entry."""

@@ -2,11 +2,12 @@
 
 Caches of one card model (one device key) tuned on different hosts, days or suites are merged entry by entry:
 for each bucket the entry with the smallest measured `ms` wins (an entry without a time loses to any timed one;
-on a tie the earlier file wins). Each merged entry keeps where it came from in its `source` (the file and its
-meta: date, git sha, triton, torch, search space, card name); an entry that already has a `source` (from an
-earlier merge) keeps it. The merged meta is an ordinary cache meta: each field the sources agree on, else None,
-the date of the merge, and `merged_from` listing the files. Caches of different cards are refused: their
-timings say nothing about each other.
+on a tie the earlier file wins), except that one timed as CUDA-graph replays beats one timed eagerly (see
+`cache.entry_timing`): their times do not compare. Each merged entry keeps where it came from in its `source`
+(the file and its meta: date, git sha, triton, torch, search space, card name); an entry that already has a
+`source` (from an earlier merge) keeps it. The merged meta is an ordinary cache meta: each field the sources agree
+on, else None, the date of the merge, and `merged_from` listing the files. Caches of different cards are refused:
+their timings say nothing about each other.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ class DeviceMismatch(ValueError):
     """The caches were written for different cards."""
 
 
-def _ms(entry: dict) -> float:
+def _rank(key: str, entry: dict) -> tuple[int, float]:
+    """Smaller is better: an entry timed as CUDA-graph replays first (at short lengths an eager time is mostly
+    the host's, lower times of the two do not compare), then the smaller ms (none: infinite)."""
     ms = entry.get("ms")
-    return float(ms) if isinstance(ms, (int, float)) and math.isfinite(ms) else math.inf
+    eager = cache.entry_timing(key.split("|")[0], entry) == "eager"
+    return int(eager), float(ms) if isinstance(ms, (int, float)) and math.isfinite(ms) else math.inf
 
 
 def merge(paths) -> dict:
@@ -50,7 +54,7 @@ def merge(paths) -> dict:
         for key, entry in data["entries"].items():
             entry = dict(entry)
             entry.setdefault("source", source)
-            if key not in entries or _ms(entry) < _ms(entries[key]):
+            if key not in entries or _rank(key, entry) < _rank(key, entries[key]):
                 entries[key] = entry
     metas = [data["meta"] for data in datas]
     meta = dict(device=devices.pop())

@@ -267,11 +267,6 @@ def timing_method(family: str, problem, device) -> str:
     return "cuda-graph" if is_cuda(device) and graph_timed(family, problem) else "eager"
 
 
-def entry_timing(family: str, entry: dict) -> str:
-    """An entry's `timed_as`; entries written before it was recorded were timed eagerly, decode's as graphs."""
-    return entry.get("timed_as") or ("cuda-graph" if family in cache.DECODE_FAMILIES else "eager")
-
-
 def problem_shape(problem) -> cache.Shape:
     """The bucket shape of `problem`; a decode problem's rows are B x Hkv (one new token per sequence)."""
     from nsa.kernels.runtime import compute_dtype
@@ -567,7 +562,7 @@ def _plan_buckets(suite, families, entries: dict, device, *, retune: bool, skip,
             if start is None:
                 untuned.append(bkey)
                 continue
-            same_timing = entry_timing(family, cached) == timing_method(family, problem, device)
+            same_timing = cache.entry_timing(family, cached) == timing_method(family, problem, device)
             refined = dict(fields=list(space), default_ms=cached.get("default_ms") if same_timing else None)
         cands, pruned = spaces.search_space(family, problem_shape(problem), problem.config, problem.num_heads,
                                             problem.num_kv_heads, device=device, space=space, start=start)
@@ -705,7 +700,7 @@ def describe(device=None) -> str:
             if entry.get("ms") and entry.get("default_ms"):
                 gain = f"  {entry['default_ms'] / entry['ms']:.2f}x vs default"
             params = ",".join(f"{k}={v}" for k, v in entry["params"].items())
-            timing = entry_timing(bkey.split("|")[0], entry)
+            timing = cache.entry_timing(bkey.split("|")[0], entry)
             lines.append(f"    {bkey}: {entry.get('ms', float('nan')):.4g} ms ({timing}){gain}  {params}")
     return "\n".join(lines)
 
