@@ -20,6 +20,10 @@ buffer and grid of a step comes from. An absent bucket takes the entry nearest i
 its factor (MAX_T_RATIO, MAX_ROWS_RATIO; ties to the larger rows, then the larger T). Training keys keep their
 ten parts, so existing files load unchanged.
 
+An entry holds the winning `params` and what the tuner saw: `ms` (its median), `default_ms` (the family default's),
+`tried`, `rejected`, `pruned`, after a short search `start_ms` and `fields`, and `timed_as` (`entry_timing`): times
+of CUDA-graph replays and of eager calls do not compare at short lengths, where the host paces an eager call.
+
 A file that cannot be read, is not this format, or was written for another device warns once and is ignored;
 an entry whose params the kernels reject warns once and is skipped. Loaded files and lookups are cached per
 process (`clear_cache()` forgets them; the tuner calls it after each write).
