@@ -232,9 +232,10 @@ def cmd_tune(args) -> int:
     for row in result["done"]:
         rejected = ", ".join(f"{k} {v}" for k, v in row["rejected"].items()) or "none"
         if "ms" in row:
-            default = "failed" if row["default_ms"] is None else f"{row['default_ms']:.4g} ms"
-            if "start_ms" in row:  # default_ms is the cached entry's: None when it failed or was timed another way
-                default = "unknown" if row["default_ms"] is None else default
+            # a short search keeps the cached entry's default_ms: None when it failed or was timed another way
+            default = (f"{row['default_ms']:.4g} ms" if row["default_ms"] is not None
+                       else "unknown" if "start_ms" in row else "failed")
+            if "start_ms" in row:
                 start = "failed" if row["start_ms"] is None else f"{row['start_ms']:.4g} ms"
                 default = f"{default}; the cached params now {start}, {', '.join(row['fields'])} searched"
             # a short search's candidates can be pruned too (a field another field makes invalid): say so
