@@ -124,8 +124,8 @@ class NSAAttentionFunction(torch.autograd.Function):
     already, writes each branch's delta = rowsum(dO_x * O_x) as a by-product, so no branch makes its own pass over
     them; and the window dq kernel adds into the compressed branch's dq, where autograd would sum the branches'
     [tokens, Hq, Dk] tensors in more passes (64k backward 82.6 -> 79.9 ms on an H200, session 12). The selected
-    branch's backward runs on a second stream beside the other two and its dq is added once at the end: one pass
-    over dq buys the overlap (see `backward`).
+    branch's backward runs on a second stream beside the other two, and the window dq kernel adds its dq too (see
+    `backward`).
     """
 
     @staticmethod
@@ -159,14 +159,19 @@ class NSAAttentionFunction(torch.autograd.Function):
         # (matmul-bound), so the GPU fills one's stalls with the other; it writes its own dq, added at the end.
         # Bwd -1.2 ms at 64k and -0.6 ms at 16k, G=16, one H200 (session 15; the window forward beside the
         # selected forward lost 0.5 ms at 64k, and a high-priority side stream lost the gain).
+        # The window dq kernel, last on this stream, adds the selected dq (done on the side long before: its dq
+        # kernel runs first there) as it writes, instead of a pass over dq after the join.
         with SideStream(q.device) as side:
-            dq_slc, dk_slc, dv_slc = selected_attention.selected_attention_bwd(
+            dq_slc, _ = selected_attention.selected_attention_bwd_dq(
                 do_slc, q, k, v, o_slc, lse_slc, block_indices, seqs, config, scale, params.selected, ctx.schedule,
                 delta=deltas[1])
+            dq_slc_done = side.mark()
+            dk_slc, dv_slc = selected_attention.selected_attention_bwd_dkdv(
+                do_slc, q, k, v, lse_slc, deltas[1], block_indices, seqs, config, scale, params.selected)
         dq, dk_cmp, dv_cmp = compression.compressed_attention_bwd(
             do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, seqs, config, scale, params.compression, delta=deltas[0])
+        side.wait(dq_slc_done)
         _, dk, dv = window_attention.window_attention_bwd(do_win, q, k, v, o_win, lse_win, seqs, config, scale,
-                                                         params.window, delta=deltas[2], dq=dq)
+                                                         params.window, delta=deltas[2], dq=dq, dq_add=dq_slc)
         side.join(dq_slc, dk_slc, dv_slc)
-        dq.add_(dq_slc)
         return dq, dk.add_(dk_slc), dv.add_(dv_slc), dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win, None, None, None, None

@@ -201,7 +201,9 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 class SideStream:
     """Work queued inside `with SideStream(device) as side:` goes to a second stream of a CUDA device, after
     everything the current stream queued before; `side.join(*outputs)` makes the current stream wait for it and
-    marks the outputs as used there (for the caching allocator). Elsewhere (the interpreter) a no-op."""
+    marks the outputs as used there (for the caching allocator). `mark = side.mark()` inside the block and
+    `side.wait(mark)` after it make the current stream wait only for the side work queued before the mark (the
+    outputs it uses early still go to `join`). Elsewhere (the interpreter) a no-op."""
 
     def __init__(self, device: torch.device):
         self.enabled = device.type == "cuda"
@@ -219,6 +221,17 @@ class SideStream:
     def __exit__(self, *exc):
         if self.enabled:
             self.context.__exit__(*exc)
+
+    def mark(self) -> torch.cuda.Event | None:
+        if not self.enabled:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def wait(self, mark: torch.cuda.Event | None) -> None:
+        if self.enabled:
+            self.main.wait_event(mark)
 
     def join(self, *outputs: torch.Tensor) -> None:
         if self.enabled:

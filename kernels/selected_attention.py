@@ -1156,19 +1156,27 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
     """Backward on packed tensors: (dq, dk, dv) in the dtypes of q, k, v.
 
     Args as for `selected_attention_fwd`, plus do [total, Hq, Dv] and the forward's o and lse; `schedule` may be
-    the forward's when params.dq_block_t == params.fwd_block_t. Runs the dq kernel (which also writes
-    delta = rowsum(do * o) unless `delta` [Hq, total] fp32 is given), then the dkdv kernel over the inverse index,
-    then the reduction of split lists.
+    the forward's when params.dq_block_t == params.fwd_block_t. `selected_attention_bwd_dq`, then
+    `selected_attention_bwd_dkdv`: two calls for a caller that uses dq before dk and dv are done.
     """
+    dq, delta = selected_attention_bwd_dq(do, q, k, v, o, lse, block_indices, seqs, config, scale, params, schedule,
+                                          delta=delta)
+    dk, dv = selected_attention_bwd_dkdv(do, q, k, v, lse, delta, block_indices, seqs, config, scale, params)
+    return dq, dk, dv
+
+
+def selected_attention_bwd_dq(do, q, k, v, o, lse, block_indices, seqs: PackedSequences, config: NSAConfig,
+                              scale: float, params: SelectedAttentionParams, schedule: BlockSchedule | None = None,
+                              *, delta: torch.Tensor | None = None):
+    """dq (q's dtype) and delta = rowsum(do * o) [Hq, total] fp32 (`delta` itself when given; else the dq kernel
+    writes it as it goes). Args as for `selected_attention_bwd`."""
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     group, block_dk, block_dv = _dims(q, k, v)
     device = q.device
     dq = new_output(q.shape, dtype=q.dtype, device=device)
-    dk = new_output(k.shape, dtype=k.dtype, device=device)
-    dv = new_output(v.shape, dtype=v.dtype, device=device)
     if total == 0 or num_kv_heads == 0:
-        return dq, dk, dv
+        return dq, delta
     precision = dot_precision(q.dtype)
     ls = config.slc_block
 
@@ -1195,6 +1203,23 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
                 SUBS=cdiv(ls, params.dq_block_n), DELTA_GIVEN=delta_given, TMA=k_src is not k,
                 DOT_PRECISION=precision,
                 num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
+    return dq, delta
+
+
+def selected_attention_bwd_dkdv(do, q, k, v, lse, delta, block_indices, seqs: PackedSequences, config: NSAConfig,
+                                scale: float, params: SelectedAttentionParams):
+    """(dk, dv) in the dtypes of k, v: the dk/dv kernel over the inverse index, then the reduction of split lists.
+    delta: rowsum(do * o) [Hq, total] fp32, as `selected_attention_bwd_dq` returns it."""
+    total, _, head_dim = q.shape
+    num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
+    group, block_dk, block_dv = _dims(q, k, v)
+    device = q.device
+    dk = new_output(k.shape, dtype=k.dtype, device=device)
+    dv = new_output(v.shape, dtype=v.dtype, device=device)
+    if total == 0 or num_kv_heads == 0:
+        return dk, dv
+    precision = dot_precision(q.dtype)
+    ls = config.slc_block
 
     inv = build_inverse_index(block_indices, seqs, config, params.dkdv_chunk, ls * (head_dim + head_dim_v) * 4)
     block_n = params.dkdv_block_n
@@ -1219,7 +1244,7 @@ def selected_attention_bwd(do, q, k, v, o, lse, block_indices, seqs: PackedSeque
             dk_part.stride(1), dv_part.stride(0), dv_part.stride(1),
             SLC_BLOCK=ls, HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_N=REDUCE_BLOCK_N, BLOCK_DK=block_dk,
             BLOCK_DV=block_dv, num_warps=4)
-    return dq, dk, dv
+    return dk, dv
 
 
 def selected_attention_fwd_for_bwd(q, k, v, block_indices, seqs: PackedSequences, config: NSAConfig, scale: float,

@@ -348,14 +348,15 @@ def _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_src, v_src, row0, k_col,
 
 @triton.jit
 def window_attention_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS, scale, qk_scale, window, num_kv_heads, group,
+        Q, K, V, DO, LSE, DELTA, DQ, DQ_ADD, CU_SEQLENS, scale, qk_scale, window, num_kv_heads, group,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_lseh,
         stride_dqt, stride_dqh,
         HEAD_DIM_K: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_HEADS: tl.constexpr,
-        ACCUMULATE: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        ACCUMULATE: tl.constexpr, ADD: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid and TMA as the forward's. LSE and DELTA share strides [Hq, Ttot]. With ACCUMULATE, dq is added to DQ
-    (the other branches' share of the gradient), which costs one read instead of a separate pass summing them."""
+    (the other branches' share of the gradient), which costs one read instead of a separate pass summing them; with
+    ADD, DQ_ADD (DQ's strides) is added too."""
     m0, seq_start, seqlen, hk, hb = _query_tile(CU_SEQLENS, num_kv_heads, group, BLOCK_M, BLOCK_H)
     if m0 >= seqlen:
         return
@@ -385,8 +386,12 @@ def window_attention_bwd_dq_kernel(
     dq = _window_bwd_dq_inner(dq, q, do, lse2, delta, pos, k_src, v_src, row0, k_col, v_col, stride_kt,
                               stride_vt, seqlen, window, qk_scale, full_hi, end, offs_n, offs_dk, offs_dv,
                               HEAD_DIM_K, HEAD_DIM_V, BLOCK_N, BLOCK_DK, BLOCK_DV, True, TMA, DOT_PRECISION)
-    store_or_add(DQ + (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :],
-                 dq * scale, row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK), ACCUMULATE)
+    dq_offs = (seq_start + pos)[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_dk[None, :]
+    dq_mask = row_mask(row_valid, offs_dk, HEAD_DIM_K, BLOCK_DK)
+    dq = dq * scale
+    if ADD:
+        dq += tl.load(DQ_ADD + dq_offs, mask=dq_mask, other=0.0).to(tl.float32)
+    store_or_add(DQ + dq_offs, dq, dq_mask, ACCUMULATE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,17 +549,21 @@ def window_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs
 def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: torch.Tensor, seqs: PackedSequences, config: NSAConfig, scale: float,
                          params: WindowAttentionParams, *, delta: torch.Tensor | None = None,
-                         dq: torch.Tensor | None = None):
+                         dq: torch.Tensor | None = None, dq_add: torch.Tensor | None = None):
     """Backward on packed tensors (shapes as `window_attention_fwd`; do like o). Returns dq, dk, dv.
 
     delta: rowsum(do * o) [Hq, Ttot] fp32 when the caller has it (else computed here). dq: a gradient of q
-    (contiguous, q's dtype) that this branch's dq is added to in place and returned (else a new tensor).
+    (contiguous, q's dtype) that this branch's dq is added to in place and returned (else a new tensor). dq_add:
+    one more gradient of q (likewise) that the dq kernel adds in as it writes, instead of a pass of its own.
     """
     total, num_heads, head_dim = q.shape
     num_kv_heads, head_dim_v = k.shape[1], v.shape[2]
     group = num_heads // num_kv_heads
     accumulate = dq is not None
     dq = new_output(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    if dq_add is not None and (dq_add.shape != dq.shape or dq_add.stride() != dq.stride()):
+        raise ValueError(f"window_attention_bwd: dq_add must be laid out as dq {tuple(dq.shape)} "
+                         f"(strides {dq.stride()}), got {tuple(dq_add.shape)} (strides {dq_add.stride()})")
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     if total == 0 or seqs.max_seqlen == 0:
@@ -580,9 +589,11 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     k_src, v_src = key_value_sources(k, v, bn, block_dk, block_dv, params.dq_tma)
     grid = (cdiv(seqs.max_seqlen, bm), seqs.num_seqs * num_kv_heads * cdiv(group, bh))
     window_attention_bwd_dq_kernel[grid](
-        q, k_src, v_src, do, lse, delta, dq, seqs.cu_seqlens, *common, dq.stride(0), dq.stride(1),
+        q, k_src, v_src, do, lse, delta, dq, dq if dq_add is None else dq_add, seqs.cu_seqlens, *common,
+        dq.stride(0), dq.stride(1),
         HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,
-        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, ACCUMULATE=accumulate, TMA=k_src is not k,
+        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, ACCUMULATE=accumulate, ADD=dq_add is not None,
+        TMA=k_src is not k,
         DOT_PRECISION=precision, num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
     return dq, dk, dv
 

@@ -15,7 +15,7 @@ from nsa.accuracy import ERROR_FLOOR, allowed_error, assert_close
 from nsa.kernels import runtime
 from nsa.kernels.packing import PackedSequences
 from nsa.kernels.window_attention import (WindowAttentionParams, default_params, window_attention,
-                                          window_attention_fwd)
+                                          window_attention_bwd, window_attention_fwd)
 from nsa.problems import random_inputs
 from nsa.reference import window_attention as reference_window_attention
 
@@ -160,6 +160,25 @@ def test_bad_inputs_are_clear_errors():
         window_attention(q, k, v, cfg, scale=-1.0)
     with pytest.raises(TypeError, match="WindowAttentionParams"):
         window_attention(q, k, v, cfg, params={"fwd_block_m": 16})
+
+
+def test_dq_adds_into_a_given_gradient_and_one_more():
+    """dq=: the branch's dq is added to that tensor in place; dq_add=: one more gradient is added as it is written
+    (how nsa_attention sums the three branches' dq). Fresh random addends, so nothing passes by coincidence."""
+    cfg = config(16)
+    x = random_inputs(cfg, seqlen=50, num_heads=4, num_kv_heads=2, head_dim=32, seed=3)
+    q, k, v = (x[name][0].contiguous() for name in ("q", "k", "v"))
+    seqs = PackedSequences.build(cfg, 1, 50, q.device)
+    scale = q.shape[-1] ** -0.5
+    o, lse = window_attention_fwd(q, k, v, seqs, cfg, scale, SMALL)
+    do = torch.randn_like(o)
+    own, dk, dv = window_attention_bwd(do, q, k, v, o, lse, seqs, cfg, scale, SMALL)
+    base, extra = torch.randn_like(q), torch.randn_like(q)
+    dq, dk2, dv2 = window_attention_bwd(do, q, k, v, o, lse, seqs, cfg, scale, SMALL, dq=base.clone(), dq_add=extra)
+    assert_close("dq", dq, own + base + extra, ERROR_FLOOR[torch.float32])
+    assert torch.equal(dk2, dk) and torch.equal(dv2, dv)
+    with pytest.raises(ValueError, match="dq_add must be laid out as dq"):
+        window_attention_bwd(do, q, k, v, o, lse, seqs, cfg, scale, SMALL, dq=base.clone(), dq_add=extra[:, :2])
 
 
 def test_cpu_tensors_without_the_interpreter_are_an_error(monkeypatch):
