@@ -427,8 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge = actions.add_parser("merge", help="merge caches of one card: the fastest entry per bucket",
                                description="Merge config caches tuned on the same card (one device key) in "
                                "different runs: for each bucket the entry with the smallest time wins, and keeps "
-                               "its source (file, date, git sha, versions). Caches of different cards are refused "
-                               "(exit status 1). A file already at the output is merged in too.")
+                               "its source (file, date, git sha, versions); but an entry from a short search "
+                               "(--fields) that started from the other's params wins (that search timed both in "
+                               "one run), and one timed as CUDA-graph replays beats an eager one. Caches of "
+                               "different cards are refused (exit status 1). A file already at the output is "
+                               "merged in too.")
     merge.add_argument("files", nargs="+", metavar="CACHE.json", help="cache files to merge")
     merge.add_argument("--out", metavar="DIR|FILE.json", help="where to write: a .json path, else the folder of "
                        "<device-key>.json (default: the user cache, $XDG_CACHE_HOME/nsa/configs)")

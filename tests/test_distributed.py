@@ -225,6 +225,23 @@ def test_merge_keeps_fastest_entry_with_its_source(tmp_path):
     assert merge([a, graphed])["entries"][KEY_A]["params"]["block_r"] == 32
 
 
+def test_merge_prefers_a_short_search_to_the_entry_it_started_from(tmp_path):
+    """A --fields search re-times the params it starts from in its own run; its winner replaces them even when the
+    older entry's time, from another run, is lower. Siblings (searches of one start over the same fields) and
+    searches over other fields compare by time."""
+    old = write(tmp_path / "old.json", {KEY_A: entry(16, 1.0)})
+    searched = {**entry(32, 1.1), "fields": ["block_r"], "start_ms": 1.2}
+    new = write(tmp_path / "new.json", {KEY_A: searched})
+    for order in ([old, new], [new, old]):
+        assert merge(order)["entries"][KEY_A]["params"]["block_r"] == 32
+    sibling = write(tmp_path / "sibling.json", {KEY_A: {**entry(64, 1.05), "fields": ["block_r"]}})
+    assert merge([new, sibling])["entries"][KEY_A]["params"]["block_r"] == 64
+    other_fields = {**entry(32, 0.9), "fields": ["num_warps"]}  # block_r differs outside its fields
+    other = write(tmp_path / "other.json", {KEY_A: {**other_fields, "params": {**other_fields["params"],
+                                                                               "num_warps": 8}}})
+    assert merge([new, other])["entries"][KEY_A]["params"]["num_warps"] == 8  # by time: 0.9 < 1.1
+
+
 def test_cli_cache_merge_writes_one_cache_and_refuses_other_cards(tmp_path, capsys):
     from nsa.cli import main
     a = write(tmp_path / "a.json", {KEY_A: entry(16, 3.0)})

@@ -2,8 +2,10 @@
 
 Caches of one card model (one device key) tuned on different hosts, days or suites are merged entry by entry:
 for each bucket the entry with the smallest measured `ms` wins (an entry without a time loses to any timed one;
-on a tie the earlier file wins), except that one timed as CUDA-graph replays beats one timed eagerly (see
-`cache.entry_timing`): their times do not compare. Each merged entry keeps where it came from in its `source`
+on a tie the earlier file wins), except that an entry from a short search (`nsa tune --fields`) that started from
+the other's params beats it (`_searched_from`: that search timed both in one run, where two runs' times differ by
+their hosts' spread), and one timed as CUDA-graph replays beats one timed eagerly (see `cache.entry_timing`):
+their times do not compare. Each merged entry keeps where it came from in its `source`
 (the file and its meta: date, git sha, triton, torch, search space, card name); an entry that already has a
 `source` (from an earlier merge) keeps it. The merged meta is an ordinary cache meta: each field the sources agree
 on, else None, the date of the merge, and `merged_from` listing the files. Caches of different cards are refused:
@@ -36,6 +38,24 @@ def _rank(key: str, entry: dict) -> tuple[int, float]:
     return int(eager), float(ms) if isinstance(ms, (int, float)) and math.isfinite(ms) else math.inf
 
 
+def _searched_from(entry: dict, other: dict) -> bool:
+    """`entry` came from a short search over its `fields` that started from `other`'s params (or could have: the
+    two agree on every other field), so that search timed `other`'s params too, in the same run."""
+    fields = entry.get("fields")
+    mine, theirs = entry.get("params"), other.get("params")
+    if not fields or mine is None or theirs is None:
+        return False
+    return all(mine.get(name) == theirs.get(name) for name in set(mine) | set(theirs) if name not in fields)
+
+
+def _better(key: str, entry: dict, current: dict) -> bool:
+    """Whether `entry` replaces `current` in the merge: the one searched from the other, else by `_rank`."""
+    forward, backward = _searched_from(entry, current), _searched_from(current, entry)
+    if forward != backward:
+        return forward
+    return _rank(key, entry) < _rank(key, current)
+
+
 def merge(paths) -> dict:
     """The merged cache (`{"meta", "entries"}`) of the files at `paths`; ValueError when one is not a cache,
     DeviceMismatch when they are not all for the same device key."""
@@ -54,7 +74,7 @@ def merge(paths) -> dict:
         for key, entry in data["entries"].items():
             entry = dict(entry)
             entry.setdefault("source", source)
-            if key not in entries or _rank(key, entry) < _rank(key, entries[key]):
+            if key not in entries or _better(key, entry, entries[key]):
                 entries[key] = entry
     metas = [data["meta"] for data in datas]
     meta = dict(device=devices.pop())
