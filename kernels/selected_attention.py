@@ -728,7 +728,9 @@ INTERPRETER_SEARCH_SPACE = dict(fwd_block_n=[16, 32], fwd_inverted=[False, True]
 # 1024-4096 were best on an H200; at 1k the tuner took 256, within the spread of the old 4096), and they multiply
 # the fp32 partial slots: the tuner's `dkdv_chunk_fits_length` predicate keeps them off long sequences. The dq
 # kernel's stages are searched since its TMA slices: at 64k, G=16 on an H200 3 stages took the selected backward
-# from 30.5-30.9 to 30.2 ms with TMA (and made it slower with pointer loads).
+# from 30.5-30.9 to 30.2 ms with TMA (and made it slower with pointer loads). Its 32-key slices on 1 warp, outside
+# these ranges, beat the cached tile by 1-3% of the family at 16k and 64k (H200, a --fields search, session 21);
+# adding them here would double a full tune of this family for that.
 BACKWARD_SEARCH_SPACE = dict(dkdv_block_t=[2, 4, 8], dkdv_chunk=[64, 256, 1024, 4096], dkdv_num_stages=[2, 3],
                              dq_inverted=[False, True], dq_parts_16bit=[False, True], dq_num_warps=[2, 4],
                              dq_num_stages=[2, 3], dq_tma=[False, True])
