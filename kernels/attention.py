@@ -156,11 +156,11 @@ class NSAAttentionFunction(torch.autograd.Function):
             params.combine, num_heads=q.shape[1])
         do_cmp, do_slc, do_win = (x.view(o_cmp.shape) for x in douts)
         # The selected branch (gather-bound) on a second stream, beside the compressed and window branches
-        # (matmul-bound), so the GPU fills one's stalls with the other; it writes its own dq, added at the end.
-        # Bwd -1.2 ms at 64k and -0.6 ms at 16k, G=16, one H200 (session 15; the window forward beside the
-        # selected forward lost 0.5 ms at 64k, and a high-priority side stream lost the gain).
-        # The window dq kernel, last on this stream, adds the selected dq (done on the side long before: its dq
-        # kernel runs first there) as it writes, instead of a pass over dq after the join.
+        # (matmul-bound), so the GPU fills one's stalls with the other. Bwd -1.2 ms at 64k and -0.6 ms at 16k,
+        # G=16, one H200 (session 15; the window forward beside the selected forward lost 0.5 ms at 64k, and a
+        # high-priority side stream lost the gain). The selected dq kernel runs first there, so it is long done
+        # when the window dq kernel, last on this stream, adds its dq as it writes (no pass over dq after the
+        # join: 16k bwd -0.08 ms, session 21).
         with SideStream(q.device) as side:
             dq_slc, _ = selected_attention.selected_attention_bwd_dq(
                 do_slc, q, k, v, o_slc, lse_slc, block_indices, seqs, config, scale, params.selected, ctx.schedule,
