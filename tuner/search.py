@@ -437,6 +437,16 @@ def _summarize(bkey: str, outcomes: list, pruned: dict, timed_as: str,
     return {**row, **entry}, entry
 
 
+def _decide(family: str, bkey: str, problem, cands: list, outcomes: list, pruned: dict, refined: dict | None, device,
+            budget: Budget, case=None) -> tuple[dict, dict | None]:
+    """(row, cache entry or None) of a bucket whose candidates all ran: the close ones re-timed (`_confirm`, on
+    `case` or the problem set up anew), then `_summarize`d; the row counts the re-timed candidates."""
+    outcomes, confirmed = _confirm(outcomes, _retimer(family, problem, cands, device, case), budget)
+    row, entry = _summarize(bkey, outcomes, pruned, timing_method(family, problem, device), refined)
+    row["confirmed"] = confirmed
+    return row, entry
+
+
 def shard_folder(path) -> Path:
     """Where the ranks of a sharded tune keep their finished candidates: `<device-key>.shards/` beside the cache
     file (the loader never reads it)."""
@@ -521,9 +531,7 @@ def tune(suite="smoke", *, families=None, device=None, out=None, budget_s: float
                 bar.update(1)
                 shard.append(_record(bkey, i, params, ms, failure))
                 outcomes.append((dataclasses.asdict(params), ms, failure))
-            outcomes, confirmed = _confirm(outcomes, _retimer(family, problem, cands, device, case), budget)
-            row, entry = _summarize(bkey, outcomes, pruned, timing_method(family, problem, device), refined)
-            row["confirmed"] = confirmed
+            row, entry = _decide(family, bkey, problem, cands, outcomes, pruned, refined, device, budget, case)
             if entry is not None:
                 entries[bkey] = entry
                 cache.write_atomic(path, dict(meta=make_meta(device), entries=entries))
@@ -664,10 +672,8 @@ def _tune_sharded(suite, families, device, path: Path, world, *, budget: Budget,
             if any(o is None for o in outcomes):
                 complete = False
                 continue
-            outcomes, confirmed = _confirm([(o["params"], o["ms"], o["failure"]) for o in outcomes],
-                                           _retimer(family, problem, cands, device), budget)
-            row, entry = _summarize(bkey, outcomes, pruned, timing_method(family, problem, device), refined)
-            row["confirmed"] = confirmed
+            row, entry = _decide(family, bkey, problem, cands, [(o["params"], o["ms"], o["failure"]) for o in outcomes],
+                                 pruned, refined, device, budget)
             rows.append(row)
             if entry is not None:
                 entries[bkey], changed = entry, True
