@@ -120,9 +120,10 @@ class NSAAttentionFunction(torch.autograd.Function):
     """Every branch and their gated sum on packed tensors (q, k, v, k_cmp, v_cmp [tokens, heads, dim] and gates
     [tokens * Hq], contiguous, compute dtype): o [tokens * Hq, Dv] and the block indices (no gradient).
 
-    One node instead of one per branch, for the backward: the combination's backward, which holds dO_x and O_x
-    already, writes each branch's delta = rowsum(dO_x * O_x) as a by-product, so no branch makes its own pass over
-    them; and the window dq kernel adds into the compressed branch's dq, where autograd would sum the branches'
+    One node instead of one per branch, for the backward: the combination's backward, which reads dO and O_x
+    already, folds each branch's gate into that branch's lse and delta (`combine.combine_bwd_for_branches`), so every
+    branch reads dO itself (no dO_x = g_x * dO is written: 3 GB at 64k) and none makes its own pass for its delta;
+    and the window dq kernel adds into the compressed branch's dq, where autograd would sum the branches'
     [tokens, Hq, Dk] tensors in more passes (64k backward 82.6 -> 79.9 ms on an H200, session 12). The selected
     branch's backward runs on a second stream beside the other two, and the window dq kernel adds its dq too (see
     `backward`).
@@ -151,10 +152,11 @@ class NSAAttentionFunction(torch.autograd.Function):
          block_indices) = ctx.saved_tensors
         seqs, config, scale, params = ctx.seqs, ctx.config, ctx.scale, ctx.params
         head_dim_v = v.shape[2]
-        *douts, dg_cmp, dg_slc, dg_win, deltas = combine.combine_bwd(
-            do.contiguous(), *(x.view(-1, head_dim_v) for x in (o_cmp, o_slc, o_win)), g_cmp, g_slc, g_win,
-            params.combine, num_heads=q.shape[1])
-        do_cmp, do_slc, do_win = (x.view(o_cmp.shape) for x in douts)
+        do = do.contiguous()
+        dg_cmp, dg_slc, dg_win, lses, deltas = combine.combine_bwd_for_branches(
+            do, *(x.view(-1, head_dim_v) for x in (o_cmp, o_slc, o_win)), g_cmp, g_slc, g_win, lse_cmp, lse_slc,
+            lse_win, params.combine)
+        do = do.view(o_cmp.shape)  # every branch reads do itself: its gate is folded into lses and deltas
         # The selected branch (gather-bound) on a second stream, beside the compressed and window branches
         # (matmul-bound), so the GPU fills one's stalls with the other. Bwd -1.2 ms at 64k and -0.6 ms at 16k,
         # G=16, one H200 (session 15; the window forward beside the selected forward lost 0.5 ms at 64k, and a
@@ -163,15 +165,15 @@ class NSAAttentionFunction(torch.autograd.Function):
         # join: 16k bwd -0.08 ms, session 21).
         with SideStream(q.device) as side:
             dq_slc, _ = selected_attention.selected_attention_bwd_dq(
-                do_slc, q, k, v, o_slc, lse_slc, block_indices, seqs, config, scale, params.selected, ctx.schedule,
+                do, q, k, v, o_slc, lses[1], block_indices, seqs, config, scale, params.selected, ctx.schedule,
                 delta=deltas[1])
             dq_slc_done = side.mark()
             dk_slc, dv_slc = selected_attention.selected_attention_bwd_dkdv(
-                do_slc, q, k, v, lse_slc, deltas[1], block_indices, seqs, config, scale, params.selected)
+                do, q, k, v, lses[1], deltas[1], block_indices, seqs, config, scale, params.selected)
         dq, dk_cmp, dv_cmp = compression.compressed_attention_bwd(
-            do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, seqs, config, scale, params.compression, delta=deltas[0])
+            do, q, k_cmp, v_cmp, o_cmp, lses[0], seqs, config, scale, params.compression, delta=deltas[0])
         side.wait(dq_slc_done)
-        _, dk, dv = window_attention.window_attention_bwd(do_win, q, k, v, o_win, lse_win, seqs, config, scale,
+        _, dk, dv = window_attention.window_attention_bwd(do, q, k, v, o_win, lses[2], seqs, config, scale,
                                                          params.window, delta=deltas[2], dq=dq, dq_add=dq_slc)
         side.join(dq_slc, dk_slc, dv_slc)
         return dq, dk.add_(dk_slc), dv.add_(dv_slc), dk_cmp, dv_cmp, dg_cmp, dg_slc, dg_win, None, None, None, None

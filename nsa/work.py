@@ -101,8 +101,9 @@ def kernel_work(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int
     gathers those q and dO rows, a quarter of the forward's bytes, and sits nearer the matmul ceiling than the
     gather one: 43% against 27% on an H200 at 64k, session 19); so do the inverted forward and dq of small groups
     (one block's K/V per program, the positions that chose it gathered), two and three products. The combination
-    reads the three branch outputs and gates and writes o (backward: reads dO too, writes the three gradients and
-    the gates'). Kernels not listed here (the inverted kernels' merges, sorts, torch ops) have no model."""
+    reads the three branch outputs and gates and writes o (backward: reads dO too, writes the gates' gradients and
+    per branch an fp32 delta and lse a row, its gate folded in, from the lse it reads). Kernels not listed here (the
+    inverted kernels' merges, sorts, torch ops) have no model."""
     ls = config.slc_block
     t = np.arange(seqlen, dtype=np.int64)
     compressed, _, window = branch_keys(t, config)
@@ -131,5 +132,5 @@ def kernel_work(*, seqlen: int, num_heads: int, num_kv_heads: int, head_dim: int
         "selected_attention_fwd_inverted_kernel": matmul(2 * (dk + dv) * slc_pairs),
         "selected_attention_bwd_dq_inverted_kernel": matmul(2 * (2 * dk + dv) * slc_pairs),
         "combine_fwd_kernel": KernelWork("copy", (4 * dv + 3) * rows),
-        "combine_bwd_kernel": KernelWork("copy", (7 * dv + 6) * rows),
+        "combine_bwd_kernel": KernelWork("copy", (4 * dv + 6) * rows + 9 * 4.0 * seqlen * num_heads),
     }

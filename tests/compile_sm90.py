@@ -56,6 +56,7 @@ cache = importlib.import_module("nsa.tuner.cache")
 from nsa.config import NSAConfig  # noqa: E402
 from nsa.kernels import (KVCache, combine_branches, compressed_attention, nsa_decode, select_blocks,  # noqa: E402
                          selected_attention, window_attention)
+from nsa.kernels.combine import combine_bwd_for_branches, default_params as combine_default_params  # noqa: E402
 
 
 class CompileOnlyDriver:
@@ -165,7 +166,12 @@ def run_family(family: str, shape: dict, params) -> None:
         out = window_attention(q, x(1, t, kv_heads, dk), x(1, t, kv_heads, dv), config, params=params)
     elif family == "combine":
         gates = [torch.rand(1, t, heads, dtype=dtype) for _ in range(3)]
-        out = combine_branches(*(x(1, t, heads, dv) for _ in range(3)), *gates, params=params)
+        outs = [x(1, t, heads, dv) for _ in range(3)]
+        # nsa_attention's backward takes the variant that folds the gates into the branches' lse.
+        combine_bwd_for_branches(torch.randn(t * heads, dv, dtype=dtype), *(o.detach().reshape(-1, dv) for o in outs),
+                                 *(g.reshape(-1) for g in gates), *(torch.zeros(heads, t) for _ in range(3)),
+                                 params or combine_default_params(dv))
+        out = combine_branches(*outs, *gates, params=params)
     else:
         raise ValueError(f"unknown family {family}")
     if grad:

@@ -76,6 +76,27 @@ def test_matches_reference_in_interpreter(case, poisoned):
 
 
 @pytest.mark.skipif(not runtime.interpreting(), reason="CPU tests run the kernels in TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in log")  # the interpreter's log of a negative gate
+def test_gates_of_zero_and_one_are_exact_and_a_negative_gate_is_nan(poisoned):
+    """The backward folds each gate into its branch's lse (lse - log g, `combine.combine_bwd_for_branches`): gates
+    of exactly 0 and 1 give the reference's gradients; a negative gate, outside SPEC's sigmoid range, gives NaN in
+    the gradients it reaches rather than wrong numbers."""
+    config, sizes = CPU_CASES["G1-varlen"]
+    x = random_inputs(config, **sizes, dtype=torch.float32, seed=13, requires_grad=True)
+    cu = x.pop("cu_seqlens")
+    with torch.no_grad():
+        x["g_cmp"][:, ::3] = 0.0  # every gate of some tokens, and one head's gate of others
+        x["g_slc"][:, 1::4, 0] = 0.0
+        x["g_win"][:, ::2] = 1.0
+        x["g_win"][:, 5:9, 1] = 0.0
+    check_against_reference(config, x, cu, ref_dtype=torch.float64, same_dtype_ref=False)
+    with torch.no_grad():
+        x["g_slc"][:, 40, 1] = -0.5
+    dq, dg_slc = torch.autograd.grad(nsa_attention(**x, config=config, cu_seqlens=cu).sum(), [x["q"], x["g_slc"]])
+    assert dq[:, 40, 1].isnan().all() and not dq[:, 40, 0].isnan().any() and not dg_slc.isnan().any()
+
+
+@pytest.mark.skipif(not runtime.interpreting(), reason="CPU tests run the kernels in TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dq_inverted", [False, True], ids=["dq-gather", "dq-inverted"])
 def test_one_node_backward_equals_the_branch_functions(dq_inverted, poisoned):
     """NSAAttentionFunction's backward (deltas from the combination, dq summed in the kernels) against the

@@ -7,7 +7,8 @@ import torch
 
 from nsa.accuracy import ERROR_FLOOR, allowed_error, assert_close
 from nsa.kernels import runtime
-from nsa.kernels.combine import CombineParams, combine_branches, combine_bwd, default_params
+from nsa.kernels.combine import (CombineParams, combine_branches, combine_bwd, combine_bwd_for_branches,
+                                 default_params)
 from nsa.reference import combine_branches as reference_combine_branches
 
 NAMES = ("o_cmp", "o_slc", "o_win", "g_cmp", "g_slc", "g_win")
@@ -53,20 +54,43 @@ def test_combine_matches_reference(case):
         assert_close(f"d{name}", g, r, ERROR_FLOOR[torch.float32])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in log")  # the interpreter's log of the negative gate
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_backward_writes_each_branch_delta(dtype):
-    """combine_bwd's deltas = rowsum(do_x * o_x) [3, Hq, tokens], the branches' softmax-backward terms, with do_x
-    rounded as returned (what the branch kernels multiply with; fp16 tells it from g_x * rowsum(do * o_x))."""
+def test_backward_for_branches_folds_each_gate(dtype):
+    """combine_bwd_for_branches: the gate gradients of combine_bwd, deltas = rowsum(do * o_x) and lses = lse_x -
+    log(g_x) [3, Hq, tokens] (head-major); a zero gate gives lse = +inf (p = 0), a negative one NaN; and p' * do,
+    p' * (do . v - delta') equal p * do_x, p * (do_x . v - delta) for one made-up row of scores."""
     tokens, heads, dim = 37, 3, 20
     x = [t.detach() for t in inputs(1, tokens, heads, dim, seed=3, dtype=dtype)]
     rows = [t.reshape(tokens * heads, -1).contiguous() for t in x[:3]] + [g.reshape(-1).contiguous() for g in x[3:]]
+    rows[3][:4] = torch.tensor([0.0, -0.5, 1.0, 1e-3], dtype=dtype)  # token 0's heads, token 1's head 0
+    lses = [torch.randn(heads, tokens, generator=torch.Generator().manual_seed(5 + i)) for i in range(3)]
     do = torch.randn(tokens * heads, dim, generator=torch.Generator().manual_seed(4)).to(dtype)
-    *douts, _, _, _, deltas = combine_bwd(do, *rows, CombineParams(block_r=16, block_d=8), num_heads=heads)
-    assert deltas.shape == (3, heads, tokens) and deltas.dtype == torch.float32
-    for branch, (do_x, o_x) in enumerate(zip(douts, rows[:3])):
-        want = (do_x.double() * o_x.double()).sum(-1).reshape(tokens, heads).t()
-        torch.testing.assert_close(deltas[branch].double(), want, rtol=1e-5, atol=1e-5)
-    assert combine_bwd(do, *rows, CombineParams())[-1] is None
+    params = CombineParams(block_r=16, block_d=8)
+    *dgates, lses_out, deltas = combine_bwd_for_branches(do, *rows, *lses, params)
+    for got, want in zip(dgates, combine_bwd(do, *rows, params)[3:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert lses_out.shape == deltas.shape == (3, heads, tokens) and deltas.dtype == lses_out.dtype == torch.float32
+    for branch in range(3):
+        o_x, g_x = rows[branch].double(), rows[3 + branch].double()
+        want_delta = (do.double() * o_x).sum(-1).reshape(tokens, heads).t()
+        torch.testing.assert_close(deltas[branch].double(), want_delta, rtol=1e-5, atol=1e-5)
+        g_x = g_x.reshape(tokens, heads).t()
+        want_lse = torch.where(g_x == 0, float("inf"), lses[branch].double() - g_x.log())
+        torch.testing.assert_close(lses_out[branch].double(), want_lse, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert lses_out[0, 0, 0] == float("inf") and lses_out[0, 1, 0].isnan() and lses_out[0, 2, 0] == lses[0][2, 0]
+
+    row, gen = 3, torch.Generator().manual_seed(6)  # token 1, head 0: gate 1e-3
+    v, s = torch.randn(6, dim, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    p, p_folded = (s - float(lses[0][0, 1])).exp(), (s - float(lses_out[0, 0, 1])).exp()
+    do_row = do[row].double()
+    do_x = float(rows[3][row]) * do_row
+    delta = float((do_x * rows[0][row].double()).sum())
+    torch.testing.assert_close(p_folded[:, None] * do_row, p[:, None] * do_x, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(p_folded * (v @ do_row - float(deltas[0, 0, 1])), p * (v @ do_x - delta), rtol=1e-5,
+                               atol=1e-8)
+    with pytest.raises(ValueError, match="lses must be contiguous"):
+        combine_bwd_for_branches(do, *rows, lses[0], lses[1].t(), lses[2], params)
 
 
 def test_bf16_inputs_come_back_bf16():
