@@ -80,7 +80,9 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, config: NSAConfig,
         k, v: [B, T, Hkv, Dk], [B, T, Hkv, Dv] keys/values of the selected and window branches.
         k_cmp, v_cmp: [B, Tc, Hkv, Dk], [B, Tc, Hkv, Dv] compressed keys/values, Tc = config.num_cmp_blocks(T)
             (with cu_seqlens: the sequences' entries packed in order).
-        g_cmp, g_slc, g_win: [B, T, Hq] branch gates (already through a sigmoid).
+        g_cmp, g_slc, g_win: [B, T, Hq] branch gates (already through a sigmoid, so in [0, 1]: the backward
+            folds each gate into its branch's log-sum-exp as log g, so a negative gate turns the q, k and v
+            gradients it reaches into NaN rather than wrong numbers).
         config: NSAConfig. scale: softmax scale, Dk ** -0.5 by default.
         return_block_indices: also return the selection.
         cu_seqlens: int32 [N+1] offsets of N packed sequences (B = 1), FlashAttention's convention.
