@@ -590,11 +590,10 @@ def window_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     grid = (cdiv(seqs.max_seqlen, bm), seqs.num_seqs * num_kv_heads * cdiv(group, bh))
     window_attention_bwd_dq_kernel[grid](
         q, k_src, v_src, do, lse, delta, dq, dq if dq_add is None else dq_add, seqs.cu_seqlens, *common,
-        dq.stride(0), dq.stride(1),
-        HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_DK=block_dk,
-        BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, ACCUMULATE=accumulate, ADD=dq_add is not None,
-        TMA=k_src is not k,
-        DOT_PRECISION=precision, num_warps=params.dq_num_warps, num_stages=params.dq_num_stages)
+        dq.stride(0), dq.stride(1), HEAD_DIM_K=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=bm, BLOCK_N=bn, BLOCK_H=bh,
+        BLOCK_DK=block_dk, BLOCK_DV=block_dv, EVEN_HEADS=group % bh == 0, ACCUMULATE=accumulate,
+        ADD=dq_add is not None, TMA=k_src is not k, DOT_PRECISION=precision, num_warps=params.dq_num_warps,
+        num_stages=params.dq_num_stages)
     return dq, dk, dv
 
 
